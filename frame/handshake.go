@@ -1,0 +1,206 @@
+package frame
+
+import (
+	"encoding/binary"
+	"fmt"
+)
+
+// Hello opens a new session. Layout (big-endian):
+//
+//	key      [32]  client's ephemeral X25519 public key
+//	timeout  u32   reconnect timeout the client wants, in milliseconds (0: no resumption)
+//	buffer   u32   client's receive window in bytes (its initial Window)
+//	routeLen u8
+//	route    [routeLen]
+type Hello struct {
+	Key              [KeyLen]byte
+	ReconnectTimeout uint32
+	Buffer           uint32
+	Route            string
+}
+
+const helloFixed = KeyLen + 4 + 4 + 1
+
+// AppendHello appends a HELLO frame.
+func AppendHello(b []byte, h *Hello) ([]byte, error) {
+	if len(h.Route) > MaxRoute {
+		return b, fmt.Errorf("%w: route longer than %d bytes", ErrMalformed, MaxRoute)
+	}
+	b = appendHeader(b, TypeHello, helloFixed+len(h.Route))
+	b = append(b, h.Key[:]...)
+	b = binary.BigEndian.AppendUint32(b, h.ReconnectTimeout)
+	b = binary.BigEndian.AppendUint32(b, h.Buffer)
+	b = append(b, byte(len(h.Route)))
+	return append(b, h.Route...), nil
+}
+
+// ParseHello decodes a HELLO payload.
+func ParseHello(p []byte) (*Hello, error) {
+	if len(p) < helloFixed {
+		return nil, ErrLength
+	}
+	h := &Hello{}
+	copy(h.Key[:], p)
+	p = p[KeyLen:]
+	h.ReconnectTimeout = binary.BigEndian.Uint32(p)
+	h.Buffer = binary.BigEndian.Uint32(p[4:])
+	n := int(p[8])
+	p = p[9:]
+	if len(p) != n {
+		return nil, fmt.Errorf("%w: HELLO route length %d, %d bytes left", ErrLength, n, len(p))
+	}
+	h.Route = string(p)
+	return h, nil
+}
+
+// Welcome accepts a HELLO. Layout:
+//
+//	session  [16]  session id, random
+//	key      [32]  gateway's ephemeral X25519 public key
+//	timeout  u32   effective reconnect timeout, ms: min(client's, gateway's)
+//	buffer   u32   gateway's receive window in bytes
+//
+// The resume credential is derived by both sides from the X25519 exchange
+// and never sent (see docs/protocol.md).
+type Welcome struct {
+	SessionID        [SessionIDLen]byte
+	Key              [KeyLen]byte
+	ReconnectTimeout uint32
+	Buffer           uint32
+}
+
+const welcomeLen = SessionIDLen + KeyLen + 4 + 4
+
+// AppendWelcome appends a WELCOME frame.
+func AppendWelcome(b []byte, w *Welcome) []byte {
+	b = appendHeader(b, TypeWelcome, welcomeLen)
+	b = append(b, w.SessionID[:]...)
+	b = append(b, w.Key[:]...)
+	b = binary.BigEndian.AppendUint32(b, w.ReconnectTimeout)
+	return binary.BigEndian.AppendUint32(b, w.Buffer)
+}
+
+// ParseWelcome decodes a WELCOME payload.
+func ParseWelcome(p []byte) (*Welcome, error) {
+	if len(p) != welcomeLen {
+		return nil, ErrLength
+	}
+	w := &Welcome{}
+	copy(w.SessionID[:], p)
+	copy(w.Key[:], p[SessionIDLen:])
+	p = p[SessionIDLen+KeyLen:]
+	w.ReconnectTimeout = binary.BigEndian.Uint32(p)
+	w.Buffer = binary.BigEndian.Uint32(p[4:])
+	return w, nil
+}
+
+// Resume asks to attach a link to an existing session. Layout:
+//
+//	session  [16]
+//	counter  u64   must exceed every counter the gateway accepted for this session
+//	key      [32]  fresh X25519 public key, for rotating the credential
+//	received u64   bytes the client has received from the gateway
+//	window   u64   absolute offset the gateway may send up to
+//	flags    u8    AckFin
+//	proof    [32]  HMAC-SHA256(credential, "lifeline/1 resume" || all fields above)
+type Resume struct {
+	SessionID [SessionIDLen]byte
+	Counter   uint64
+	Key       [KeyLen]byte
+	Received  uint64
+	Window    uint64
+	Flags     uint8
+	Proof     [ProofLen]byte
+}
+
+const resumeLen = SessionIDLen + 8 + KeyLen + 8 + 8 + 1 + ProofLen
+
+// ResumeSigned returns the bytes of r that its Proof covers.
+func (r *Resume) Signed() []byte {
+	b := make([]byte, 0, resumeLen-ProofLen)
+	b = append(b, r.SessionID[:]...)
+	b = binary.BigEndian.AppendUint64(b, r.Counter)
+	b = append(b, r.Key[:]...)
+	b = binary.BigEndian.AppendUint64(b, r.Received)
+	b = binary.BigEndian.AppendUint64(b, r.Window)
+	return append(b, r.Flags)
+}
+
+// AppendResume appends a RESUME frame.
+func AppendResume(b []byte, r *Resume) []byte {
+	b = appendHeader(b, TypeResume, resumeLen)
+	b = append(b, r.Signed()...)
+	return append(b, r.Proof[:]...)
+}
+
+// ParseResume decodes a RESUME payload.
+func ParseResume(p []byte) (*Resume, error) {
+	if len(p) != resumeLen {
+		return nil, ErrLength
+	}
+	r := &Resume{}
+	copy(r.SessionID[:], p)
+	p = p[SessionIDLen:]
+	r.Counter = binary.BigEndian.Uint64(p)
+	copy(r.Key[:], p[8:])
+	p = p[8+KeyLen:]
+	r.Received = binary.BigEndian.Uint64(p)
+	r.Window = binary.BigEndian.Uint64(p[8:])
+	r.Flags = p[16]
+	copy(r.Proof[:], p[17:])
+	if r.Flags&^AckFin != 0 {
+		return nil, fmt.Errorf("%w: unknown RESUME flags 0x%02x", ErrMalformed, r.Flags)
+	}
+	return r, nil
+}
+
+// Resumed accepts a RESUME. Layout:
+//
+//	key      [32]  gateway's fresh X25519 public key
+//	received u64   bytes the gateway has received from the client
+//	window   u64   absolute offset the client may send up to
+//	flags    u8    AckFin
+//	proof    [32]  HMAC-SHA256(credential, "lifeline/1 resumed" || RESUME proof || fields above)
+type Resumed struct {
+	Key      [KeyLen]byte
+	Received uint64
+	Window   uint64
+	Flags    uint8
+	Proof    [ProofLen]byte
+}
+
+const resumedLen = KeyLen + 8 + 8 + 1 + ProofLen
+
+// Signed returns the bytes of r that its Proof covers (after the RESUME proof).
+func (r *Resumed) Signed() []byte {
+	b := make([]byte, 0, resumedLen-ProofLen)
+	b = append(b, r.Key[:]...)
+	b = binary.BigEndian.AppendUint64(b, r.Received)
+	b = binary.BigEndian.AppendUint64(b, r.Window)
+	return append(b, r.Flags)
+}
+
+// AppendResumed appends a RESUMED frame.
+func AppendResumed(b []byte, r *Resumed) []byte {
+	b = appendHeader(b, TypeResumed, resumedLen)
+	b = append(b, r.Signed()...)
+	return append(b, r.Proof[:]...)
+}
+
+// ParseResumed decodes a RESUMED payload.
+func ParseResumed(p []byte) (*Resumed, error) {
+	if len(p) != resumedLen {
+		return nil, ErrLength
+	}
+	r := &Resumed{}
+	copy(r.Key[:], p)
+	p = p[KeyLen:]
+	r.Received = binary.BigEndian.Uint64(p)
+	r.Window = binary.BigEndian.Uint64(p[8:])
+	r.Flags = p[16]
+	copy(r.Proof[:], p[17:])
+	if r.Flags&^AckFin != 0 {
+		return nil, fmt.Errorf("%w: unknown RESUMED flags 0x%02x", ErrMalformed, r.Flags)
+	}
+	return r, nil
+}

@@ -1,0 +1,91 @@
+package frame
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+)
+
+// maxControl is the largest non-DATA payload (a HELLO with the longest route).
+const maxControl = helloFixed + MaxRoute
+
+// Reader decodes frames from a link. It never allocates per frame: control
+// payloads land in an internal array, DATA payloads are read by the caller
+// straight into its own buffer with ReadData.
+type Reader struct {
+	br      *bufio.Reader
+	hdr     [HeaderLen]byte
+	ctl     [maxControl]byte
+	pending int // DATA bytes of the current frame not yet read
+}
+
+// NewReader returns a Reader with a read-ahead buffer of size bytes.
+func NewReader(r io.Reader, size int) *Reader {
+	return &Reader{br: bufio.NewReaderSize(r, size)}
+}
+
+// Next reads and validates the next header. After a DATA header the caller
+// must consume exactly h.Len bytes with ReadData before calling Next again;
+// after any other header it must call Payload.
+func (r *Reader) Next() (Header, error) {
+	if r.pending != 0 {
+		return Header{}, fmt.Errorf("frame: Next with %d DATA bytes unread", r.pending)
+	}
+	if _, err := io.ReadFull(r.br, r.hdr[:]); err != nil {
+		return Header{}, err
+	}
+	h, err := ParseHeader(r.hdr[:])
+	if err != nil {
+		return h, err
+	}
+	if h.Type == TypeData {
+		r.pending = h.Len
+	}
+	return h, nil
+}
+
+// Payload reads the payload of a control frame. The slice is valid until
+// the next call on r.
+func (r *Reader) Payload(h Header) ([]byte, error) {
+	if h.Type == TypeData || h.Len > len(r.ctl) {
+		return nil, fmt.Errorf("%w: Payload(%v, %d)", ErrLength, h.Type, h.Len)
+	}
+	p := r.ctl[:h.Len]
+	if _, err := io.ReadFull(r.br, p); err != nil {
+		return nil, truncated(err)
+	}
+	return p, nil
+}
+
+// ReadData reads up to len(p) bytes of the current DATA payload into p and
+// returns how many it read. It reads exactly min(len(p), remaining).
+func (r *Reader) ReadData(p []byte) (int, error) {
+	if len(p) > r.pending {
+		p = p[:r.pending]
+	}
+	n, err := io.ReadFull(r.br, p)
+	r.pending -= n
+	return n, truncated(err)
+}
+
+// DataRemaining is the number of bytes of the current DATA payload not yet read.
+func (r *Reader) DataRemaining() int { return r.pending }
+
+// ReadPreamble reads Magic and the version byte.
+func (r *Reader) ReadPreamble() (byte, error) {
+	var b [PreambleLen]byte
+	if _, err := io.ReadFull(r.br, b[:]); err != nil {
+		return 0, truncated(err)
+	}
+	return ParsePreamble(b[:])
+}
+
+// truncated turns an EOF in the middle of a frame into io.ErrUnexpectedEOF:
+// a link that ends between frames ended cleanly, one that ends inside a
+// frame did not.
+func truncated(err error) error {
+	if err == io.EOF {
+		return io.ErrUnexpectedEOF
+	}
+	return err
+}
