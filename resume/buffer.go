@@ -1,0 +1,152 @@
+package resume
+
+import (
+	"sync"
+	"sync/atomic"
+)
+
+// chunkSize is the unit buffers grow and shrink by. Small enough that an
+// almost idle session holds little, large enough that a 64 KiB frame spans
+// only a few chunks.
+const chunkSize = 16 << 10
+
+// chunkPool recycles chunks between all sessions of the process. Chunks
+// go back only when no goroutine can still be reading them (see
+// ReplayBuffer.Discard's callers).
+var chunkPool = sync.Pool{New: func() any { return new([chunkSize]byte) }}
+
+// ReplayBuffer holds the bytes [Start, End) of one direction of a stream,
+// indexed by their absolute stream offset. The sender keeps written bytes
+// here until the peer acknowledges them; the receiver keeps received bytes
+// here until the application reads them. It is not safe for concurrent use:
+// the session's mutex guards it. Bytes at or past End may be filled without
+// the mutex through Tail, because nobody else touches them.
+type ReplayBuffer struct {
+	start  uint64 // offset of the first byte held
+	end    uint64 // offset after the last byte held
+	base   uint64 // offset of chunks[0][0]
+	chunks []*[chunkSize]byte
+	// acct, if set, tracks the bytes of chunks held (a gateway's memory
+	// budget across all sessions).
+	acct *atomic.Int64
+	// noPool: freed chunks go to the garbage collector. Set on the send
+	// side, where a link's writer may still be reading a chunk (inside a
+	// writev on a link being retired) after a peer acked its bytes.
+	noPool bool
+}
+
+// Start is the offset of the oldest byte held.
+func (b *ReplayBuffer) Start() uint64 { return b.start }
+
+// End is the offset after the newest byte held.
+func (b *ReplayBuffer) End() uint64 { return b.end }
+
+// Len is the number of bytes held.
+func (b *ReplayBuffer) Len() int { return int(b.end - b.start) }
+
+// Chunks is the number of chunks allocated (for memory accounting).
+func (b *ReplayBuffer) Chunks() int { return len(b.chunks) }
+
+// Drop empties the buffer at the end of a session. The chunks go to the
+// garbage collector, not the pool: a link goroutine that has not exited yet
+// may still hold a slice of one.
+func (b *ReplayBuffer) Drop() {
+	if b.acct != nil {
+		b.acct.Add(-int64(len(b.chunks)) * chunkSize)
+	}
+	b.chunks = nil
+	b.start = b.end
+	b.base = b.end
+}
+
+// Write appends p.
+func (b *ReplayBuffer) Write(p []byte) {
+	for len(p) > 0 {
+		t := b.Tail()
+		n := copy(t, p)
+		b.Commit(n)
+		p = p[n:]
+	}
+}
+
+// Tail returns the free space after End in the last chunk, adding a chunk
+// if the last one is full. The caller may fill it without holding the
+// session's lock, then Commit what it filled.
+func (b *ReplayBuffer) Tail() []byte {
+	if len(b.chunks) == 0 {
+		b.base = b.end
+	}
+	used := int(b.end - b.base)
+	if used == len(b.chunks)*chunkSize {
+		if b.noPool {
+			b.chunks = append(b.chunks, new([chunkSize]byte))
+		} else {
+			b.chunks = append(b.chunks, chunkPool.Get().(*[chunkSize]byte))
+		}
+		if b.acct != nil {
+			b.acct.Add(chunkSize)
+		}
+	}
+	c := b.chunks[used/chunkSize]
+	return c[used%chunkSize:]
+}
+
+// Commit marks n bytes of the last Tail as held.
+func (b *ReplayBuffer) Commit(n int) { b.end += uint64(n) }
+
+// Slices appends to dst slices covering [from, from+n) and returns it. The
+// range must lie within [Start, End]. The slices alias the buffer.
+func (b *ReplayBuffer) Slices(dst [][]byte, from uint64, n int) [][]byte {
+	for n > 0 {
+		rel := int(from - b.base)
+		c := b.chunks[rel/chunkSize][rel%chunkSize:]
+		if len(c) > n {
+			c = c[:n]
+		}
+		dst = append(dst, c)
+		from += uint64(len(c))
+		n -= len(c)
+	}
+	return dst
+}
+
+// Read copies bytes from Start into p and discards them.
+func (b *ReplayBuffer) Read(p []byte) int {
+	n := min(len(p), b.Len())
+	for done := 0; done < n; {
+		rel := int(b.start - b.base)
+		c := b.chunks[rel/chunkSize][rel%chunkSize:]
+		k := copy(p[done:n], c)
+		done += k
+		b.Discard(b.start + uint64(k))
+	}
+	return n
+}
+
+// Discard drops the bytes below upto (clamped to [Start, End]) and returns
+// whole chunks below the new Start to the pool.
+func (b *ReplayBuffer) Discard(upto uint64) {
+	if upto <= b.start {
+		return
+	}
+	b.start = min(upto, b.end)
+	b.free(int(b.start-b.base) / chunkSize)
+}
+
+func (b *ReplayBuffer) free(n int) {
+	for i := 0; i < n; i++ {
+		if !b.noPool {
+			chunkPool.Put(b.chunks[i])
+		}
+		b.chunks[i] = nil
+	}
+	if b.acct != nil {
+		b.acct.Add(-int64(n) * chunkSize)
+	}
+	b.chunks = b.chunks[n:]
+	b.base += uint64(n) * chunkSize
+	if len(b.chunks) == 0 {
+		b.chunks = nil // let an idle session drop the slice's array too
+		b.base = b.end
+	}
+}

@@ -1,0 +1,297 @@
+package resume
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"time"
+
+	"github.com/lifeline-proxy/lifeline/frame"
+)
+
+// DialFunc opens a new link to the gateway: a TCP or TLS connection, a
+// QUIC stream wrapped as a net.Conn, or anything else that carries bytes in
+// order. Close must unblock a pending Read and Write.
+type DialFunc func(ctx context.Context) (net.Conn, error)
+
+var errKilled = errors.New("link killed")
+
+// Dial opens a new session on route through links made by dial. It
+// returns when the gateway has answered WELCOME, or with an *Error when it
+// answered REJECT.
+func Dial(ctx context.Context, dial DialFunc, route string, cfg *Config) (*Conn, error) {
+	if cfg == nil {
+		cfg = DefaultConfig()
+	}
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if len(route) > frame.MaxRoute {
+		return nil, fmt.Errorf("resume: route name longer than %d bytes", frame.MaxRoute)
+	}
+	ctx, cancel := context.WithTimeout(ctx, cfg.HandshakeTimeout)
+	defer cancel()
+	conn, err := dial(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("resume: dial: %w", err)
+	}
+	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Unix(1, 0)) })
+	defer stop()
+
+	priv, pub, err := newKey()
+	if err != nil {
+		conn.Close()
+		return nil, err
+	}
+	hello := &frame.Hello{
+		Key:              pub,
+		ReconnectTimeout: uint32(cfg.ReconnectTimeout / time.Millisecond),
+		Buffer:           uint32(cfg.BufferSize),
+		Route:            route,
+	}
+	b := frame.AppendPreamble(nil)
+	b, _ = frame.AppendHello(b, hello)
+	if _, err := conn.Write(b); err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("resume: send HELLO: %w", err)
+	}
+	fr := frame.NewReader(conn, 64<<10)
+	h, p, err := readHandshake(fr)
+	if err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("resume: await WELCOME: %w", ctxErr(ctx, err))
+	}
+	switch h.Type {
+	case frame.TypeReject:
+		conn.Close()
+		return nil, rejectError(p, SessionID{})
+	case frame.TypeWelcome:
+	default:
+		conn.Close()
+		return nil, fmt.Errorf("resume: %w: %v instead of WELCOME", ErrValidation, h.Type)
+	}
+	w, err := frame.ParseWelcome(p)
+	if err != nil {
+		conn.Close()
+		return nil, err
+	}
+	secret, err := shared(priv, w.Key)
+	if err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("resume: bad gateway key: %w", err)
+	}
+	stop()
+	conn.SetDeadline(time.Time{})
+
+	s := newSession(cfg, true)
+	s.id = w.SessionID
+	s.route = route
+	s.dial = dial
+	s.log = cfg.logger().With("session", s.id.String(), "side", "client")
+	s.cred = initialCredential(secret, s.id, pub, w.Key)
+	s.reconnectTimeout = time.Duration(w.ReconnectTimeout) * time.Millisecond
+	s.window = uint64(cfg.BufferSize)
+	l := newLink(s, conn, fr, 0)
+	s.mu.Lock()
+	s.attach(l, 0, uint64(w.Buffer), 0, s.window, false)
+	l.start()
+	s.mu.Unlock()
+	return &Conn{s: s}, nil
+}
+
+func ctxErr(ctx context.Context, err error) error {
+	if ctx.Err() != nil {
+		return fmt.Errorf("%w (%w)", ErrTimeout, err)
+	}
+	return err
+}
+
+// readHandshake reads one handshake frame.
+func readHandshake(fr *frame.Reader) (frame.Header, []byte, error) {
+	h, err := fr.Next()
+	if err != nil {
+		return h, nil, err
+	}
+	if !h.Type.Handshake() {
+		return h, nil, fmt.Errorf("%w: %v during handshake", ErrValidation, h.Type)
+	}
+	p, err := fr.Payload(h)
+	return h, p, err
+}
+
+func rejectError(p []byte, sid SessionID) error {
+	cr, err := frame.ParseCodeReason(p)
+	if err != nil {
+		return err
+	}
+	return &Error{Code: cr.Code, Reason: cr.Reason, Remote: true, Session: sid}
+}
+
+// startRedial runs the reconnect loop if it is not running. Caller holds mu.
+func (s *session) startRedial() {
+	if s.redial || s.state == StateClosed {
+		return
+	}
+	s.redial = true
+	s.wg.Add(1)
+	go s.redialLoop(false)
+}
+
+// startMigration dials a new link while the current one still works
+// (GOAWAY). Caller holds mu.
+func (s *session) startMigration() {
+	if s.redial || s.state == StateClosed || s.reconnectTimeout == 0 {
+		return
+	}
+	s.redial = true
+	s.wg.Add(1)
+	go s.redialLoop(true)
+}
+
+// redialLoop dials and resumes until it succeeds, the session ends, or the
+// reconnect timeout fires (the expiry timer ends the session, which cancels
+// s.ctx).
+func (s *session) redialLoop(migrate bool) {
+	defer s.wg.Done()
+	defer func() {
+		s.mu.Lock()
+		s.redial = false
+		s.mu.Unlock()
+	}()
+	for attempt := 0; ; attempt++ {
+		if d := s.cfg.Strategy.Delay(attempt); d > 0 || migrate && attempt > 0 {
+			t := time.NewTimer(max(d, time.Millisecond))
+			select {
+			case <-t.C:
+			case <-s.ctx.Done():
+				t.Stop()
+				return
+			}
+		}
+		s.mu.Lock()
+		if s.state == StateClosed || (!migrate && s.link != nil) {
+			s.mu.Unlock()
+			return
+		}
+		if s.link == nil {
+			s.setState(StateReconnecting, "dialing", "attempt", attempt)
+		}
+		s.mu.Unlock()
+		err := s.resumeOnce()
+		if err == nil {
+			return
+		}
+		var re *Error
+		fatal := errors.As(err, &re) && re.Remote && !re.Code.Retryable()
+		s.mu.Lock()
+		switch {
+		case s.state == StateClosed:
+		case fatal && re.Code == frame.CodeNone:
+			// The gateway ended the session in order while we were away:
+			// it had our CLOSE_WRITE or closed both ways after its own.
+			s.peerClosed = true
+			s.end(nil, nil, "peer closed while disconnected")
+		case fatal:
+			s.end(re, nil, "resume rejected")
+		case s.link == nil:
+			s.setState(StateDisconnected, "resume failed", "err", err)
+		}
+		closed := s.state == StateClosed
+		s.mu.Unlock()
+		if closed {
+			return
+		}
+		s.log.Debug("resume attempt failed", "attempt", attempt, "err", err)
+	}
+}
+
+// resumeOnce dials one link and runs the RESUME handshake on it.
+func (s *session) resumeOnce() error {
+	ctx, cancel := context.WithTimeout(s.ctx, s.cfg.HandshakeTimeout)
+	defer cancel()
+	conn, err := s.dial(ctx)
+	if err != nil {
+		return fmt.Errorf("dial: %w", err)
+	}
+	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Unix(1, 0)) })
+	defer stop()
+	ok := false
+	defer func() {
+		if !ok {
+			conn.Close()
+		}
+	}()
+
+	priv, pub, err := newKey()
+	if err != nil {
+		return err
+	}
+	s.mu.Lock()
+	if s.state == StateClosed {
+		s.mu.Unlock()
+		return ErrConnClosed
+	}
+	s.counter++
+	fl := uint8(0)
+	if s.peerFin {
+		fl = frame.AckFin
+	}
+	r := &frame.Resume{SessionID: s.id, Counter: s.counter, Key: pub,
+		Received: s.recv.End(), Window: s.window, Flags: fl}
+	cred := s.cred
+	s.mu.Unlock()
+	r.Proof = cred.resumeProof(r)
+
+	b := frame.AppendResume(frame.AppendPreamble(nil), r)
+	if _, err := conn.Write(b); err != nil {
+		return fmt.Errorf("send RESUME: %w", err)
+	}
+	fr := frame.NewReader(conn, 64<<10)
+	h, p, err := readHandshake(fr)
+	if err != nil {
+		return fmt.Errorf("await RESUMED: %w", ctxErr(ctx, err))
+	}
+	if h.Type == frame.TypeReject {
+		return rejectError(p, s.id)
+	}
+	if h.Type != frame.TypeResumed {
+		return fmt.Errorf("%w: %v instead of RESUMED", ErrValidation, h.Type)
+	}
+	d, err := frame.ParseResumed(p)
+	if err != nil {
+		return err
+	}
+	if !verify(cred.resumedProof(r, d), d.Proof) {
+		// Not the gateway that holds our session: keep trying.
+		return newError(frame.CodeAccessDenied, s.id, "RESUMED proof does not verify")
+	}
+	secret, err := shared(priv, d.Key)
+	if err != nil {
+		return fmt.Errorf("bad gateway key: %w", err)
+	}
+	stop()
+	conn.SetDeadline(time.Time{})
+
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.state == StateClosed {
+		return ErrConnClosed
+	}
+	s.cred = cred.rotate(secret, s.id, r.Counter)
+	if perr := s.checkResumePoint(d.Received); perr != nil {
+		l := newLink(s, conn, fr, r.Received)
+		s.link = l // so end() sends the RESET on it
+		ok = true
+		s.wg.Add(1)
+		go l.writeLoop()
+		s.abort(perr.Code, perr.Reason)
+		return nil
+	}
+	l := newLink(s, conn, fr, r.Received)
+	s.attach(l, d.Received, d.Window, d.Flags, r.Window, true)
+	l.start()
+	ok = true
+	s.log.Info("session resumed", "outage", s.stats.LastOutage, "replayed", s.stats.BytesReplayed)
+	return nil
+}

@@ -1,0 +1,303 @@
+package resume
+
+import (
+	"io"
+	"net"
+	"time"
+
+	"github.com/lifeline-proxy/lifeline/frame"
+)
+
+// Conn is one end of a resumable session. It is a net.Conn whose byte
+// stream survives the loss of any number of links: writes are kept until
+// the peer acknowledges them and replayed on the next link. When the stream
+// cannot continue without a gap, every call fails with an *Error.
+type Conn struct{ s *session }
+
+// Read reads received bytes. After the peer's CloseWrite and all bytes
+// before it, Read returns io.EOF. After an abort it returns the *Error at
+// once, dropping what was buffered (as TCP does on RST).
+func (c *Conn) Read(p []byte) (int, error) {
+	s := c.s
+	s.mu.Lock()
+	for {
+		switch {
+		case s.localClosed:
+			s.mu.Unlock()
+			return 0, ErrConnClosed
+		case s.aborted:
+			s.mu.Unlock()
+			return 0, s.err
+		case s.recv.Len() > 0:
+			if len(p) == 0 {
+				s.mu.Unlock()
+				return 0, nil
+			}
+			n := s.recv.Read(p)
+			s.advertise()
+			s.mu.Unlock()
+			return n, nil
+		case s.peerFin && s.recv.End() == s.peerFinOff:
+			s.mu.Unlock()
+			return 0, io.EOF
+		case s.state == StateClosed:
+			err := s.err
+			if err == nil {
+				err = io.EOF
+			}
+			s.mu.Unlock()
+			return 0, err
+		}
+		wait := s.readWaiter()
+		dl := s.rdl.wait()
+		s.mu.Unlock()
+		if isClosed(dl) {
+			return 0, errDeadline
+		}
+		select {
+		case <-wait:
+		case <-dl:
+			return 0, errDeadline
+		}
+		s.mu.Lock()
+	}
+}
+
+// Write copies p into the replay buffer and returns once all of it is
+// there; it blocks while the buffer is at its limit (backpressure). A
+// returned nil error does not mean the peer has the bytes, only that the
+// session will deliver them or fail loudly.
+func (c *Conn) Write(p []byte) (int, error) {
+	s := c.s
+	n := 0
+	s.mu.Lock()
+	for {
+		switch {
+		case s.localClosed:
+			s.mu.Unlock()
+			return n, ErrConnClosed
+		case s.writeShut:
+			s.mu.Unlock()
+			return n, ErrWriteClosed
+		case s.state == StateClosed:
+			err := s.err
+			if err == nil {
+				err = ErrClosedByPeer
+			}
+			s.mu.Unlock()
+			return n, err
+		}
+		if len(p) == 0 {
+			s.mu.Unlock()
+			return n, nil
+		}
+		if isClosed(s.wdl.wait()) {
+			s.mu.Unlock()
+			return n, errDeadline
+		}
+		if room := s.sendLimit() - s.send.Len(); room > 0 {
+			k := min(room, len(p))
+			s.send.Write(p[:k])
+			s.stats.BytesSent += uint64(k)
+			p, n = p[k:], n+k
+			s.kick()
+			continue
+		}
+		wait := s.writeWaiter()
+		dl := s.wdl.wait()
+		s.mu.Unlock()
+		select {
+		case <-wait:
+		case <-dl:
+			return n, errDeadline
+		}
+		s.mu.Lock()
+	}
+}
+
+// CloseWrite ends our direction of the stream after everything written so
+// far: the peer reads io.EOF after the last byte. Reading goes on.
+func (c *Conn) CloseWrite() error {
+	s := c.s
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.localClosed {
+		return ErrConnClosed
+	}
+	if s.state == StateClosed {
+		return s.errOrClosed()
+	}
+	if !s.writeShut {
+		s.writeShut = true
+		s.wakeWriters()
+		s.kick()
+	}
+	return nil
+}
+
+// Close ends the session in order: what was written is delivered, the peer
+// reads io.EOF, then the session ends. Bytes that arrive after Close are
+// discarded. Close returns when the session's goroutines have exited; if the
+// peer does not acknowledge within the linger time (the reconnect timeout,
+// at least LivenessTimeout) the session is aborted with CodeTimeout.
+func (c *Conn) Close() error {
+	s := c.s
+	s.mu.Lock()
+	if s.localClosed {
+		s.mu.Unlock()
+		return ErrConnClosed
+	}
+	s.localClosed = true
+	s.rdl.stop()
+	s.wdl.stop()
+	if s.state != StateClosed {
+		s.closeRequested = true
+		s.writeShut = true
+		s.readShut = true
+		s.recv.Discard(s.recv.End())
+		s.advertise()
+		s.kick()
+		s.maybeFinish()
+	}
+	s.wakeReaders()
+	s.wakeWriters()
+	s.mu.Unlock()
+
+	linger := time.NewTimer(max(s.reconnectTimeout, s.cfg.LivenessTimeout))
+	defer linger.Stop()
+	select {
+	case <-s.done:
+	case <-linger.C:
+		s.mu.Lock()
+		s.abort(frame.CodeTimeout, "close: peer did not acknowledge in time")
+		s.mu.Unlock()
+	}
+	s.wg.Wait()
+	return nil
+}
+
+// Reset aborts the session: the peer gets RESET with code (use
+// frame.CodeAppReset for an application's RST) and both ends drop what
+// they buffered. It returns when the session's goroutines have exited.
+func (c *Conn) Reset(code Code, reason string) error {
+	s := c.s
+	s.mu.Lock()
+	s.localClosed = true
+	s.abort(code, reason)
+	s.mu.Unlock()
+	s.wg.Wait()
+	return nil
+}
+
+func (s *session) errOrClosed() error {
+	if s.err != nil {
+		return s.err
+	}
+	return ErrClosedByPeer
+}
+
+// SetDeadline sets the read and write deadlines (net.Conn).
+func (c *Conn) SetDeadline(t time.Time) error {
+	c.s.rdl.set(t)
+	c.s.wdl.set(t)
+	return nil
+}
+
+// SetReadDeadline sets the read deadline (net.Conn).
+func (c *Conn) SetReadDeadline(t time.Time) error { c.s.rdl.set(t); return nil }
+
+// SetWriteDeadline sets the write deadline (net.Conn).
+func (c *Conn) SetWriteDeadline(t time.Time) error { c.s.wdl.set(t); return nil }
+
+// LocalAddr is the local address of the current (or last) link.
+func (c *Conn) LocalAddr() net.Addr {
+	s := c.s
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.last == nil {
+		return sessionAddr{s.id}
+	}
+	return s.last.conn.LocalAddr()
+}
+
+// RemoteAddr is the remote address of the current (or last) link.
+func (c *Conn) RemoteAddr() net.Addr {
+	s := c.s
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.last == nil {
+		return sessionAddr{s.id}
+	}
+	return s.last.conn.RemoteAddr()
+}
+
+type sessionAddr struct{ id SessionID }
+
+func (a sessionAddr) Network() string { return "lifeline" }
+func (a sessionAddr) String() string  { return a.id.String() }
+
+// SessionID identifies the session on both ends.
+func (c *Conn) SessionID() SessionID { return c.s.id }
+
+// Route is the route name the client asked for in HELLO.
+func (c *Conn) Route() string { return c.s.route }
+
+// State is the session's current state.
+func (c *Conn) State() State {
+	c.s.mu.Lock()
+	defer c.s.mu.Unlock()
+	return c.s.state
+}
+
+// ReconnectTimeout is the negotiated reconnect timeout (0: resumption off).
+func (c *Conn) ReconnectTimeout() time.Duration { return c.s.reconnectTimeout }
+
+// Stats returns a snapshot of the session's counters.
+func (c *Conn) Stats() Stats {
+	s := c.s
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := s.stats
+	st.State = s.state
+	st.Buffered = s.send.Len() + s.recv.Len()
+	return st
+}
+
+// Done is closed when the session reaches CLOSED.
+func (c *Conn) Done() <-chan struct{} { return c.s.done }
+
+// Err is why the session ended: nil while it runs or after an orderly end.
+func (c *Conn) Err() error {
+	c.s.mu.Lock()
+	defer c.s.mu.Unlock()
+	return c.s.err
+}
+
+// GoAway asks the client to move the session to a new link (the seeds'
+// backend-initiated reconnection). Only the gateway side may call it; the
+// old link keeps carrying data until the new one is attached.
+func (c *Conn) GoAway(reason string) error {
+	s := c.s
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.client {
+		return newError(frame.CodeValidation, s.id, "GoAway is for the gateway side")
+	}
+	if s.link == nil {
+		return newError(frame.CodeConflict, s.id, "no link attached")
+	}
+	s.link.goAway = &frame.CodeReason{Code: frame.CodeNone, Reason: reason}
+	s.kick()
+	return nil
+}
+
+// Kill drops the current link without telling the peer, as a network
+// failure would. For tests and for operators who want to force a resume.
+func (c *Conn) Kill() {
+	s := c.s
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.link != nil {
+		s.detach(errKilled)
+	}
+}

@@ -1,0 +1,132 @@
+package resume
+
+import (
+	"context"
+	"net"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// testConfig is DefaultConfig with short timers for tests on loopback.
+func testConfig() *Config {
+	c := DefaultConfig()
+	c.ReconnectTimeout = 10 * time.Second
+	c.Strategy = Backoff{Initial: 5 * time.Millisecond, Max: 50 * time.Millisecond, Jitter: 0.2}
+	return c
+}
+
+// env is a gateway plus a way for clients to reach it.
+type env struct {
+	t    testing.TB
+	srv  *Server
+	dial DialFunc
+	stop func()
+}
+
+// memEnv links client and gateway with net.Pipe; wrap may interpose on
+// each client-side link.
+func memEnv(t testing.TB, sc *ServerConfig, wrap func(net.Conn) net.Conn) *env {
+	srv, err := NewServer(sc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dial := func(ctx context.Context) (net.Conn, error) {
+		a, b := net.Pipe()
+		go srv.ServeLink(b)
+		if wrap != nil {
+			return wrap(a), nil
+		}
+		return a, nil
+	}
+	return &env{t: t, srv: srv, dial: dial, stop: func() { srv.Close() }}
+}
+
+// tcpEnv links them over loopback TCP.
+func tcpEnv(t testing.TB, sc *ServerConfig, wrap func(net.Conn) net.Conn) *env {
+	srv, err := NewServer(sc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { srv.Serve(ln); close(done) }()
+	dial := func(ctx context.Context) (net.Conn, error) {
+		var d net.Dialer
+		c, err := d.DialContext(ctx, "tcp", ln.Addr().String())
+		if err != nil {
+			return nil, err
+		}
+		if wrap != nil {
+			return wrap(c), nil
+		}
+		return c, nil
+	}
+	return &env{t: t, srv: srv, dial: dial, stop: func() { srv.Close(); <-done }}
+}
+
+func serverConfig(c *Config) *ServerConfig {
+	sc := DefaultServerConfig()
+	sc.Session = c
+	return sc
+}
+
+// pair opens one session and returns both ends.
+func (e *env) pair(cfg *Config) (client, server *Conn) {
+	e.t.Helper()
+	c, err := Dial(context.Background(), e.dial, "test", cfg)
+	if err != nil {
+		e.t.Fatalf("Dial: %v", err)
+	}
+	s, err := e.srv.Accept()
+	if err != nil {
+		e.t.Fatalf("Accept: %v", err)
+	}
+	return c, s
+}
+
+// cutConn closes its link after a byte budget, counting both directions,
+// like a network that fails mid-frame.
+type cutConn struct {
+	net.Conn
+	left atomic.Int64
+	once sync.Once
+}
+
+func newCutConn(c net.Conn, budget int64) *cutConn {
+	cc := &cutConn{Conn: c}
+	cc.left.Store(budget)
+	return cc
+}
+
+func (c *cutConn) spend(n int) int {
+	left := c.left.Add(-int64(n))
+	if left < 0 {
+		c.once.Do(func() { c.Conn.Close() })
+		return max(0, n+int(left))
+	}
+	return n
+}
+
+func (c *cutConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	if n > 0 {
+		if k := c.spend(n); k < n {
+			return k, net.ErrClosed
+		}
+	}
+	return n, err
+}
+
+func (c *cutConn) Write(p []byte) (int, error) {
+	k := c.spend(len(p))
+	if k < len(p) {
+		n, _ := c.Conn.Write(p[:k])
+		return n, net.ErrClosed
+	}
+	return c.Conn.Write(p)
+}

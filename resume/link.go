@@ -1,0 +1,453 @@
+package resume
+
+import (
+	"bufio"
+	"errors"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/lifeline-proxy/lifeline/frame"
+)
+
+// writeBatch bounds the DATA bytes one writer pass puts on the link, so
+// ACKs and PONGs are not stuck behind megabytes of data.
+const writeBatch = 256 << 10
+
+// finalWriteTimeout bounds the last write of a link being retired (a RESET
+// or a final ACK): a blackholed link must not keep a session's goroutines.
+const finalWriteTimeout = time.Second
+
+// link is one transport connection attached to a session. It has a reader
+// and a writer goroutine; both end when the link is closed. A link never
+// comes back: after a failure the session gets a new one.
+type link struct {
+	s     *session
+	conn  net.Conn
+	fr    *frame.Reader
+	epoch uint64
+	prev  *link // the link before: its reader must exit before ours reads
+
+	// rxStart is the offset the first DATA on this link carries (what we
+	// stated in the handshake); rxOff advances with every DATA byte. Only
+	// the reader touches rxOff.
+	rxStart uint64
+	rxOff   uint64
+
+	wake       chan struct{}
+	closed     chan struct{}
+	closeOnce  sync.Once
+	readerDone chan struct{}
+	writerDone chan struct{}
+	lastRecv   atomic.Int64 // UnixNano of the last frame received
+	liveMu     sync.Mutex
+	live       *time.Timer // nil once stopped
+
+	// Under s.mu.
+	pingDue bool
+	pongDue bool
+	pongVal uint64
+	goAway  *frame.CodeReason  // GOAWAY to send
+	final   bool               // write what is queued, then close
+	reset   *frame.CodeReason  // RESET to send as the final frame
+	failErr error              // why the link was closed
+
+	// Writer-owned.
+	scratch  []byte
+	segs     [][]byte
+	bw       *bufio.Writer // for links without writev (TLS, QUIC)
+	vectored bool
+	discard  []byte // reader-owned: bytes skipped as duplicates
+}
+
+func newLink(s *session, conn net.Conn, fr *frame.Reader, rxStart uint64) *link {
+	l := &link{
+		s: s, conn: conn, fr: fr, rxStart: rxStart, rxOff: rxStart,
+		wake:       make(chan struct{}, 1),
+		closed:     make(chan struct{}),
+		readerDone: make(chan struct{}),
+		writerDone: make(chan struct{}),
+	}
+	switch conn.(type) {
+	case *net.TCPConn, *net.UnixConn:
+		l.vectored = true
+	default:
+		l.bw = bufio.NewWriterSize(conn, 64<<10)
+	}
+	l.lastRecv.Store(time.Now().UnixNano())
+	return l
+}
+
+func (l *link) kick() {
+	select {
+	case l.wake <- struct{}{}:
+	default:
+	}
+}
+
+// close shuts the connection; both goroutines see it and exit.
+func (l *link) close() { l.closeWith(nil) }
+
+func (l *link) closeWith(err error) {
+	l.closeOnce.Do(func() {
+		l.failErr = err
+		close(l.closed)
+		l.conn.Close()
+		l.liveMu.Lock()
+		if l.live != nil {
+			l.live.Stop()
+			l.live = nil
+		}
+		l.liveMu.Unlock()
+	})
+}
+
+// finish asks the writer to flush what is queued (and reset, if set) and
+// close the link. Caller holds s.mu. The session has already let go of l.
+func (l *link) finish(reset *frame.CodeReason) {
+	l.final = true
+	l.reset = reset
+	l.conn.SetWriteDeadline(time.Now().Add(finalWriteTimeout))
+	l.kick()
+}
+
+// start runs the link's goroutines. Caller holds s.mu and has attached l.
+func (l *link) start() {
+	s := l.s
+	s.wg.Add(2)
+	go l.readLoop()
+	go l.writeLoop()
+	l.liveMu.Lock()
+	if !isClosed(l.closed) {
+		l.live = time.AfterFunc(s.cfg.PingInterval, l.checkLiveness)
+	}
+	l.liveMu.Unlock()
+	l.kick()
+}
+
+// checkLiveness runs on the link's timer: PING after PingInterval of
+// silence, declare the link dead after LivenessTimeout.
+func (l *link) checkLiveness() {
+	s := l.s
+	idle := time.Since(time.Unix(0, l.lastRecv.Load()))
+	if idle >= s.cfg.LivenessTimeout {
+		s.linkFailed(l, errLivenessTimer)
+		return
+	}
+	next := s.cfg.PingInterval - idle
+	if idle >= s.cfg.PingInterval {
+		s.mu.Lock()
+		if s.link == l {
+			l.pingDue = true
+			l.kick()
+		}
+		s.mu.Unlock()
+		next = min(s.cfg.PingInterval, s.cfg.LivenessTimeout-idle)
+	}
+	l.liveMu.Lock()
+	if l.live != nil {
+		l.live.Reset(next)
+	}
+	l.liveMu.Unlock()
+}
+
+func (l *link) readLoop() {
+	s := l.s
+	defer s.wg.Done()
+	defer close(l.readerDone)
+	if l.prev != nil {
+		// Our DATA goes into the receive buffer's tail without the lock;
+		// the previous link's reader may still be doing the same.
+		<-l.prev.readerDone
+		l.prev = nil
+	}
+	for {
+		h, err := l.fr.Next()
+		if err != nil {
+			s.linkFailed(l, err)
+			return
+		}
+		l.lastRecv.Store(time.Now().UnixNano())
+		if h.Type == frame.TypeData {
+			err = l.readData(h.Len)
+		} else {
+			err = l.readControl(h)
+		}
+		if err != nil {
+			s.linkFailed(l, err)
+			return
+		}
+	}
+}
+
+var errStale = errors.New("link no longer attached")
+
+// readData moves one DATA payload into the receive buffer.
+func (l *link) readData(n int) error {
+	s := l.s
+	for n > 0 {
+		s.mu.Lock()
+		if s.link != l {
+			s.mu.Unlock()
+			return errStale
+		}
+		if s.peerFin {
+			s.mu.Unlock()
+			return newError(frame.CodeValidation, s.id, "DATA after CLOSE_WRITE")
+		}
+		if l.rxOff+uint64(n) > s.window {
+			s.mu.Unlock()
+			return newError(frame.CodeValidation, s.id, "DATA to offset %d beyond window %d", l.rxOff+uint64(n), s.window)
+		}
+		var dst []byte
+		dup := s.recv.End() > l.rxOff
+		switch {
+		case dup: // already held (overlapping migration): skip
+			if l.discard == nil {
+				l.discard = make([]byte, 4096)
+			}
+			dst = l.discard[:min(len(l.discard), int(s.recv.End()-l.rxOff))]
+		case s.recv.End() < l.rxOff:
+			s.mu.Unlock()
+			return newError(frame.CodeInternal, s.id, "gap: DATA at %d, have %d", l.rxOff, s.recv.End())
+		default:
+			dst = s.recv.Tail()
+		}
+		s.mu.Unlock()
+		if len(dst) > n {
+			dst = dst[:n]
+		}
+		k, err := l.fr.ReadData(dst)
+		n -= k
+		s.mu.Lock()
+		if s.link != l {
+			s.mu.Unlock()
+			return errStale
+		}
+		l.rxOff += uint64(k)
+		if !dup {
+			if s.readShut {
+				s.recv.Commit(k)
+				s.recv.Discard(s.recv.End())
+				s.advertise()
+			} else {
+				s.recv.Commit(k)
+				s.wakeReaders()
+			}
+			s.stats.BytesReceived += uint64(k)
+			if s.recv.End()-s.ackedRecv >= s.ackThreshold() {
+				s.kick()
+			} else {
+				s.armAck()
+			}
+		}
+		s.mu.Unlock()
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (l *link) readControl(h frame.Header) error {
+	s := l.s
+	p, err := l.fr.Payload(h)
+	if err != nil {
+		return err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.link != l {
+		return errStale
+	}
+	switch h.Type {
+	case frame.TypeAck:
+		a, err := frame.ParseAck(p)
+		if err != nil {
+			return err
+		}
+		return s.onAck(a)
+	case frame.TypePing:
+		v, _ := frame.ParseU64(p)
+		l.pongDue, l.pongVal = true, v
+		l.kick()
+	case frame.TypePong:
+		v, _ := frame.ParseU64(p)
+		if rtt := time.Since(time.Unix(0, int64(v))); rtt >= 0 && rtt < time.Hour {
+			s.stats.RTT = rtt
+		}
+	case frame.TypeCloseWrite:
+		off, _ := frame.ParseU64(p)
+		if off != l.rxOff && !(s.peerFin && off == s.peerFinOff) {
+			return newError(frame.CodeValidation, s.id, "CLOSE_WRITE at %d, stream is at %d", off, l.rxOff)
+		}
+		if off < s.recv.End() {
+			return newError(frame.CodeValidation, s.id, "CLOSE_WRITE at %d below received %d", off, s.recv.End())
+		}
+		s.peerFin, s.peerFinOff = true, off
+		s.wakeReaders()
+		l.kick() // ACK with AckFin at once
+	case frame.TypeReset:
+		cr, err := frame.ParseCodeReason(p)
+		if err != nil {
+			return err
+		}
+		if cr.Code == frame.CodeNone && s.peerFin {
+			s.peerClosed = true
+			s.end(nil, nil, "peer closed")
+			return errStale
+		}
+		return &Error{Code: cr.Code, Reason: cr.Reason, Remote: true, Session: s.id}
+	case frame.TypeGoAway:
+		cr, _ := frame.ParseCodeReason(p)
+		if !s.client {
+			return newError(frame.CodeValidation, s.id, "GOAWAY from a client")
+		}
+		s.log.Info("gateway asked to move the session", "code", cr.Code, "reason", cr.Reason)
+		s.startMigration()
+	default:
+		return newError(frame.CodeValidation, s.id, "%v frame after the handshake", h.Type)
+	}
+	return nil
+}
+
+func (l *link) writeLoop() {
+	s := l.s
+	defer s.wg.Done()
+	defer close(l.writerDone)
+	if l.prev != nil {
+		<-l.prev.writerDone
+	}
+	for {
+		select {
+		case <-l.wake:
+		case <-l.closed:
+			return
+		}
+		for {
+			s.mu.Lock()
+			n := l.collect()
+			final := l.final
+			s.mu.Unlock()
+			if n == 0 && !final {
+				break
+			}
+			if n > 0 {
+				if err := l.flush(); err != nil {
+					if !final {
+						s.linkFailed(l, err)
+					}
+					l.close()
+					return
+				}
+			}
+			if final {
+				l.close()
+				return
+			}
+		}
+	}
+}
+
+// collect gathers what is due into l.segs and returns the byte count.
+// Caller holds s.mu.
+func (l *link) collect() int {
+	s := l.s
+	l.scratch = l.scratch[:0]
+	l.segs = l.segs[:0]
+	if s.link != l && !l.final {
+		return 0
+	}
+	type piece struct {
+		from, to int    // in scratch
+		data     []byte // or payload
+	}
+	var pieces [32]piece
+	np := 0
+	mark := 0
+	cut := func() {
+		if len(l.scratch) > mark {
+			pieces[np] = piece{from: mark, to: len(l.scratch)}
+			np++
+			mark = len(l.scratch)
+		}
+	}
+	if l.pongDue {
+		l.scratch = frame.AppendU64(l.scratch, frame.TypePong, l.pongVal)
+		l.pongDue = false
+	}
+	if l.pingDue {
+		l.scratch = frame.AppendU64(l.scratch, frame.TypePing, uint64(time.Now().UnixNano()))
+		l.pingDue = false
+	}
+	if !s.aborted && s.ackNeeded() {
+		fl := uint8(0)
+		if s.peerFin {
+			fl = frame.AckFin
+		}
+		l.scratch = frame.AppendAck(l.scratch, frame.Ack{Received: s.recv.End(), Window: s.window, Flags: fl})
+		s.ackedRecv, s.ackedWin, s.ackedFin, s.ackDue = s.recv.End(), s.window, s.peerFin, false
+		if s.ackedFin {
+			defer s.maybeFinish()
+		}
+	}
+	if l.goAway != nil {
+		l.scratch = frame.AppendCodeReason(l.scratch, frame.TypeGoAway, l.goAway.Code, l.goAway.Reason)
+		l.goAway = nil
+	}
+	if l.final {
+		if l.reset != nil {
+			l.scratch = frame.AppendCodeReason(l.scratch, frame.TypeReset, l.reset.Code, l.reset.Reason)
+			l.reset = nil
+		}
+	} else {
+		limit := min(s.send.End(), s.peerWindow)
+		budget := writeBatch
+		for s.sent < limit && budget > 0 && np < len(pieces)-6 {
+			n := int(min(limit-s.sent, uint64(frame.MaxPayload), uint64(budget)))
+			l.scratch = frame.AppendDataHeader(l.scratch, n)
+			cut()
+			start := len(l.segs)
+			l.segs = s.send.Slices(l.segs, s.sent, n)
+			for _, seg := range l.segs[start:] {
+				pieces[np] = piece{data: seg}
+				np++
+			}
+			l.segs = l.segs[:start]
+			s.sent += uint64(n)
+			budget -= n
+		}
+		if s.writeShut && !s.finSent && s.sent == s.send.End() {
+			l.scratch = frame.AppendU64(l.scratch, frame.TypeCloseWrite, s.send.End())
+			s.finSent = true
+		}
+	}
+	cut()
+	total := 0
+	for _, p := range pieces[:np] {
+		b := p.data
+		if b == nil {
+			b = l.scratch[p.from:p.to]
+		}
+		l.segs = append(l.segs, b)
+		total += len(b)
+	}
+	return total
+}
+
+// flush writes l.segs: one writev on TCP, one buffered write otherwise.
+func (l *link) flush() error {
+	if l.vectored {
+		bufs := net.Buffers(l.segs)
+		_, err := bufs.WriteTo(l.conn)
+		return err
+	}
+	for _, b := range l.segs {
+		if _, err := l.bw.Write(b); err != nil {
+			return err
+		}
+	}
+	return l.bw.Flush()
+}
+

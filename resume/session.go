@@ -1,0 +1,501 @@
+package resume
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/lifeline-proxy/lifeline/frame"
+)
+
+// session is the engine behind a Conn: two byte streams with replay
+// buffers, and at most one link at a time. Everything under mu; the link
+// goroutines take mu for bookkeeping and never hold it across I/O.
+type session struct {
+	cfg    *Config
+	log    *slog.Logger
+	id     SessionID
+	client bool
+	route  string
+
+	// reconnectTimeout is the negotiated value (0: no resumption).
+	reconnectTimeout time.Duration
+
+	mu    sync.Mutex
+	state State
+	// err is why the session ended; nil while it runs and after an
+	// orderly end.
+	err error
+	// aborted: the session ended abnormally; reads fail at once with err
+	// instead of draining the receive buffer.
+	aborted bool
+	// peerClosed: the peer closed both directions (RESET NONE, or a
+	// REJECT NONE for our resume); writes fail with ErrClosedByPeer.
+	peerClosed bool
+
+	// Send direction: send holds [acked, written).
+	send       ReplayBuffer
+	sent       uint64 // next offset to put on the current link
+	peerWindow uint64 // the peer accepts up to this offset
+	elevated   bool   // the disconnected limit applies
+	writeShut  bool   // CloseWrite called: CLOSE_WRITE at send.End()
+	finSent    bool   // CLOSE_WRITE written on the current link
+	finAcked   bool   // the peer acked our CLOSE_WRITE
+
+	// Receive direction: recv holds [consumed, received).
+	recv       ReplayBuffer
+	peerFin    bool   // CLOSE_WRITE received and all bytes before it
+	peerFinOff uint64 // its offset
+	readShut   bool   // Close called: incoming data is discarded
+	window     uint64 // highest window we advertised
+	ackedRecv  uint64 // Received in our last ACK
+	ackedWin   uint64 // Window in our last ACK
+	ackedFin   bool   // our ACK carried AckFin
+	ackDue     bool   // AckDelay passed with something unacked
+	ackTimer   *time.Timer
+	ackArmed   bool
+
+	link  *link // attached link, nil while DISCONNECTED
+	last  *link // most recent link, for addresses and to chain goroutine exits
+	epoch uint64
+
+	// localClosed: Close was called; Read/Write fail with ErrConnClosed.
+	localClosed bool
+	// closeRequested: Close was called and the session ends once our
+	// CLOSE_WRITE is acked (RESET NONE tells the peer).
+	closeRequested bool
+
+	expiry *time.Timer // reconnect timeout while DISCONNECTED
+
+	readWait  chan struct{} // closed and cleared when readers may proceed
+	writeWait chan struct{}
+	rdl, wdl  deadline
+
+	// done is closed when the session reaches CLOSED; wg counts its
+	// goroutines, so Close can wait for them.
+	done chan struct{}
+	wg   sync.WaitGroup
+
+	stats  Stats
+	downAt time.Time // when the last link failed
+
+	// client side
+	dial    DialFunc
+	cred    credential
+	counter uint64
+	ctx     context.Context // cancelled at CLOSED, stops dials
+	cancel  context.CancelFunc
+	redial  bool // a reconnect loop is running
+
+	// server side
+	srv      *Server
+	credCur  credential
+	credPrev credential
+	hasPrev  bool
+	lastCtr  uint64
+	acct     *atomic.Int64
+}
+
+// Stats are a session's counters.
+type Stats struct {
+	State         State
+	BytesSent     uint64        // bytes written by the application (acked or not)
+	BytesReceived uint64        // bytes received from the peer
+	Resumes       int           // successful resumes
+	LinkFailures  int           // links lost
+	LastOutage    time.Duration // from the last link failure to its resume
+	BytesReplayed uint64        // bytes sent again after resumes
+	RTT           time.Duration // from the last PONG
+	Buffered      int           // bytes held in both buffers
+}
+
+func newSession(cfg *Config, client bool) *session {
+	s := &session{
+		cfg:    cfg,
+		client: client,
+		done:   make(chan struct{}),
+		state:  StateConnecting,
+	}
+	s.send.noPool = true
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	s.rdl.init()
+	s.wdl.init()
+	return s
+}
+
+// setState is the one place a session changes state.
+func (s *session) setState(to State, cause string, args ...any) {
+	from := s.state
+	if from == to {
+		return
+	}
+	s.state = to
+	s.log.Info("session state", append([]any{"from", from.String(), "to", to.String(), "cause", cause}, args...)...)
+}
+
+// sendLimit is the replay buffer limit in force.
+func (s *session) sendLimit() int {
+	if s.elevated {
+		return s.cfg.disconnectedLimit()
+	}
+	return s.cfg.BufferSize
+}
+
+// ackThreshold: ACK once this much arrived or was consumed.
+func (s *session) ackThreshold() uint64 { return uint64(s.cfg.BufferSize / 4) }
+
+func (s *session) wakeReaders() {
+	if s.readWait != nil {
+		close(s.readWait)
+		s.readWait = nil
+	}
+}
+
+func (s *session) wakeWriters() {
+	if s.writeWait != nil {
+		close(s.writeWait)
+		s.writeWait = nil
+	}
+}
+
+func (s *session) readWaiter() chan struct{} {
+	if s.readWait == nil {
+		s.readWait = make(chan struct{})
+	}
+	return s.readWait
+}
+
+func (s *session) writeWaiter() chan struct{} {
+	if s.writeWait == nil {
+		s.writeWait = make(chan struct{})
+	}
+	return s.writeWait
+}
+
+// kick tells the current link's writer there may be something to send.
+func (s *session) kick() {
+	if s.link != nil {
+		s.link.kick()
+	}
+}
+
+// advertise recomputes the receive window after consumption.
+func (s *session) advertise() {
+	w := s.recv.Start() + uint64(s.cfg.BufferSize)
+	if w > s.window {
+		s.window = w
+	}
+	if s.window-s.ackedWin >= s.ackThreshold() {
+		s.kick()
+	}
+}
+
+// ackNeeded is evaluated by the writer under mu.
+func (s *session) ackNeeded() bool {
+	if s.peerFin && !s.ackedFin {
+		return true
+	}
+	newData := s.recv.End() - s.ackedRecv
+	newWin := s.window - s.ackedWin
+	if newData >= s.ackThreshold() || newWin >= s.ackThreshold() {
+		return true
+	}
+	return s.ackDue && (newData > 0 || newWin > 0)
+}
+
+func (s *session) armAck() {
+	if s.ackArmed || s.state == StateClosed {
+		return
+	}
+	s.ackArmed = true
+	if s.ackTimer == nil {
+		s.ackTimer = time.AfterFunc(s.cfg.AckDelay, s.ackFired)
+	} else {
+		s.ackTimer.Reset(s.cfg.AckDelay)
+	}
+}
+
+func (s *session) ackFired() {
+	s.mu.Lock()
+	s.ackArmed = false
+	s.ackDue = true
+	s.kick()
+	s.mu.Unlock()
+}
+
+// onAck applies an ACK from the current link.
+func (s *session) onAck(a frame.Ack) error {
+	if a.Received > s.sent {
+		return newError(frame.CodeValidation, s.id, "ACK for %d bytes, only %d sent", a.Received, s.sent)
+	}
+	if a.Flags&frame.AckFin != 0 {
+		if !s.writeShut || !s.finSent || a.Received != s.send.End() {
+			return newError(frame.CodeValidation, s.id, "ACK of a CLOSE_WRITE that was not sent")
+		}
+		s.finAcked = true
+	}
+	s.releaseSent(a.Received)
+	if a.Window > s.peerWindow {
+		s.peerWindow = a.Window
+		s.kick()
+	}
+	s.maybeFinish()
+	return nil
+}
+
+// releaseSent frees acknowledged bytes and applies the 80% rule.
+func (s *session) releaseSent(upto uint64) {
+	if upto > s.send.Start() {
+		s.send.Discard(upto)
+		s.wakeWriters()
+	}
+	if s.elevated && s.link != nil && s.send.Len() <= s.cfg.BufferSize*8/10 {
+		s.elevated = false
+		s.log.Debug("replay limit back to normal", "buffered", s.send.Len())
+	}
+}
+
+// maybeFinish ends the session when nothing is left to do.
+func (s *session) maybeFinish() {
+	if s.state == StateClosed || !s.writeShut || !s.finAcked {
+		return
+	}
+	switch {
+	case s.peerFin && s.ackedFin:
+		s.end(nil, nil, "both directions closed")
+	case s.peerFin:
+		s.kick() // the writer sends the ACK with AckFin, then we end
+	case s.closeRequested:
+		s.end(nil, &frame.CodeReason{Code: frame.CodeNone, Reason: "closed"}, "closed")
+	}
+}
+
+// end moves the session to CLOSED. err nil is an orderly end. If reset is
+// set and a link is attached, the writer sends it before closing the link.
+// The receive buffer stays readable after an orderly end.
+func (s *session) end(err error, reset *frame.CodeReason, cause string) {
+	if s.state == StateClosed {
+		return
+	}
+	s.err = err
+	if err != nil {
+		var e *Error
+		s.aborted = !errors.As(err, &e) || e.Code != frame.CodeNone
+		if s.aborted {
+			s.recv.Drop()
+		}
+	}
+	s.send.Drop()
+	s.setState(StateClosed, cause, "err", err)
+	s.cancel()
+	if s.expiry != nil {
+		s.expiry.Stop()
+	}
+	if s.ackTimer != nil {
+		s.ackTimer.Stop()
+	}
+	if l := s.link; l != nil {
+		l.finish(reset)
+	}
+	s.link = nil
+	s.wakeReaders()
+	s.wakeWriters()
+	close(s.done)
+	if s.srv != nil {
+		s.srv.ended(s)
+	}
+	s.log.Info("session end", "cause", cause, "err", err, "sent", s.stats.BytesSent,
+		"received", s.stats.BytesReceived, "resumes", s.stats.Resumes)
+}
+
+// abort ends the session with an error and tells the peer with RESET.
+func (s *session) abort(code frame.Code, reason string) {
+	err := &Error{Code: code, Reason: reason, Session: s.id}
+	s.end(err, &frame.CodeReason{Code: code, Reason: reason}, "abort: "+code.String())
+}
+
+// linkFailed is called by a link's goroutines or its liveness timer.
+func (s *session) linkFailed(l *link, err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if l != s.link {
+		return
+	}
+	var pe *Error
+	if errors.As(err, &pe) {
+		// Protocol violation or a peer's RESET: not a link failure.
+		if pe.Remote {
+			s.end(pe, nil, "peer reset")
+		} else {
+			s.end(pe, &frame.CodeReason{Code: pe.Code, Reason: pe.Reason}, "protocol error")
+		}
+		return
+	}
+	if errors.Is(err, frame.ErrMalformed) {
+		s.abort(frame.CodeValidation, err.Error())
+		return
+	}
+	s.detach(err)
+}
+
+// detach drops the current link and parks the session (or ends it when
+// resumption is off).
+func (s *session) detach(cause error) {
+	l := s.link
+	s.link = nil
+	if l != nil {
+		l.close()
+	}
+	s.stats.LinkFailures++
+	if s.reconnectTimeout == 0 {
+		s.end(newError(frame.CodeTimeout, s.id, "link lost and resumption is disabled: %v", cause), nil, "link lost")
+		return
+	}
+	s.downAt = time.Now()
+	s.elevated = true
+	s.wakeWriters() // the larger limit may let a blocked Write go on
+	s.setState(StateDisconnected, "link lost", "err", cause)
+	if s.expiry == nil {
+		s.expiry = time.AfterFunc(s.reconnectTimeout, s.expired)
+	} else {
+		s.expiry.Reset(s.reconnectTimeout)
+	}
+	if s.client {
+		s.startRedial()
+	}
+}
+
+func (s *session) expired() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.state != StateDisconnected && s.state != StateReconnecting {
+		return
+	}
+	if s.link != nil { // resumed meanwhile
+		return
+	}
+	s.end(newError(frame.CodeTimeout, s.id, "not resumed within %v", s.reconnectTimeout), nil, "reconnect timeout")
+}
+
+// checkResumePoint validates the peer's Received from a handshake against
+// what we hold: above what we wrote is a lie, below what we still hold
+// means the bytes are gone.
+func (s *session) checkResumePoint(peerReceived uint64) *Error {
+	if peerReceived > s.send.End() {
+		return newError(frame.CodeValidation, s.id, "peer claims %d bytes received, only %d written", peerReceived, s.send.End())
+	}
+	if peerReceived < s.send.Start() {
+		return newError(frame.CodeBufferLost, s.id, "peer needs bytes from %d, replay buffer starts at %d", peerReceived, s.send.Start())
+	}
+	return nil
+}
+
+// attach makes l the session's link after a successful handshake in which
+// the peer stated peerReceived, peerWindow and peerFlags. Caller holds mu
+// and has checked the resume point.
+func (s *session) attach(l *link, peerReceived, peerWindow uint64, peerFlags uint8, ourWindow uint64, resumed bool) {
+	if old := s.link; old != nil {
+		s.link = nil
+		old.closeWith(errLinkReplaced)
+	}
+	if resumed {
+		s.stats.Resumes++
+		s.stats.BytesReplayed += s.sent - min(s.sent, peerReceived)
+		if !s.downAt.IsZero() {
+			s.stats.LastOutage = time.Since(s.downAt)
+		}
+	}
+	s.releaseSent(peerReceived)
+	s.sent = peerReceived
+	s.peerWindow = max(s.peerWindow, peerWindow)
+	s.finSent = false
+	if peerFlags&frame.AckFin != 0 && s.writeShut && peerReceived == s.send.End() {
+		s.finAcked = true
+	}
+	// The peer knows what we hold as of the handshake; re-announce the
+	// window and FIN state on the new link at the first chance.
+	s.ackedRecv, s.ackedWin, s.ackedFin = l.rxStart, ourWindow, false
+	s.epoch++
+	l.epoch = s.epoch
+	l.prev = s.last
+	s.link, s.last = l, l
+	if s.expiry != nil {
+		s.expiry.Stop()
+	}
+	if s.send.Len() <= s.cfg.BufferSize*8/10 {
+		s.elevated = false
+	}
+	s.setState(StateActive, map[bool]string{true: "resumed", false: "connected"}[resumed],
+		"replay", s.send.End()-peerReceived, "outage", s.stats.LastOutage)
+	s.maybeFinish()
+}
+
+// deadline is a settable point in time with a channel closed when it
+// passes, in the manner of net.Pipe.
+type deadline struct {
+	mu     sync.Mutex
+	timer  *time.Timer
+	cancel chan struct{}
+}
+
+func (d *deadline) init() { d.cancel = make(chan struct{}) }
+
+func (d *deadline) set(t time.Time) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.timer != nil && !d.timer.Stop() {
+		<-d.cancel // the timer fired: wait for its close
+	}
+	d.timer = nil
+	closed := isClosed(d.cancel)
+	if t.IsZero() {
+		if closed {
+			d.cancel = make(chan struct{})
+		}
+		return
+	}
+	if dur := time.Until(t); dur > 0 {
+		if closed {
+			d.cancel = make(chan struct{})
+		}
+		c := d.cancel
+		d.timer = time.AfterFunc(dur, func() { close(c) })
+		return
+	}
+	if !closed {
+		close(d.cancel)
+	}
+}
+
+func (d *deadline) wait() chan struct{} {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.cancel
+}
+
+func (d *deadline) stop() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.timer != nil {
+		d.timer.Stop()
+		d.timer = nil
+	}
+}
+
+func isClosed(c chan struct{}) bool {
+	select {
+	case <-c:
+		return true
+	default:
+		return false
+	}
+}
+
+func (s *session) String() string { return fmt.Sprintf("session %v", s.id) }
+
+var _ net.Conn = (*Conn)(nil)
