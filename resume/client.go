@@ -155,8 +155,13 @@ func (s *session) startMigration() {
 func (s *session) redialLoop(migrate bool) {
 	defer s.wg.Done()
 	defer func() {
+		// The success path cleared redial under the lock that attached the
+		// link, so a failure right after can start a new loop; clear it
+		// here only when the session is over.
 		s.mu.Lock()
-		s.redial = false
+		if s.state == StateClosed {
+			s.redial = false
+		}
 		s.mu.Unlock()
 	}()
 	for attempt := 0; ; attempt++ {
@@ -171,6 +176,7 @@ func (s *session) redialLoop(migrate bool) {
 		}
 		s.mu.Lock()
 		if s.state == StateClosed || (!migrate && s.link != nil) {
+			s.redial = false
 			s.mu.Unlock()
 			return
 		}
@@ -283,12 +289,14 @@ func (s *session) resumeOnce() error {
 		l := newLink(s, conn, fr, r.Received)
 		s.link = l // so end() sends the RESET on it
 		ok = true
+		l.started = true
 		s.wg.Add(1)
-		go l.writeLoop()
+		go l.writeLoop(nil)
 		s.abort(perr.Code, perr.Reason)
 		return nil
 	}
 	l := newLink(s, conn, fr, r.Received)
+	s.redial = false
 	s.attach(l, d.Received, d.Window, d.Flags, r.Window, true)
 	l.start()
 	ok = true

@@ -48,6 +48,11 @@ type Config struct {
 	// bytes, not by time).
 	AckDelay time.Duration
 
+	// LingerTimeout bounds how long Close waits for the peer to
+	// acknowledge what was written (it may not be reading). Past it the
+	// session is aborted with CodeTimeout, so Close always returns.
+	LingerTimeout time.Duration
+
 	// Strategy decides when a client retries after a link failure.
 	Strategy ReconnectStrategy
 
@@ -72,6 +77,7 @@ const (
 	DefaultLivenessTimeout   = 4 * time.Second
 	DefaultHandshakeTimeout  = 5 * time.Second
 	DefaultAckDelay          = 5 * time.Millisecond
+	DefaultLingerTimeout     = 10 * time.Second
 
 	// maxBufferSize keeps windows inside the u32 of HELLO/WELCOME.
 	maxBufferSize = 1 << 30
@@ -88,6 +94,7 @@ func DefaultConfig() *Config {
 		LivenessTimeout:        DefaultLivenessTimeout,
 		HandshakeTimeout:       DefaultHandshakeTimeout,
 		AckDelay:               DefaultAckDelay,
+		LingerTimeout:          DefaultLingerTimeout,
 		Strategy:               DefaultStrategy(),
 	}
 }
@@ -113,6 +120,8 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("resume: HandshakeTimeout %v must be positive", c.HandshakeTimeout)
 	case c.AckDelay <= 0:
 		return fmt.Errorf("resume: AckDelay %v must be positive", c.AckDelay)
+	case c.LingerTimeout <= 0:
+		return fmt.Errorf("resume: LingerTimeout %v must be positive", c.LingerTimeout)
 	case c.Strategy == nil:
 		return errors.New("resume: Strategy is nil")
 	}

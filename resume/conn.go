@@ -138,8 +138,8 @@ func (c *Conn) CloseWrite() error {
 // Close ends the session in order: what was written is delivered, the peer
 // reads io.EOF, then the session ends. Bytes that arrive after Close are
 // discarded. Close returns when the session's goroutines have exited; if the
-// peer does not acknowledge within the linger time (the reconnect timeout,
-// at least LivenessTimeout) the session is aborted with CodeTimeout.
+// peer does not acknowledge within LingerTimeout the session is aborted
+// with CodeTimeout.
 func (c *Conn) Close() error {
 	s := c.s
 	s.mu.Lock()
@@ -163,7 +163,7 @@ func (c *Conn) Close() error {
 	s.wakeWriters()
 	s.mu.Unlock()
 
-	linger := time.NewTimer(max(s.reconnectTimeout, s.cfg.LivenessTimeout))
+	linger := time.NewTimer(s.cfg.LingerTimeout)
 	defer linger.Stop()
 	select {
 	case <-s.done:

@@ -51,7 +51,14 @@ func TestBasicEcho(t *testing.T) {
 func makePipe(e *env) nettest.MakePipe {
 	return func() (c1, c2 net.Conn, stop func(), err error) {
 		c, s := e.pair(testConfig())
-		return c, s, func() { c.Close(); s.Close() }, nil
+		// Close both at once, as two TCP endpoints would: each end's Close
+		// discards what it did not read, which lets the other's flush end.
+		return c, s, func() {
+			done := make(chan struct{})
+			go func() { c.Close(); close(done) }()
+			s.Close()
+			<-done
+		}, nil
 	}
 }
 

@@ -13,6 +13,7 @@ import (
 func testConfig() *Config {
 	c := DefaultConfig()
 	c.ReconnectTimeout = 10 * time.Second
+	c.LingerTimeout = 5 * time.Second
 	c.Strategy = Backoff{Initial: 5 * time.Millisecond, Max: 50 * time.Millisecond, Jitter: 0.2}
 	return c
 }
@@ -103,19 +104,22 @@ func newCutConn(c net.Conn, budget int64) *cutConn {
 	return cc
 }
 
+// spend takes up to n bytes from the budget and returns how many it got.
 func (c *cutConn) spend(n int) int {
 	left := c.left.Add(-int64(n))
 	if left < 0 {
-		c.once.Do(func() { c.Conn.Close() })
 		return max(0, n+int(left))
 	}
 	return n
 }
 
+func (c *cutConn) cut() { c.once.Do(func() { c.Conn.Close() }) }
+
 func (c *cutConn) Read(p []byte) (int, error) {
 	n, err := c.Conn.Read(p)
 	if n > 0 {
 		if k := c.spend(n); k < n {
+			c.cut()
 			return k, net.ErrClosed
 		}
 	}
@@ -126,6 +130,7 @@ func (c *cutConn) Write(p []byte) (int, error) {
 	k := c.spend(len(p))
 	if k < len(p) {
 		n, _ := c.Conn.Write(p[:k])
+		c.cut()
 		return n, net.ErrClosed
 	}
 	return c.Conn.Write(p)

@@ -40,6 +40,8 @@ type link struct {
 	closeOnce  sync.Once
 	readerDone chan struct{}
 	writerDone chan struct{}
+	started    bool // under s.mu
+	doneOnce   sync.Once
 	lastRecv   atomic.Int64 // UnixNano of the last frame received
 	liveMu     sync.Mutex
 	live       *time.Timer // nil once stopped
@@ -100,6 +102,9 @@ func (l *link) closeWith(err error) {
 			l.live = nil
 		}
 		l.liveMu.Unlock()
+		if !l.started {
+			l.markDone()
+		}
 	})
 }
 
@@ -112,12 +117,28 @@ func (l *link) finish(reset *frame.CodeReason) {
 	l.kick()
 }
 
+// markDone releases a later link waiting on this one that never ran its
+// goroutines.
+func (l *link) markDone() {
+	l.doneOnce.Do(func() {
+		close(l.readerDone)
+		close(l.writerDone)
+	})
+}
+
 // start runs the link's goroutines. Caller holds s.mu and has attached l.
 func (l *link) start() {
 	s := l.s
+	if isClosed(l.closed) {
+		l.markDone()
+		return
+	}
+	l.started = true
 	s.wg.Add(2)
-	go l.readLoop()
-	go l.writeLoop()
+	prev := l.prev
+	l.prev = nil
+	go l.readLoop(prev)
+	go l.writeLoop(prev)
 	l.liveMu.Lock()
 	if !isClosed(l.closed) {
 		l.live = time.AfterFunc(s.cfg.PingInterval, l.checkLiveness)
@@ -152,15 +173,14 @@ func (l *link) checkLiveness() {
 	l.liveMu.Unlock()
 }
 
-func (l *link) readLoop() {
+func (l *link) readLoop(prev *link) {
 	s := l.s
 	defer s.wg.Done()
 	defer close(l.readerDone)
-	if l.prev != nil {
+	if prev != nil {
 		// Our DATA goes into the receive buffer's tail without the lock;
 		// the previous link's reader may still be doing the same.
-		<-l.prev.readerDone
-		l.prev = nil
+		<-prev.readerDone
 	}
 	for {
 		h, err := l.fr.Next()
@@ -312,12 +332,12 @@ func (l *link) readControl(h frame.Header) error {
 	return nil
 }
 
-func (l *link) writeLoop() {
+func (l *link) writeLoop(prev *link) {
 	s := l.s
 	defer s.wg.Done()
 	defer close(l.writerDone)
-	if l.prev != nil {
-		<-l.prev.writerDone
+	if prev != nil {
+		<-prev.writerDone
 	}
 	for {
 		select {
