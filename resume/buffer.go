@@ -8,7 +8,7 @@ import (
 // chunkSize is the unit buffers grow and shrink by. Small enough that an
 // almost idle session holds little, large enough that a 64 KiB frame spans
 // only a few chunks.
-const chunkSize = 16 << 10
+const chunkSize = 32 << 10
 
 // chunkPool recycles chunks between all sessions of the process. Chunks
 // go back only when no goroutine can still be reading them (see
@@ -29,10 +29,6 @@ type ReplayBuffer struct {
 	// acct, if set, tracks the bytes of chunks held (a gateway's memory
 	// budget across all sessions).
 	acct *atomic.Int64
-	// noPool: freed chunks go to the garbage collector. Set on the send
-	// side, where a link's writer may still be reading a chunk (inside a
-	// writev on a link being retired) after a peer acked its bytes.
-	noPool bool
 }
 
 // Start is the offset of the oldest byte held.
@@ -47,9 +43,9 @@ func (b *ReplayBuffer) Len() int { return int(b.end - b.start) }
 // Chunks is the number of chunks allocated (for memory accounting).
 func (b *ReplayBuffer) Chunks() int { return len(b.chunks) }
 
-// Drop empties the buffer at the end of a session. The chunks go to the
-// garbage collector, not the pool: a link goroutine that has not exited yet
-// may still hold a slice of one.
+// Drop empties the buffer without returning its chunks to the pool: a
+// goroutine may still hold a slice of one (a link's reader filling the
+// tail, a WriteTo writing from it). The garbage collector takes them.
 func (b *ReplayBuffer) Drop() {
 	if b.acct != nil {
 		b.acct.Add(-int64(len(b.chunks)) * chunkSize)
@@ -78,11 +74,7 @@ func (b *ReplayBuffer) Tail() []byte {
 	}
 	used := int(b.end - b.base)
 	if used == len(b.chunks)*chunkSize {
-		if b.noPool {
-			b.chunks = append(b.chunks, new([chunkSize]byte))
-		} else {
-			b.chunks = append(b.chunks, chunkPool.Get().(*[chunkSize]byte))
-		}
+		b.chunks = append(b.chunks, chunkPool.Get().(*[chunkSize]byte))
 		if b.acct != nil {
 			b.acct.Add(chunkSize)
 		}
@@ -134,10 +126,9 @@ func (b *ReplayBuffer) Discard(upto uint64) {
 }
 
 func (b *ReplayBuffer) free(n int) {
+	n = min(n, len(b.chunks)) // after Drop, a late Commit may run ahead
 	for i := 0; i < n; i++ {
-		if !b.noPool {
-			chunkPool.Put(b.chunks[i])
-		}
+		chunkPool.Put(b.chunks[i])
 		b.chunks[i] = nil
 	}
 	if b.acct != nil {

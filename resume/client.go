@@ -56,7 +56,7 @@ func Dial(ctx context.Context, dial DialFunc, route string, cfg *Config) (*Conn,
 		conn.Close()
 		return nil, fmt.Errorf("resume: send HELLO: %w", err)
 	}
-	fr := frame.NewReader(conn, 64<<10)
+	fr := frame.NewReader(conn, linkReadBuffer)
 	h, p, err := readHandshake(fr)
 	if err != nil {
 		conn.Close()
@@ -253,7 +253,7 @@ func (s *session) resumeOnce() error {
 	if _, err := conn.Write(b); err != nil {
 		return fmt.Errorf("send RESUME: %w", err)
 	}
-	fr := frame.NewReader(conn, 64<<10)
+	fr := frame.NewReader(conn, linkReadBuffer)
 	h, p, err := readHandshake(fr)
 	if err != nil {
 		return fmt.Errorf("await RESUMED: %w", ctxErr(ctx, err))

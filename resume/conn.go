@@ -19,6 +19,8 @@ type Conn struct{ s *session }
 // once, dropping what was buffered (as TCP does on RST).
 func (c *Conn) Read(p []byte) (int, error) {
 	s := c.s
+	s.rmu.Lock()
+	defer s.rmu.Unlock()
 	s.mu.Lock()
 	for {
 		switch {
@@ -70,6 +72,8 @@ func (c *Conn) Read(p []byte) (int, error) {
 func (c *Conn) Write(p []byte) (int, error) {
 	s := c.s
 	n := 0
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
 	s.mu.Lock()
 	for {
 		switch {
@@ -154,7 +158,7 @@ func (c *Conn) Close() error {
 		s.closeRequested = true
 		s.writeShut = true
 		s.readShut = true
-		s.recv.Discard(s.recv.End())
+		s.recv.Drop() // not Discard: a WriteTo may be writing from it
 		s.advertise()
 		s.kick()
 		s.maybeFinish()
@@ -299,5 +303,128 @@ func (c *Conn) Kill() {
 	defer s.mu.Unlock()
 	if s.link != nil {
 		s.detach(errKilled)
+	}
+}
+
+// ReadFrom fills the replay buffer straight from r until r's EOF (which it
+// does not pass on: call CloseWrite). It saves the copy through a user
+// buffer that io.Copy(conn, src) would make.
+func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
+	s := c.s
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	var total int64
+	s.mu.Lock()
+	for {
+		if err := s.writeErr(); err != nil {
+			s.mu.Unlock()
+			return total, err
+		}
+		room := s.sendLimit() - s.send.Len()
+		if room <= 0 {
+			wait := s.writeWaiter()
+			dl := s.wdl.wait()
+			s.mu.Unlock()
+			select {
+			case <-wait:
+			case <-dl:
+				return total, errDeadline
+			}
+			s.mu.Lock()
+			continue
+		}
+		tail := s.send.Tail()
+		if len(tail) > room {
+			tail = tail[:room]
+		}
+		s.mu.Unlock()
+		n, err := r.Read(tail)
+		s.mu.Lock()
+		if n > 0 {
+			if werr := s.writeErr(); werr != nil {
+				// Closed while we read: the bytes cannot be sent.
+				s.mu.Unlock()
+				return total, werr
+			}
+			s.send.Commit(n)
+			s.stats.BytesSent += uint64(n)
+			total += int64(n)
+			s.kick()
+		}
+		if err != nil {
+			s.mu.Unlock()
+			if err == io.EOF {
+				return total, nil
+			}
+			return total, err
+		}
+	}
+}
+
+// writeErr is why Write cannot proceed, or nil. Caller holds mu.
+func (s *session) writeErr() error {
+	switch {
+	case s.localClosed:
+		return ErrConnClosed
+	case s.writeShut:
+		return ErrWriteClosed
+	case s.state == StateClosed:
+		return s.errOrClosed()
+	}
+	return nil
+}
+
+// WriteTo writes received bytes to w, straight from the receive buffer (one
+// writev per batch on a TCP socket), until the peer's CloseWrite; then it
+// returns nil, as io.Copy expects.
+func (c *Conn) WriteTo(w io.Writer) (int64, error) {
+	s := c.s
+	s.rmu.Lock()
+	defer s.rmu.Unlock()
+	var total int64
+	var segs [][]byte
+	s.mu.Lock()
+	for {
+		switch {
+		case s.localClosed:
+			s.mu.Unlock()
+			return total, ErrConnClosed
+		case s.aborted:
+			s.mu.Unlock()
+			return total, s.err
+		case s.recv.Len() > 0:
+			start := s.recv.Start()
+			segs = s.recv.Slices(segs[:0], start, min(s.recv.Len(), writeBatch))
+			s.mu.Unlock()
+			bufs := net.Buffers(segs)
+			n, err := bufs.WriteTo(w)
+			total += n
+			s.mu.Lock()
+			if s.recv.Start() == start { // not dropped by Close or abort meanwhile
+				s.recv.Discard(start + uint64(n))
+				s.advertise()
+			}
+			if err != nil {
+				s.mu.Unlock()
+				return total, err
+			}
+			continue
+		case s.peerFin && s.recv.End() == s.peerFinOff:
+			s.mu.Unlock()
+			return total, nil
+		case s.state == StateClosed:
+			err := s.err
+			s.mu.Unlock()
+			return total, err
+		}
+		wait := s.readWaiter()
+		dl := s.rdl.wait()
+		s.mu.Unlock()
+		select {
+		case <-wait:
+		case <-dl:
+			return total, errDeadline
+		}
+		s.mu.Lock()
 	}
 }

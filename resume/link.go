@@ -60,6 +60,7 @@ type link struct {
 	segs     [][]byte
 	bw       *bufio.Writer // for links without writev (TLS, QUIC)
 	vectored bool
+	dataMap  []dataSpan
 	discard  []byte // reader-owned: bytes skipped as duplicates
 }
 
@@ -103,7 +104,7 @@ func (l *link) closeWith(err error) {
 		}
 		l.liveMu.Unlock()
 		if !l.started {
-			l.markDone()
+			l.markDone(l.prev)
 		}
 	})
 }
@@ -118,11 +119,23 @@ func (l *link) finish(reset *frame.CodeReason) {
 }
 
 // markDone releases a later link waiting on this one that never ran its
-// goroutines.
-func (l *link) markDone() {
+// goroutines, once the link before it is done: the chain of waits must not
+// skip a link whose writer may still be reading the replay buffer.
+func (l *link) markDone(prev *link) {
 	l.doneOnce.Do(func() {
-		close(l.readerDone)
-		close(l.writerDone)
+		if prev == nil {
+			close(l.readerDone)
+			close(l.writerDone)
+			return
+		}
+		l.s.wg.Add(1)
+		go func() {
+			defer l.s.wg.Done()
+			<-prev.readerDone
+			<-prev.writerDone
+			close(l.readerDone)
+			close(l.writerDone)
+		}()
 	})
 }
 
@@ -130,7 +143,7 @@ func (l *link) markDone() {
 func (l *link) start() {
 	s := l.s
 	if isClosed(l.closed) {
-		l.markDone()
+		l.markDone(l.prev)
 		return
 	}
 	l.started = true
@@ -354,7 +367,16 @@ func (l *link) writeLoop(prev *link) {
 				break
 			}
 			if n > 0 {
-				if err := l.flush(); err != nil {
+				w, err := l.flush()
+				if to := l.flushedTo(w); to > 0 {
+					s.mu.Lock()
+					if to > s.flushed {
+						s.flushed = to
+						s.releaseSent()
+					}
+					s.mu.Unlock()
+				}
+				if err != nil {
 					if !final {
 						s.linkFailed(l, err)
 					}
@@ -382,6 +404,7 @@ func (l *link) collect() int {
 	type piece struct {
 		from, to int    // in scratch
 		data     []byte // or payload
+		off      uint64 // stream offset of data
 	}
 	var pieces [32]piece
 	np := 0
@@ -430,8 +453,10 @@ func (l *link) collect() int {
 			cut()
 			start := len(l.segs)
 			l.segs = s.send.Slices(l.segs, s.sent, n)
+			off := s.sent
 			for _, seg := range l.segs[start:] {
-				pieces[np] = piece{data: seg}
+				pieces[np] = piece{data: seg, off: off}
+				off += uint64(len(seg))
 				np++
 			}
 			l.segs = l.segs[:start]
@@ -445,10 +470,13 @@ func (l *link) collect() int {
 	}
 	cut()
 	total := 0
+	l.dataMap = l.dataMap[:0]
 	for _, p := range pieces[:np] {
 		b := p.data
 		if b == nil {
 			b = l.scratch[p.from:p.to]
+		} else {
+			l.dataMap = append(l.dataMap, dataSpan{at: total, n: len(b), off: p.off})
 		}
 		l.segs = append(l.segs, b)
 		total += len(b)
@@ -456,18 +484,47 @@ func (l *link) collect() int {
 	return total
 }
 
-// flush writes l.segs: one writev on TCP, one buffered write otherwise.
-func (l *link) flush() error {
-	if l.vectored {
-		bufs := net.Buffers(l.segs)
-		_, err := bufs.WriteTo(l.conn)
-		return err
-	}
-	for _, b := range l.segs {
-		if _, err := l.bw.Write(b); err != nil {
-			return err
-		}
-	}
-	return l.bw.Flush()
+// dataSpan maps bytes of a batch to stream offsets.
+type dataSpan struct {
+	at, n int // position and length in the batch
+	off   uint64
 }
 
+// flushedTo is the stream offset below which the first n bytes of the
+// batch carried all data (0 if they carried none).
+func (l *link) flushedTo(n int) uint64 {
+	var reached uint64
+	for _, d := range l.dataMap {
+		if d.at >= n {
+			break
+		}
+		reached = d.off + uint64(min(d.n, n-d.at))
+	}
+	return reached
+}
+
+// flush writes l.segs: one writev on TCP, one buffered write otherwise.
+// It returns how many bytes left the batch (into the socket or the bufio
+// buffer): those no longer need the replay buffer's memory.
+func (l *link) flush() (int, error) {
+	if l.vectored {
+		bufs := net.Buffers(l.segs)
+		n, err := bufs.WriteTo(l.conn)
+		return int(n), err
+	}
+	total := 0
+	for _, b := range l.segs {
+		n, err := l.bw.Write(b)
+		total += n
+		if err != nil {
+			return total, err
+		}
+	}
+	return total, l.bw.Flush()
+}
+
+
+// linkReadBuffer is the read-ahead of a link's frame reader. (8 KiB, which
+// lets bufio read payloads straight into the receive buffer, measured
+// slower on loopback: more read syscalls.)
+const linkReadBuffer = 64 << 10

@@ -229,7 +229,7 @@ func (srv *Server) handshake(c net.Conn) {
 	}
 	c.SetDeadline(time.Now().Add(srv.cfg.Session.HandshakeTimeout))
 	remote := c.RemoteAddr()
-	fr := frame.NewReader(c, 64<<10)
+	fr := frame.NewReader(c, linkReadBuffer)
 	v, err := fr.ReadPreamble()
 	if err != nil {
 		srv.log.Warn("link refused", "remote", remote, "err", err)

@@ -38,9 +38,13 @@ type session struct {
 	// REJECT NONE for our resume); writes fail with ErrClosedByPeer.
 	peerClosed bool
 
-	// Send direction: send holds [acked, written).
+	// Send direction: send holds [min(peerAcked, flushed), written).
+	// Chunks below both marks are acknowledged and no writer is reading
+	// them, so they can go back to the pool.
 	send       ReplayBuffer
 	sent       uint64 // next offset to put on the current link
+	peerAcked  uint64 // highest Received the peer stated
+	flushed    uint64 // bytes below this were handed to a link's socket
 	peerWindow uint64 // the peer accepts up to this offset
 	elevated   bool   // the disconnected limit applies
 	writeShut  bool   // CloseWrite called: CLOSE_WRITE at send.End()
@@ -71,6 +75,11 @@ type session struct {
 	closeRequested bool
 
 	expiry *time.Timer // reconnect timeout while DISCONNECTED
+
+	// rmu serializes Read and WriteTo, wmu Write and ReadFrom: WriteTo
+	// writes from the receive buffer and ReadFrom fills the send buffer's
+	// tail without holding mu.
+	rmu, wmu sync.Mutex
 
 	readWait  chan struct{} // closed and cleared when readers may proceed
 	writeWait chan struct{}
@@ -121,7 +130,6 @@ func newSession(cfg *Config, client bool) *session {
 		done:   make(chan struct{}),
 		state:  StateConnecting,
 	}
-	s.send.noPool = true
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.rdl.init()
 	s.wdl.init()
@@ -233,13 +241,14 @@ func (s *session) onAck(a frame.Ack) error {
 	if a.Received > s.sent {
 		return newError(frame.CodeValidation, s.id, "ACK for %d bytes, only %d sent", a.Received, s.sent)
 	}
+	s.peerAcked = max(s.peerAcked, a.Received)
 	if a.Flags&frame.AckFin != 0 {
 		if !s.writeShut || !s.finSent || a.Received != s.send.End() {
 			return newError(frame.CodeValidation, s.id, "ACK of a CLOSE_WRITE that was not sent")
 		}
 		s.finAcked = true
 	}
-	s.releaseSent(a.Received)
+	s.releaseSent()
 	if a.Window > s.peerWindow {
 		s.peerWindow = a.Window
 		s.kick()
@@ -249,8 +258,8 @@ func (s *session) onAck(a frame.Ack) error {
 }
 
 // releaseSent frees acknowledged bytes and applies the 80% rule.
-func (s *session) releaseSent(upto uint64) {
-	if upto > s.send.Start() {
+func (s *session) releaseSent() {
+	if upto := min(s.peerAcked, s.flushed); upto > s.send.Start() {
 		s.send.Discard(upto)
 		s.wakeWriters()
 	}
@@ -410,7 +419,9 @@ func (s *session) attach(l *link, peerReceived, peerWindow uint64, peerFlags uin
 			s.stats.LastOutage = time.Since(s.downAt)
 		}
 	}
-	s.releaseSent(peerReceived)
+	// Trust the handshake over older ACKs: what the peer lacks is resent.
+	s.peerAcked = peerReceived
+	s.releaseSent()
 	s.sent = peerReceived
 	s.peerWindow = max(s.peerWindow, peerWindow)
 	s.finSent = false
