@@ -1,0 +1,352 @@
+package main
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"go.yaml.in/yaml/v3"
+
+	"github.com/lifeline-proxy/lifeline/proxy"
+	"github.com/lifeline-proxy/lifeline/resume"
+)
+
+// duration is a time.Duration written as "60s", "250ms", "1m30s".
+type duration struct {
+	D   time.Duration
+	Set bool
+}
+
+func (d *duration) UnmarshalYAML(n *yaml.Node) error {
+	v, err := time.ParseDuration(n.Value)
+	if err != nil || v < 0 {
+		return fmt.Errorf("line %d: bad duration %q (want e.g. 250ms, 5s, 1m)", n.Line, n.Value)
+	}
+	d.D, d.Set = v, true
+	return nil
+}
+
+// durationFlag and sizeFlag let flags fill the same fields as the file.
+type durationFlag struct{ d *duration }
+
+func (f durationFlag) String() string {
+	if f.d == nil {
+		return ""
+	}
+	return f.d.D.String()
+}
+
+func (f durationFlag) Set(s string) error {
+	v, err := time.ParseDuration(s)
+	if err != nil || v < 0 {
+		return fmt.Errorf("bad duration %q (want e.g. 250ms, 5s, 1m)", s)
+	}
+	f.d.D, f.d.Set = v, true
+	return nil
+}
+
+type sizeFlag struct{ s *size }
+
+func (f sizeFlag) String() string {
+	if f.s == nil {
+		return ""
+	}
+	return formatSize(f.s.N)
+}
+
+func (f sizeFlag) Set(v string) error {
+	n, err := parseSize(v)
+	if err != nil {
+		return err
+	}
+	f.s.N, f.s.Set = n, true
+	return nil
+}
+
+// size is a byte count written as "2MiB", "512KiB", "8M", "65536".
+type size struct {
+	N   int64
+	Set bool
+}
+
+func parseSize(s string) (int64, error) {
+	t := strings.TrimSpace(s)
+	mult := int64(1)
+	lower := strings.ToLower(t)
+	for _, u := range []struct {
+		suf string
+		m   int64
+	}{{"kib", 1 << 10}, {"mib", 1 << 20}, {"gib", 1 << 30}, {"kb", 1000}, {"mb", 1000 * 1000}, {"gb", 1000 * 1000 * 1000},
+		{"k", 1 << 10}, {"m", 1 << 20}, {"g", 1 << 30}, {"b", 1}} {
+		if strings.HasSuffix(lower, u.suf) {
+			mult = u.m
+			t = strings.TrimSpace(t[:len(t)-len(u.suf)])
+			break
+		}
+	}
+	n, err := strconv.ParseInt(t, 10, 64)
+	if err != nil || n < 0 || n > (1<<40)/mult {
+		return 0, fmt.Errorf("bad size %q (want e.g. 2MiB, 512KiB, 65536)", s)
+	}
+	return n * mult, nil
+}
+
+func formatSize(n int64) string {
+	switch {
+	case n >= 1<<20 && n%(1<<20) == 0:
+		return fmt.Sprintf("%dMiB", n>>20)
+	case n >= 1<<10 && n%(1<<10) == 0:
+		return fmt.Sprintf("%dKiB", n>>10)
+	}
+	return strconv.FormatInt(n, 10)
+}
+
+func (s *size) UnmarshalYAML(n *yaml.Node) error {
+	v, err := parseSize(n.Value)
+	if err != nil {
+		return fmt.Errorf("line %d: %v", n.Line, err)
+	}
+	s.N, s.Set = v, true
+	return nil
+}
+
+// sessionFile holds the session settings shared by routes and listeners.
+type sessionFile struct {
+	ReconnectTimeout   duration `yaml:"reconnect_timeout"`
+	ReconnectStrategy  string   `yaml:"reconnect_strategy"`
+	ReconnectInterval  duration `yaml:"reconnect_interval"`
+	Buffer             size     `yaml:"buffer"`
+	DisconnectedBuffer size     `yaml:"disconnected_buffer"`
+	PingInterval       duration `yaml:"ping_interval"`
+	LivenessTimeout    duration `yaml:"liveness_timeout"`
+	HandshakeTimeout   duration `yaml:"handshake_timeout"`
+}
+
+type routeFile struct {
+	Name           string   `yaml:"name"`
+	Upstream       string   `yaml:"upstream"`
+	ConnectTimeout duration `yaml:"connect_timeout"`
+	ProxyProtocol  int      `yaml:"proxy_protocol"`
+}
+
+type gatewayFile struct {
+	Listen         string         `yaml:"listen"`
+	Transport      string         `yaml:"transport"`
+	TLS            proxy.TLSFiles `yaml:"tls"`
+	MaxSessions    int            `yaml:"max_sessions"`
+	MemoryBudget   size           `yaml:"memory_budget"`
+	MaxHandshakes  int            `yaml:"max_handshakes"`
+	ConnectTimeout duration       `yaml:"connect_timeout"`
+	sessionFile    `yaml:",inline"`
+	Routes         []routeFile `yaml:"routes"`
+}
+
+type listenerFile struct {
+	Listen      string         `yaml:"listen"`
+	Gateway     string         `yaml:"gateway"`
+	Route       string         `yaml:"route"`
+	Transport   string         `yaml:"transport"`
+	TLS         proxy.TLSFiles `yaml:"tls"`
+	sessionFile `yaml:",inline"`
+}
+
+type clientFile struct {
+	Listeners []listenerFile `yaml:"listeners"`
+}
+
+type logFile struct {
+	Format string `yaml:"format"`
+	Level  string `yaml:"level"`
+}
+
+// fileConfig is the YAML config file.
+type fileConfig struct {
+	Log          logFile      `yaml:"log"`
+	StatusAddr   string       `yaml:"status_addr"`
+	DrainTimeout duration     `yaml:"drain_timeout"`
+	Gateway      *gatewayFile `yaml:"gateway"`
+	Client       *clientFile  `yaml:"client"`
+}
+
+// loadConfig reads and strictly decodes a config file: unknown keys and
+// bad values are errors naming the line.
+func loadConfig(path string) (*fileConfig, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	var fc fileConfig
+	dec := yaml.NewDecoder(bytes.NewReader(b))
+	dec.KnownFields(true)
+	if err := dec.Decode(&fc); err != nil {
+		if errors.Is(err, io.EOF) {
+			return nil, fmt.Errorf("config %s: file is empty", path)
+		}
+		return nil, fmt.Errorf("config %s: %s", path, oneLine(err.Error()))
+	}
+	return &fc, nil
+}
+
+func oneLine(s string) string {
+	s = strings.TrimPrefix(s, "yaml: ")
+	s = strings.ReplaceAll(s, "unmarshal errors:\n", "")
+	parts := strings.Split(s, "\n")
+	for i := range parts {
+		parts[i] = strings.TrimSpace(parts[i])
+	}
+	return strings.Join(parts, "; ")
+}
+
+// sessionConfig applies s over the defaults.
+func (s sessionFile) sessionConfig() (*resume.Config, error) {
+	c := resume.DefaultConfig()
+	if s.ReconnectTimeout.Set {
+		c.ReconnectTimeout = s.ReconnectTimeout.D
+	}
+	if s.Buffer.Set {
+		c.BufferSize = int(s.Buffer.N)
+	}
+	if s.DisconnectedBuffer.Set {
+		c.DisconnectedBufferSize = int(s.DisconnectedBuffer.N)
+	}
+	if s.PingInterval.Set {
+		c.PingInterval = s.PingInterval.D
+	}
+	if s.LivenessTimeout.Set {
+		c.LivenessTimeout = s.LivenessTimeout.D
+	}
+	if s.HandshakeTimeout.Set {
+		c.HandshakeTimeout = s.HandshakeTimeout.D
+	}
+	switch s.ReconnectStrategy {
+	case "", "backoff":
+		if s.ReconnectInterval.Set {
+			return nil, errors.New("reconnect_interval applies to the fixed strategy only")
+		}
+	case "fixed":
+		iv := 5 * time.Second
+		if s.ReconnectInterval.Set {
+			iv = s.ReconnectInterval.D
+		}
+		if iv <= 0 {
+			return nil, errors.New("reconnect interval must be positive")
+		}
+		c.Strategy = resume.FixedInterval{Interval: iv}
+	default:
+		return nil, fmt.Errorf("reconnect strategy %q: want backoff or fixed", s.ReconnectStrategy)
+	}
+	if c.DisconnectedBufferSize < c.BufferSize {
+		c.DisconnectedBufferSize = c.BufferSize
+	}
+	if err := c.Validate(); err != nil {
+		return nil, errors.New(strings.TrimPrefix(err.Error(), "resume: "))
+	}
+	return c, nil
+}
+
+func checkTransport(name string, tf proxy.TLSFiles, gateway bool) error {
+	if !proxy.KnownTransport(name) {
+		return fmt.Errorf("unknown transport %q (want tcp, tls or quic)", name)
+	}
+	if name == "tcp" && !tf.Empty() {
+		return errors.New("TLS settings given but transport is tcp (use --transport tls)")
+	}
+	if gateway && proxy.TransportUsesTLS(name) && (tf.Cert == "" || tf.Key == "") {
+		return fmt.Errorf("transport %s on the gateway needs a certificate and key (--tls-cert, --tls-key)", name)
+	}
+	return nil
+}
+
+// validateGateway checks a gateway section completely.
+func validateGateway(g *gatewayFile) error {
+	if g.Listen == "" {
+		return errors.New("gateway: listen address missing")
+	}
+	if err := proxy.ValidateHostPort(g.Listen); err != nil {
+		return fmt.Errorf("gateway listen: %v", err)
+	}
+	if g.Transport == "" {
+		g.Transport = "tcp"
+	}
+	if err := checkTransport(g.Transport, g.TLS, true); err != nil {
+		return fmt.Errorf("gateway: %v", err)
+	}
+	if g.MaxSessions < 0 || g.MaxHandshakes < 0 {
+		return errors.New("gateway: max_sessions and max_handshakes must not be negative")
+	}
+	if len(g.Routes) == 0 {
+		return errors.New("gateway: no routes")
+	}
+	seen := map[string]bool{}
+	for i, r := range g.Routes {
+		if err := proxy.ValidateRouteName(r.Name); err != nil {
+			return fmt.Errorf("gateway route %d: %v", i+1, err)
+		}
+		if seen[r.Name] {
+			return fmt.Errorf("gateway: route %q defined twice", r.Name)
+		}
+		seen[r.Name] = true
+		if r.Upstream == "" {
+			return fmt.Errorf("gateway route %q: upstream missing", r.Name)
+		}
+		if err := proxy.ValidateHostPort(r.Upstream); err != nil {
+			return fmt.Errorf("gateway route %q upstream: %v", r.Name, err)
+		}
+		if r.ProxyProtocol != 0 && r.ProxyProtocol != 1 && r.ProxyProtocol != 2 {
+			return fmt.Errorf("gateway route %q: proxy_protocol %d (want 0, 1 or 2)", r.Name, r.ProxyProtocol)
+		}
+	}
+	if _, err := g.sessionFile.sessionConfig(); err != nil {
+		return fmt.Errorf("gateway: %v", err)
+	}
+	return nil
+}
+
+// validateClient checks a client section completely.
+func validateClient(c *clientFile) error {
+	if len(c.Listeners) == 0 {
+		return errors.New("client: no listeners")
+	}
+	seen := map[string]bool{}
+	for i := range c.Listeners {
+		l := &c.Listeners[i]
+		name := fmt.Sprintf("client listener %d", i+1)
+		if l.Listen == "" {
+			return fmt.Errorf("%s: listen address missing", name)
+		}
+		if err := proxy.ValidateHostPort(l.Listen); err != nil {
+			return fmt.Errorf("%s listen: %v", name, err)
+		}
+		if seen[l.Listen] {
+			return fmt.Errorf("%s: listen address %s used twice", name, l.Listen)
+		}
+		seen[l.Listen] = true
+		if l.Gateway == "" {
+			return fmt.Errorf("%s: gateway address missing", name)
+		}
+		if err := proxy.ValidateHostPort(l.Gateway); err != nil {
+			return fmt.Errorf("%s gateway: %v", name, err)
+		}
+		if l.Route == "" {
+			l.Route = "default"
+		}
+		if err := proxy.ValidateRouteName(l.Route); err != nil {
+			return fmt.Errorf("%s: %v", name, err)
+		}
+		if l.Transport == "" {
+			l.Transport = "tcp"
+		}
+		if err := checkTransport(l.Transport, l.TLS, false); err != nil {
+			return fmt.Errorf("%s: %v", name, err)
+		}
+		if _, err := l.sessionFile.sessionConfig(); err != nil {
+			return fmt.Errorf("%s: %v", name, err)
+		}
+	}
+	return nil
+}

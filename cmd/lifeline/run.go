@@ -1,0 +1,508 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"runtime/debug"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/lifeline-proxy/lifeline/proxy"
+	"github.com/lifeline-proxy/lifeline/resume"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+const (
+	exitOK      = 0
+	exitRuntime = 1
+	exitUsage   = 2
+)
+
+const usageText = `lifeline keeps the TCP sessions of unmodified applications alive through
+network drops.
+
+Usage:
+  lifeline gateway --listen 0.0.0.0:7000 --upstream 127.0.0.1:6379 [flags]
+  lifeline client  --listen 127.0.0.1:6380 --gateway gw.example.net:7000 [flags]
+  lifeline gateway|client --config FILE
+  lifeline demo [--duration 20s] [--sessions 8] [--break-every 2s]
+  lifeline version
+  lifeline help [command]
+
+Run "lifeline <command> --help" for the flags of a command.
+`
+
+// usageError is a mistake in the command line or config file (exit 2).
+type usageError struct{ error }
+
+func usagef(format string, args ...any) error { return usageError{fmt.Errorf(format, args...)} }
+
+func run(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usageText)
+		return exitUsage
+	}
+	cmd, rest := args[0], args[1:]
+	var err error
+	switch cmd {
+	case "gateway", "client":
+		err = runProxy(cmd, rest, stdout, stderr)
+	case "demo":
+		err = runDemo(rest, stdout, stderr)
+	case "version", "--version", "-version":
+		fmt.Fprintf(stdout, "lifeline %s (%s)\n", versionString(), strings.Join(proxy.Transports(), ", "))
+	case "help", "--help", "-help", "-h":
+		if len(rest) > 0 && (rest[0] == "gateway" || rest[0] == "client" || rest[0] == "demo") {
+			return run([]string{rest[0], "--help"}, stdout, stderr)
+		}
+		fmt.Fprint(stdout, usageText)
+	default:
+		err = usagef("unknown command %q (want gateway, client, demo, version or help)", cmd)
+	}
+	if err == nil || errors.Is(err, flag.ErrHelp) {
+		return exitOK
+	}
+	fmt.Fprintf(stderr, "lifeline %s: %s\n", cmd, oneLine(err.Error()))
+	var ue usageError
+	if errors.As(err, &ue) {
+		return exitUsage
+	}
+	return exitRuntime
+}
+
+func versionString() string {
+	if version != "dev" {
+		return version
+	}
+	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
+		return bi.Main.Version
+	}
+	return version
+}
+
+// options are the command-line flags of gateway and client.
+type options struct {
+	config       string
+	listen       string
+	upstream     string // gateway
+	gateway      string // client
+	route        string
+	transport    string
+	tls          proxy.TLSFiles
+	session      sessionFile
+	logFormat    string
+	logLevel     string
+	statusAddr   string
+	drainTimeout duration
+	// gateway limits
+	maxSessions    int
+	memoryBudget   size
+	connectTimeout duration
+	proxyProtocol  int
+}
+
+func newFlagSet(cmd string, o *options, stdout io.Writer) *flag.FlagSet {
+	fs := flag.NewFlagSet("lifeline "+cmd, flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	def := resume.DefaultConfig()
+	o.session.ReconnectTimeout.D = def.ReconnectTimeout
+	o.session.ReconnectInterval.D = 5 * time.Second
+	o.session.Buffer.N = int64(def.BufferSize)
+	o.session.DisconnectedBuffer.N = int64(def.DisconnectedBufferSize)
+	o.session.PingInterval.D = def.PingInterval
+	o.session.LivenessTimeout.D = def.LivenessTimeout
+	o.session.HandshakeTimeout.D = def.HandshakeTimeout
+	o.drainTimeout.D = 30 * time.Second
+	o.connectTimeout.D = proxy.DefaultConnectTimeout
+
+	fs.StringVar(&o.config, "config", "", "YAML config `file` (several routes); other flags then only set logging, status and drain")
+	if cmd == "gateway" {
+		fs.StringVar(&o.listen, "listen", "", "`address` to accept links from client sidecars on, e.g. 0.0.0.0:7000")
+		fs.StringVar(&o.upstream, "upstream", "", "`address` of the service behind the gateway, e.g. 127.0.0.1:6379")
+		fs.IntVar(&o.maxSessions, "max-sessions", 0, "maximum live sessions, new ones refused beyond (0: no limit)")
+		fs.Var(sizeFlag{&o.memoryBudget}, "memory-budget", "`bytes` of buffers for all sessions; new sessions refused beyond (0: no limit)")
+		fs.Var(durationFlag{&o.connectTimeout}, "connect-timeout", "upstream connect timeout; the application gets a reset past it")
+		fs.IntVar(&o.proxyProtocol, "proxy-protocol", 0, "send a PROXY protocol header of this `version` (1 or 2) to the upstream, naming the client sidecar's address (0: off)")
+	} else {
+		fs.StringVar(&o.listen, "listen", "", "local `address` applications connect to, e.g. 127.0.0.1:6380")
+		fs.StringVar(&o.gateway, "gateway", "", "gateway `address`, e.g. gw.example.net:7000")
+	}
+	fs.StringVar(&o.route, "route", "default", "route `name` (the gateway maps it to an upstream)")
+	fs.StringVar(&o.transport, "transport", "tcp", "link transport: tcp, tls or quic")
+	fs.Var(durationFlag{&o.session.ReconnectTimeout}, "reconnect-timeout", "how long a session waits for a new link (0 disables resumption)")
+	fs.StringVar(&o.session.ReconnectStrategy, "reconnect-strategy", "backoff", "client redial strategy: backoff (at once, then 50ms doubling to 1s, jittered) or fixed")
+	fs.Var(durationFlag{&o.session.ReconnectInterval}, "reconnect-interval", "redial interval of the fixed strategy")
+	fs.Var(sizeFlag{&o.session.Buffer}, "buffer", "replay buffer limit per direction (`bytes`, e.g. 2MiB)")
+	fs.Var(sizeFlag{&o.session.DisconnectedBuffer}, "disconnected-buffer", "larger replay limit while the link is down (`bytes`)")
+	fs.Var(durationFlag{&o.session.PingInterval}, "ping-interval", "send a PING after this long without traffic")
+	fs.Var(durationFlag{&o.session.LivenessTimeout}, "liveness-timeout", "declare a link dead after this long without traffic")
+	fs.Var(durationFlag{&o.session.HandshakeTimeout}, "handshake-timeout", "bound on dialing plus the session handshake of a link")
+	fs.StringVar(&o.tls.Cert, "tls-cert", "", "TLS certificate `file` (PEM); reloaded on SIGHUP")
+	fs.StringVar(&o.tls.Key, "tls-key", "", "TLS private key `file` (PEM); reloaded on SIGHUP")
+	if cmd == "gateway" {
+		fs.StringVar(&o.tls.CA, "tls-ca", "", "CA `file`: client certificates must chain to it (turns on mTLS)")
+	} else {
+		fs.StringVar(&o.tls.CA, "tls-ca", "", "CA `file` the gateway's certificate must chain to (default: system roots)")
+	}
+	fs.StringVar(&o.tls.ServerName, "tls-server-name", "", "expected gateway certificate `name` (default: the gateway host)")
+	fs.StringVar(&o.logFormat, "log-format", "text", "log format: text or json")
+	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
+	fs.StringVar(&o.statusAddr, "status-addr", "", "`address` for /metrics, /healthz and /sessions (off if empty)")
+	fs.Var(durationFlag{&o.drainTimeout}, "drain-timeout", "on SIGTERM/SIGINT, let sessions finish this long, then close them")
+	fs.Usage = func() {
+		fmt.Fprintf(stdout, "Usage of lifeline %s:\n", cmd)
+		fs.SetOutput(stdout)
+		fs.PrintDefaults()
+		fs.SetOutput(io.Discard)
+	}
+	return fs
+}
+
+// settings is what a gateway or client runs with, from flags or a file.
+type settings struct {
+	fc           *fileConfig
+	logFormat    string
+	logLevel     string
+	statusAddr   string
+	drainTimeout time.Duration
+}
+
+func parseOptions(cmd string, args []string, stdout io.Writer) (*settings, error) {
+	var o options
+	fs := newFlagSet(cmd, &o, stdout)
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			fs.Usage()
+			return nil, err
+		}
+		return nil, usagef("%v (see lifeline %s --help)", err, cmd)
+	}
+	if fs.NArg() > 0 {
+		return nil, usagef("unexpected argument %q (see lifeline %s --help)", fs.Arg(0), cmd)
+	}
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	st := &settings{logFormat: o.logFormat, logLevel: o.logLevel, statusAddr: o.statusAddr, drainTimeout: o.drainTimeout.D}
+	if o.config != "" {
+		for name := range set {
+			switch name {
+			case "config", "log-format", "log-level", "status-addr", "drain-timeout":
+			default:
+				return nil, usagef("--%s cannot be combined with --config; set it in the file", name)
+			}
+		}
+		fc, err := loadConfig(o.config)
+		if err != nil {
+			return nil, usageError{err}
+		}
+		if !set["log-format"] && fc.Log.Format != "" {
+			st.logFormat = fc.Log.Format
+		}
+		if !set["log-level"] && fc.Log.Level != "" {
+			st.logLevel = fc.Log.Level
+		}
+		if !set["status-addr"] && fc.StatusAddr != "" {
+			st.statusAddr = fc.StatusAddr
+		}
+		if !set["drain-timeout"] && fc.DrainTimeout.Set {
+			st.drainTimeout = fc.DrainTimeout.D
+		}
+		st.fc = fc
+	} else {
+		sess := o.session
+		// Only what the user set; the rest are the engine's defaults.
+		for name, p := range map[string]*bool{
+			"reconnect-timeout": &sess.ReconnectTimeout.Set, "reconnect-interval": &sess.ReconnectInterval.Set,
+			"buffer": &sess.Buffer.Set, "disconnected-buffer": &sess.DisconnectedBuffer.Set,
+			"ping-interval": &sess.PingInterval.Set, "liveness-timeout": &sess.LivenessTimeout.Set,
+			"handshake-timeout": &sess.HandshakeTimeout.Set,
+		} {
+			*p = set[name]
+		}
+		if sess.ReconnectStrategy == "backoff" && !set["reconnect-strategy"] {
+			sess.ReconnectStrategy = ""
+		}
+		if cmd == "gateway" {
+			if o.listen == "" || o.upstream == "" {
+				return nil, usagef("--listen and --upstream are required (or --config FILE)")
+			}
+			g := &gatewayFile{Listen: o.listen, Transport: o.transport, TLS: o.tls, MaxSessions: o.maxSessions,
+				MemoryBudget: o.memoryBudget, ConnectTimeout: o.connectTimeout, sessionFile: sess,
+				Routes: []routeFile{{Name: o.route, Upstream: o.upstream, ConnectTimeout: o.connectTimeout, ProxyProtocol: o.proxyProtocol}}}
+			st.fc = &fileConfig{Gateway: g}
+		} else {
+			if o.listen == "" || o.gateway == "" {
+				return nil, usagef("--listen and --gateway are required (or --config FILE)")
+			}
+			st.fc = &fileConfig{Client: &clientFile{Listeners: []listenerFile{{Listen: o.listen, Gateway: o.gateway,
+				Route: o.route, Transport: o.transport, TLS: o.tls, sessionFile: sess}}}}
+		}
+	}
+	switch st.logFormat {
+	case "text", "json":
+	default:
+		return nil, usagef("--log-format %q: want text or json", st.logFormat)
+	}
+	if _, err := parseLevel(st.logLevel); err != nil {
+		return nil, usageError{err}
+	}
+	if st.statusAddr != "" {
+		if err := proxy.ValidateHostPort(st.statusAddr); err != nil {
+			return nil, usagef("--status-addr: %v", err)
+		}
+	}
+	if cmd == "gateway" {
+		if st.fc.Gateway == nil {
+			return nil, usagef("config %s has no gateway section", o.config)
+		}
+		if err := validateGateway(st.fc.Gateway); err != nil {
+			return nil, usageError{err}
+		}
+	} else {
+		if st.fc.Client == nil {
+			return nil, usagef("config %s has no client section", o.config)
+		}
+		if err := validateClient(st.fc.Client); err != nil {
+			return nil, usageError{err}
+		}
+	}
+	return st, nil
+}
+
+func parseLevel(s string) (slog.Level, error) {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(s)); err != nil {
+		return l, fmt.Errorf("--log-level %q: want debug, info, warn or error", s)
+	}
+	return l, nil
+}
+
+func newLogger(w io.Writer, format, level string) *slog.Logger {
+	lv, _ := parseLevel(level)
+	opts := &slog.HandlerOptions{Level: lv}
+	if format == "json" {
+		return slog.New(slog.NewJSONHandler(w, opts))
+	}
+	return slog.New(slog.NewTextHandler(w, opts))
+}
+
+// runProxy runs a gateway or client until SIGTERM/SIGINT and a drain.
+func runProxy(cmd string, args []string, stdout, stderr io.Writer) error {
+	st, err := parseOptions(cmd, args, stdout)
+	if err != nil {
+		return err
+	}
+	log := newLogger(stderr, st.logFormat, st.logLevel)
+	metrics := proxy.NewPromMetrics()
+
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
+	defer signal.Stop(sigs)
+
+	var (
+		stores   []*proxy.CertStore
+		shutdown func(context.Context) error
+		closeAll func()
+		sessions func() []proxy.SessionInfo
+		draining func() bool
+	)
+	if cmd == "gateway" {
+		gw, stores2, err := startGateway(st.fc.Gateway, log, metrics)
+		if err != nil {
+			return err
+		}
+		stores = stores2
+		shutdown, closeAll, sessions, draining = gw.Shutdown, func() { gw.Close() }, gw.Sessions, gw.Draining
+	} else {
+		cl, stores2, err := startClient(st.fc.Client, log, metrics)
+		if err != nil {
+			return err
+		}
+		stores = stores2
+		shutdown, closeAll, sessions, draining = cl.Shutdown, func() { cl.Close() }, cl.Sessions, cl.Draining
+	}
+	var statusSrv *http.Server
+	var statusWG sync.WaitGroup
+	if st.statusAddr != "" {
+		ln, err := net.Listen("tcp", st.statusAddr)
+		if err != nil {
+			closeAll()
+			return fmt.Errorf("cannot listen on status address %s: %v", st.statusAddr, errText(err))
+		}
+		statusSrv = &http.Server{Handler: proxy.StatusHandler(metrics.Registry(), sessions, draining), ReadHeaderTimeout: 5 * time.Second}
+		statusWG.Add(1)
+		go func() { defer statusWG.Done(); statusSrv.Serve(ln) }()
+		log.Info("status listening", "addr", ln.Addr().String())
+	}
+	defer func() {
+		if statusSrv != nil {
+			statusSrv.Close()
+			statusWG.Wait()
+		}
+	}()
+
+	for sig := range sigs {
+		if sig == syscall.SIGHUP {
+			for _, s := range stores {
+				if err := s.Reload(); err != nil {
+					log.Error("certificate reload failed; keeping the old ones", "err", err)
+				} else {
+					log.Info("certificates reloaded")
+				}
+			}
+			continue
+		}
+		log.Info("draining", "signal", sig.String(), "timeout", st.drainTimeout)
+		ctx, cancel := context.WithTimeout(context.Background(), st.drainTimeout)
+		done := make(chan error, 1)
+		go func() { done <- shutdown(ctx) }()
+		select {
+		case err := <-done:
+			if err != nil {
+				log.Warn("drain timeout passed; closed the remaining sessions")
+			}
+		case sig := <-sigs:
+			log.Warn("second signal: closing now", "signal", sig.String())
+			cancel()
+			<-done
+		}
+		cancel()
+		log.Info("stopped")
+		return nil
+	}
+	return nil
+}
+
+// errText shortens "listen tcp 1.2.3.4:80: bind: ..." to the cause.
+func errText(err error) string {
+	var oe *net.OpError
+	if errors.As(err, &oe) && oe.Err != nil {
+		return oe.Err.Error()
+	}
+	return err.Error()
+}
+
+func tlsStore(transport string, tf proxy.TLSFiles) (*proxy.CertStore, error) {
+	if !proxy.TransportUsesTLS(transport) {
+		return nil, nil
+	}
+	return proxy.NewCertStore(tf)
+}
+
+func startGateway(g *gatewayFile, log *slog.Logger, metrics proxy.Metrics) (*proxy.Gateway, []*proxy.CertStore, error) {
+	sess, err := g.sessionFile.sessionConfig()
+	if err != nil {
+		return nil, nil, usageError{err}
+	}
+	sess.Logger = log
+	sc := resume.DefaultServerConfig()
+	sc.Session = sess
+	sc.MaxSessions = g.MaxSessions
+	sc.MemoryBudget = g.MemoryBudget.N
+	if g.MaxHandshakes > 0 {
+		sc.MaxHandshakes = g.MaxHandshakes
+	}
+	var routes []proxy.Route
+	for _, r := range g.Routes {
+		ct := r.ConnectTimeout.D
+		if !r.ConnectTimeout.Set && g.ConnectTimeout.Set {
+			ct = g.ConnectTimeout.D
+		}
+		routes = append(routes, proxy.Route{Name: r.Name, Upstream: r.Upstream, ConnectTimeout: ct, ProxyProtocol: r.ProxyProtocol})
+	}
+	store, err := tlsStore(g.Transport, g.TLS)
+	if err != nil {
+		return nil, nil, err
+	}
+	var tc = (*tlsConfig)(nil)
+	if store != nil {
+		c, err := store.ServerConfig()
+		if err != nil {
+			return nil, nil, err
+		}
+		tc = c
+	}
+	gw, err := proxy.NewGateway(proxy.GatewayConfig{Routes: routes, Server: sc, Logger: log, Metrics: metrics})
+	if err != nil {
+		return nil, nil, usageError{err}
+	}
+	ll, err := proxy.Listen(g.Transport, g.Listen, tc)
+	if err != nil {
+		gw.Close()
+		return nil, nil, fmt.Errorf("cannot listen on %s: %s", g.Listen, errText(err))
+	}
+	go gw.Serve(ll)
+	names := make([]string, 0, len(routes))
+	for _, r := range routes {
+		names = append(names, r.Name+"="+r.Upstream)
+	}
+	log.Info("gateway listening", "addr", ll.Addr().String(), "transport", g.Transport, "routes", strings.Join(names, ","),
+		"reconnect_timeout", sess.ReconnectTimeout, "mtls", g.TLS.CA != "")
+	var stores []*proxy.CertStore
+	if store != nil {
+		stores = append(stores, store)
+	}
+	return gw, stores, nil
+}
+
+func startClient(c *clientFile, log *slog.Logger, metrics proxy.Metrics) (*proxy.Client, []*proxy.CertStore, error) {
+	cl := proxy.NewClient(proxy.ClientConfig{Logger: log, Metrics: metrics})
+	var stores []*proxy.CertStore
+	type pending struct {
+		ln net.Listener
+		r  proxy.ClientRoute
+	}
+	var ps []pending
+	fail := func(err error) (*proxy.Client, []*proxy.CertStore, error) {
+		for _, p := range ps {
+			p.ln.Close()
+			p.r.Dialer.Close()
+		}
+		cl.Close()
+		return nil, nil, err
+	}
+	for _, l := range c.Listeners {
+		sess, err := l.sessionFile.sessionConfig()
+		if err != nil {
+			return fail(usageError{err})
+		}
+		sess.Logger = log
+		store, err := tlsStore(l.Transport, l.TLS)
+		if err != nil {
+			return fail(err)
+		}
+		var tc *tlsConfig
+		if store != nil {
+			stores = append(stores, store)
+			tc = store.ClientConfig()
+		}
+		d, err := proxy.NewDialer(l.Transport, l.Gateway, tc)
+		if err != nil {
+			return fail(err)
+		}
+		ln, err := net.Listen("tcp", l.Listen)
+		if err != nil {
+			d.Close()
+			return fail(fmt.Errorf("cannot listen on %s: %s", l.Listen, errText(err)))
+		}
+		ps = append(ps, pending{ln, proxy.ClientRoute{Route: l.Route, Dialer: d, Session: sess, Gateway: l.Gateway}})
+	}
+	for _, p := range ps {
+		go cl.Serve(p.ln, p.r)
+		log.Info("client listening", "addr", p.ln.Addr().String(), "gateway", p.r.Gateway, "route", p.r.Route,
+			"reconnect_timeout", p.r.Session.ReconnectTimeout)
+	}
+	return cl, stores, nil
+}

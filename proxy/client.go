@@ -1,0 +1,258 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/lifeline-proxy/lifeline/resume"
+)
+
+// ClientRoute is one local listener of a client sidecar: applications that
+// connect to it get a session on Route at the gateway reached by Dialer.
+type ClientRoute struct {
+	Route   string
+	Dialer  LinkDialer
+	Session *resume.Config // nil: resume.DefaultConfig()
+	// Gateway names the gateway in logs.
+	Gateway string
+}
+
+// ClientConfig configures a Client.
+type ClientConfig struct {
+	Logger  *slog.Logger // nil: discard
+	Metrics Metrics      // nil: NopMetrics
+}
+
+// Client is the sidecar next to unmodified applications.
+type Client struct {
+	log     *slog.Logger
+	metrics Metrics
+	tracker *Tracker
+
+	mu        sync.Mutex
+	listeners map[net.Listener]struct{}
+	dialers   []LinkDialer
+	draining  bool
+	closed    bool
+	abort     chan struct{}
+	abortOnce sync.Once
+	wg        sync.WaitGroup // accept loops
+	connWG    sync.WaitGroup // one per application connection
+}
+
+// NewClient returns a Client; call Serve for each local listener.
+func NewClient(cfg ClientConfig) *Client {
+	c := &Client{
+		log:       cfg.Logger,
+		metrics:   cfg.Metrics,
+		tracker:   newTracker(),
+		listeners: map[net.Listener]struct{}{},
+		abort:     make(chan struct{}),
+	}
+	if c.log == nil {
+		c.log = slog.New(slog.DiscardHandler)
+	}
+	if c.metrics == nil {
+		c.metrics = NopMetrics{}
+	}
+	c.metrics.Track("client", c.tracker)
+	return c
+}
+
+// Tracker is the set of live sessions.
+func (c *Client) Tracker() *Tracker { return c.tracker }
+
+// Sessions lists live sessions for the status endpoint.
+func (c *Client) Sessions() []SessionInfo { return c.tracker.Sessions("client") }
+
+// Serve accepts application connections on ln until ln or the client is
+// closed; each becomes a session on r. The client closes ln and r.Dialer
+// when it shuts down.
+func (c *Client) Serve(ln net.Listener, r ClientRoute) error {
+	cfg := r.Session
+	if cfg == nil {
+		cfg = resume.DefaultConfig()
+	}
+	if err := cfg.Validate(); err != nil {
+		ln.Close()
+		return err
+	}
+	if err := ValidateRouteName(r.Route); err != nil {
+		ln.Close()
+		return err
+	}
+	c.mu.Lock()
+	if c.closed || c.draining {
+		c.mu.Unlock()
+		ln.Close()
+		return net.ErrClosed
+	}
+	c.listeners[ln] = struct{}{}
+	c.dialers = append(c.dialers, r.Dialer)
+	c.wg.Add(1)
+	c.mu.Unlock()
+	defer c.wg.Done()
+	var delay time.Duration
+	for {
+		a, err := ln.Accept()
+		if err != nil {
+			c.mu.Lock()
+			stopping := c.closed || c.draining
+			c.mu.Unlock()
+			if stopping || errors.Is(err, net.ErrClosed) {
+				return nil
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() || isTemporaryAccept(err) {
+				// EMFILE and friends: back off instead of spinning.
+				delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+				c.log.Warn("accept failed", "listen", ln.Addr(), "err", err, "retry_in", delay)
+				time.Sleep(delay)
+				continue
+			}
+			return err
+		}
+		delay = 0
+		app, ok := a.(*net.TCPConn)
+		if !ok {
+			a.Close()
+			continue
+		}
+		c.connWG.Add(1)
+		go func() {
+			defer c.connWG.Done()
+			c.handle(app, r, cfg)
+		}()
+	}
+}
+
+func isTemporaryAccept(err error) bool {
+	var te interface{ Temporary() bool }
+	return errors.As(err, &te) && te.Temporary()
+}
+
+func (c *Client) handle(app *net.TCPConn, r ClientRoute, cfg *resume.Config) {
+	app.SetNoDelay(true)
+	start := time.Now()
+	appAddr := app.RemoteAddr().String()
+	sess, err := c.open(app, r, cfg)
+	if err != nil {
+		c.log.Warn("session open failed", "side", "client", "route", r.Route, "gateway", r.Gateway, "app", appAddr, "err", err)
+		c.metrics.DialFailed("client", r.Route)
+		resetTCP(app)
+		return
+	}
+	log := c.log.With("side", "client", "session", sess.SessionID().String(), "route", r.Route)
+	log.Info("session start", "app", appAddr, "gateway", r.Gateway, "link", sess.RemoteAddr(),
+		"reconnect_timeout", sess.ReconnectTimeout())
+	c.metrics.SessionStarted("client", r.Route)
+	x := &tracked{conn: sess, route: r.Route, app: appAddr, started: start}
+	c.tracker.add(x)
+	res := splice(app, sess, c.abort)
+	st := sess.Stats()
+	c.tracker.remove(x)
+	c.metrics.SessionEnded("client", r.Route, res.Cause)
+	args := []any{"cause", res.Cause, "bytes_to_gateway", res.Up, "bytes_from_gateway", res.Down,
+		"duration", time.Since(start).Round(time.Millisecond), "resumes", st.Resumes, "replayed", st.BytesReplayed}
+	if res.Err != nil {
+		args = append(args, "err", res.Err)
+	}
+	log.Info("session end", args...)
+}
+
+// open opens the session for a new application connection. Link failures
+// are retried with the route's strategy for up to the reconnect timeout,
+// as a link failure of a live session would be: the application's connect
+// has already succeeded and it waits as it would during an outage. A
+// refusal by the gateway (unknown route, limits, draining) fails at once.
+func (c *Client) open(app *net.TCPConn, r ClientRoute, cfg *resume.Config) (*resume.Conn, error) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() {
+		select {
+		case <-c.abort:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	deadline := time.Now().Add(cfg.ReconnectTimeout)
+	for attempt := 0; ; attempt++ {
+		sess, err := resume.Dial(ctx, r.Dialer.Dial, r.Route, cfg)
+		if err == nil {
+			return sess, nil
+		}
+		var re *resume.Error
+		if errors.As(err, &re) && re.Remote || ctx.Err() != nil {
+			return nil, err
+		}
+		d := max(cfg.Strategy.Delay(attempt+1), 10*time.Millisecond)
+		if time.Now().Add(d).After(deadline) {
+			return nil, err
+		}
+		c.log.Debug("session open attempt failed", "side", "client", "route", r.Route, "attempt", attempt, "err", err)
+		t := time.NewTimer(d)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return nil, err
+		}
+	}
+}
+
+// Shutdown drains: the listeners close at once (no new application
+// connections), live sessions go on until they end or ctx is done, then
+// the rest are aborted (applications see a reset).
+func (c *Client) Shutdown(ctx context.Context) error {
+	c.mu.Lock()
+	c.draining = true
+	for ln := range c.listeners {
+		ln.Close()
+	}
+	c.mu.Unlock()
+	c.wg.Wait()
+	done := make(chan struct{})
+	go func() { c.connWG.Wait(); close(done) }()
+	var err error
+	select {
+	case <-done:
+	case <-ctx.Done():
+		err = ctx.Err()
+	}
+	c.Close()
+	return err
+}
+
+// Close aborts every session and stops the client.
+func (c *Client) Close() error {
+	c.mu.Lock()
+	c.closed = true
+	for ln := range c.listeners {
+		ln.Close()
+	}
+	dialers := c.dialers
+	c.dialers = nil
+	c.mu.Unlock()
+	c.abortOnce.Do(func() { close(c.abort) })
+	c.wg.Wait()
+	c.connWG.Wait()
+	for _, d := range dialers {
+		d.Close()
+	}
+	return nil
+}
+
+// Draining reports whether Shutdown has begun.
+func (c *Client) Draining() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.draining || c.closed
+}
+
+// String names the client for logs.
+func (c *Client) String() string { return fmt.Sprintf("client(%d sessions)", c.tracker.Len()) }

@@ -1,0 +1,227 @@
+package proxy
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+)
+
+// FaultMode is a way to break the connections through a FaultRelay.
+type FaultMode int
+
+const (
+	// FaultReset sends an RST to both sides.
+	FaultReset FaultMode = iota
+	// FaultClose sends a FIN to both sides.
+	FaultClose
+	// FaultBlackhole stops forwarding silently; both sockets stay open and
+	// whatever arrives is dropped, as on a dead path.
+	FaultBlackhole
+)
+
+func (m FaultMode) String() string {
+	switch m {
+	case FaultReset:
+		return "reset"
+	case FaultClose:
+		return "close"
+	case FaultBlackhole:
+		return "blackhole"
+	}
+	return fmt.Sprintf("FaultMode(%d)", int(m))
+}
+
+// FaultRelay forwards TCP connections from a local listener to a target
+// and breaks them on command, to test what runs across it. It stays usable
+// for new connections after a break.
+type FaultRelay struct {
+	ln     net.Listener
+	target string
+
+	mu     sync.Mutex
+	pairs  map[*relayPair]struct{}
+	down   bool // refuse new connections (RST at once)
+	closed bool
+	wg     sync.WaitGroup
+
+	accepted atomic.Int64
+	breaks   atomic.Int64
+}
+
+type relayPair struct {
+	a, b      *net.TCPConn
+	blackhole atomic.Bool
+	once      sync.Once
+}
+
+// NewFaultRelay listens on listen (e.g. "127.0.0.1:0") and forwards to
+// target.
+func NewFaultRelay(listen, target string) (*FaultRelay, error) {
+	ln, err := net.Listen("tcp", listen)
+	if err != nil {
+		return nil, err
+	}
+	r := &FaultRelay{ln: ln, target: target, pairs: map[*relayPair]struct{}{}}
+	r.wg.Add(1)
+	go r.acceptLoop()
+	return r, nil
+}
+
+// Addr is the relay's listening address.
+func (r *FaultRelay) Addr() string { return r.ln.Addr().String() }
+
+// Accepted counts connections accepted so far.
+func (r *FaultRelay) Accepted() int64 { return r.accepted.Load() }
+
+// Breaks counts Break calls that hit at least one connection.
+func (r *FaultRelay) Breaks() int64 { return r.breaks.Load() }
+
+// Conns is the number of connections being relayed (blackholed ones too).
+func (r *FaultRelay) Conns() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.pairs)
+}
+
+// SetDown makes the relay reset new connections at once (down=true), as a
+// network that is still out, or forward them again (false).
+func (r *FaultRelay) SetDown(down bool) {
+	r.mu.Lock()
+	r.down = down
+	r.mu.Unlock()
+}
+
+func (r *FaultRelay) acceptLoop() {
+	defer r.wg.Done()
+	for {
+		c, err := r.ln.Accept()
+		if err != nil {
+			return
+		}
+		a := c.(*net.TCPConn)
+		r.mu.Lock()
+		if r.down || r.closed {
+			r.mu.Unlock()
+			resetTCP(a)
+			continue
+		}
+		r.wg.Add(1)
+		r.mu.Unlock()
+		r.accepted.Add(1)
+		go r.relay(a)
+	}
+}
+
+func (r *FaultRelay) relay(a *net.TCPConn) {
+	defer r.wg.Done()
+	c, err := net.Dial("tcp", r.target)
+	if err != nil {
+		resetTCP(a)
+		return
+	}
+	b := c.(*net.TCPConn)
+	a.SetNoDelay(true)
+	b.SetNoDelay(true)
+	p := &relayPair{a: a, b: b}
+	r.mu.Lock()
+	if r.closed {
+		r.mu.Unlock()
+		resetTCP(a)
+		resetTCP(b)
+		return
+	}
+	r.pairs[p] = struct{}{}
+	r.mu.Unlock()
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() { defer wg.Done(); r.pipe(p, a, b) }()
+	go func() { defer wg.Done(); r.pipe(p, b, a) }()
+	wg.Wait()
+	r.mu.Lock()
+	delete(r.pairs, p)
+	r.mu.Unlock()
+}
+
+// pipe copies src to dst. A FIN is passed on as a FIN; any error closes
+// both sockets (with an RST where the other side did).
+func (r *FaultRelay) pipe(p *relayPair, src, dst *net.TCPConn) {
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := src.Read(buf)
+		if n > 0 && !p.blackhole.Load() {
+			if _, werr := dst.Write(buf[:n]); werr != nil {
+				p.once.Do(func() { resetTCP(src); resetTCP(dst) })
+				return
+			}
+		}
+		if err != nil {
+			if p.blackhole.Load() {
+				// The path is dead: the other end must not learn of this
+				// one's close; its own liveness timer will end it.
+				src.Close()
+				return
+			}
+			if isEOF(err) {
+				dst.CloseWrite()
+				return
+			}
+			p.once.Do(func() { resetTCP(src); resetTCP(dst) })
+			return
+		}
+	}
+}
+
+func isEOF(err error) bool { return errors.Is(err, io.EOF) }
+
+// Break breaks every current connection in the given way and returns how
+// many it hit.
+func (r *FaultRelay) Break(mode FaultMode) int {
+	r.mu.Lock()
+	ps := make([]*relayPair, 0, len(r.pairs))
+	for p := range r.pairs {
+		ps = append(ps, p)
+	}
+	r.mu.Unlock()
+	n := 0
+	for _, p := range ps {
+		switch mode {
+		case FaultReset:
+			p.once.Do(func() { resetTCP(p.a); resetTCP(p.b) })
+			n++
+		case FaultClose:
+			p.once.Do(func() { p.a.Close(); p.b.Close() })
+			n++
+		case FaultBlackhole:
+			if !p.blackhole.Swap(true) {
+				n++
+			}
+		}
+	}
+	if n > 0 {
+		r.breaks.Add(1)
+	}
+	return n
+}
+
+// Reset sends an RST both ways on every current connection.
+func (r *FaultRelay) Reset() int { return r.Break(FaultReset) }
+
+// CloseConns closes every current connection with a FIN both ways.
+func (r *FaultRelay) CloseConns() int { return r.Break(FaultClose) }
+
+// Blackhole silently stops forwarding on every current connection.
+func (r *FaultRelay) Blackhole() int { return r.Break(FaultBlackhole) }
+
+// Close stops the relay and closes every connection.
+func (r *FaultRelay) Close() error {
+	r.mu.Lock()
+	r.closed = true
+	r.mu.Unlock()
+	err := r.ln.Close()
+	r.Break(FaultReset)
+	r.wg.Wait()
+	return err
+}

@@ -1,0 +1,323 @@
+package proxy
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+
+	"github.com/lifeline-proxy/lifeline/resume"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+// fastConfig has short timers so that tests on loopback find dead links
+// and reconnect quickly.
+func fastConfig() *resume.Config {
+	c := resume.DefaultConfig()
+	c.ReconnectTimeout = 20 * time.Second
+	c.PingInterval = 100 * time.Millisecond
+	c.LivenessTimeout = 600 * time.Millisecond
+	c.HandshakeTimeout = 2 * time.Second
+	c.LingerTimeout = 5 * time.Second
+	c.BufferSize = 256 << 10
+	c.DisconnectedBufferSize = 1 << 20
+	c.Strategy = resume.Backoff{Initial: 10 * time.Millisecond, Max: 100 * time.Millisecond, Jitter: 0.2}
+	return c
+}
+
+// testLogger writes to the test log when -v is given.
+func testLogger(t testing.TB) *slog.Logger {
+	if !testing.Verbose() {
+		return slog.New(slog.DiscardHandler)
+	}
+	return slog.New(slog.NewTextHandler(tlogWriter{t}, &slog.HandlerOptions{Level: slog.LevelInfo}))
+}
+
+type tlogWriter struct{ t testing.TB }
+
+func (w tlogWriter) Write(p []byte) (int, error) {
+	w.t.Log(string(bytes.TrimRight(p, "\n")))
+	return len(p), nil
+}
+
+// echoServer echoes every connection and passes FIN back after the data.
+func echoServer(t testing.TB) string {
+	return tcpServer(t, func(c *net.TCPConn) {
+		io.Copy(c, c)
+		c.CloseWrite()
+		io.Copy(io.Discard, c)
+	})
+}
+
+// tcpServer runs handle for each connection on a loopback listener until
+// the test ends.
+func tcpServer(t testing.TB, handle func(*net.TCPConn)) string {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	conns := map[net.Conn]struct{}{}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			conns[c] = struct{}{}
+			mu.Unlock()
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				handle(c.(*net.TCPConn))
+				c.Close()
+				mu.Lock()
+				delete(conns, c)
+				mu.Unlock()
+			}()
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		for c := range conns {
+			c.Close()
+		}
+		mu.Unlock()
+		wg.Wait()
+	})
+	return ln.Addr().String()
+}
+
+// stack is an in-process upstream <- gateway <- relay <- client sidecar.
+type stack struct {
+	gw      *Gateway
+	client  *Client
+	relay   *FaultRelay
+	appAddr string // where applications connect
+	gwAddr  string
+	metrics *PromMetrics
+}
+
+type stackOpts struct {
+	upstream  string
+	route     string // client's route (default "default")
+	server    *resume.ServerConfig
+	cfg       *resume.Config // client session config
+	transport string
+	serverTLS *tls.Config
+	clientTLS *tls.Config
+	routes    []Route
+}
+
+func newStack(t testing.TB, o stackOpts) *stack {
+	t.Helper()
+	if o.route == "" {
+		o.route = "default"
+	}
+	if o.transport == "" {
+		o.transport = "tcp"
+	}
+	if o.server == nil {
+		o.server = resume.DefaultServerConfig()
+		o.server.Session = fastConfig()
+	}
+	if o.cfg == nil {
+		o.cfg = fastConfig()
+	}
+	if o.routes == nil {
+		o.routes = []Route{{Name: "default", Upstream: o.upstream, ConnectTimeout: time.Second}}
+	}
+	log := testLogger(t)
+	o.server.Session.Logger = log
+	o.cfg.Logger = log
+	m := NewPromMetrics()
+	gw, err := NewGateway(GatewayConfig{Routes: o.routes, Server: o.server, Logger: log, Metrics: m})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ll, err := Listen(o.transport, "127.0.0.1:0", o.serverTLS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go gw.Serve(ll)
+	relay, err := NewFaultRelay("127.0.0.1:0", ll.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	dialer, err := NewDialer(o.transport, relay.Addr(), o.clientTLS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cl := NewClient(ClientConfig{Logger: log, Metrics: m})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go cl.Serve(ln, ClientRoute{Route: o.route, Dialer: dialer, Session: o.cfg, Gateway: relay.Addr()})
+	s := &stack{gw: gw, client: cl, relay: relay, appAddr: ln.Addr().String(), gwAddr: ll.Addr().String(), metrics: m}
+	t.Cleanup(func() {
+		cl.Close()
+		relay.Close()
+		gw.Close()
+	})
+	return s
+}
+
+func dialApp(t testing.TB, addr string) *net.TCPConn {
+	t.Helper()
+	c, err := net.DialTimeout("tcp", addr, 2*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c.(*net.TCPConn)
+}
+
+// echoSession writes size random bytes in random-sized writes while
+// reading the echo, checks every byte, then half-closes and expects EOF.
+func echoSession(addr string, size int, seed uint64) error {
+	c, err := net.DialTimeout("tcp", addr, 2*time.Second)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(60 * time.Second))
+	rng := rand.New(rand.NewPCG(seed, 7))
+	data := make([]byte, size)
+	for i := range data {
+		data[i] = byte(rng.Uint32())
+	}
+	werr := make(chan error, 1)
+	go func() {
+		rest := data
+		for len(rest) > 0 {
+			n := min(len(rest), 1+rng.IntN(48<<10))
+			if _, err := c.Write(rest[:n]); err != nil {
+				werr <- err
+				return
+			}
+			rest = rest[n:]
+		}
+		werr <- c.(*net.TCPConn).CloseWrite()
+	}()
+	got := make([]byte, 0, size)
+	buf := make([]byte, 64<<10)
+	for {
+		n, err := c.Read(buf)
+		got = append(got, buf[:n]...)
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return fmt.Errorf("read after %d bytes: %w", len(got), err)
+		}
+	}
+	if err := <-werr; err != nil {
+		return fmt.Errorf("write: %w", err)
+	}
+	if !bytes.Equal(got, data) {
+		return fmt.Errorf("echo mismatch: got %d bytes (sha %x), want %d (sha %x), first difference at %d",
+			len(got), sha256.Sum256(got), len(data), sha256.Sum256(data), firstDiff(got, data))
+	}
+	return nil
+}
+
+func firstDiff(a, b []byte) int {
+	for i := range min(len(a), len(b)) {
+		if a[i] != b[i] {
+			return i
+		}
+	}
+	return min(len(a), len(b))
+}
+
+// breaker breaks the relay's links every interval in rotating ways until
+// stop is called; it returns the number of breaks that hit a link.
+func breaker(r *FaultRelay, every time.Duration) (stop func() int) {
+	done := make(chan struct{})
+	var n int
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		t := time.NewTicker(every)
+		defer t.Stop()
+		for i := 0; ; i++ {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+			}
+			if r.Break(FaultMode(i%3)) > 0 {
+				n++
+			}
+		}
+	}()
+	return func() int { close(done); wg.Wait(); return n }
+}
+
+// expectReset reads from c until an error and checks it is ECONNRESET.
+func expectReset(t testing.TB, c net.Conn, within time.Duration) {
+	t.Helper()
+	c.SetReadDeadline(time.Now().Add(within))
+	buf := make([]byte, 4096)
+	for {
+		_, err := c.Read(buf)
+		if err == nil {
+			continue
+		}
+		if errors.Is(err, syscall.ECONNRESET) {
+			return
+		}
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			t.Fatalf("no reset within %v", within)
+		}
+		t.Fatalf("read error %v, want ECONNRESET", err)
+	}
+}
+
+func waitFor(t testing.TB, what string, d time.Duration, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", d, what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+var _ = context.Background
+
+func defaultServerForTest() *resume.ServerConfig {
+	sc := resume.DefaultServerConfig()
+	sc.Session = fastConfig()
+	return sc
+}
+
+func get(t testing.TB, h http.Handler, path string) string {
+	t.Helper()
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, httptest.NewRequest("GET", path, nil))
+	return rec.Body.String()
+}
