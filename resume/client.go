@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"time"
 
@@ -212,13 +213,65 @@ func (s *session) redialLoop(migrate bool) {
 	}
 }
 
+// sendResetOnNewLink tells the gateway that a session aborted while it had
+// no link: one RESUME, then RESET, best effort within HandshakeTimeout.
+func (s *session) sendResetOnNewLink(reset frame.CodeReason) {
+	defer s.wg.Done()
+	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.HandshakeTimeout)
+	defer cancel()
+	var conn net.Conn
+	var err error
+	for attempt := 0; attempt < 3; attempt++ {
+		if conn, _, err = s.resumeHandshake(ctx, true); err == nil {
+			break
+		}
+		var re *Error
+		if errors.As(err, &re) && re.Remote || ctx.Err() != nil {
+			break // the gateway answered (the session is gone) or time is up
+		}
+	}
+	if err != nil {
+		s.log.Info("could not deliver RESET to the gateway; it ends the session at its reconnect timeout", "err", err)
+		return
+	}
+	s.lingerReset(conn, reset)
+}
+
+// lingerReset writes RESET and waits (up to LivenessTimeout) for the
+// gateway to close the link, reading and dropping what it sends meanwhile.
+// Closing at once could turn into a TCP RST (we have unread data), and an
+// RST makes the peer's kernel drop our RESET unread.
+func (s *session) lingerReset(conn net.Conn, reset frame.CodeReason) {
+	defer conn.Close()
+	conn.SetWriteDeadline(time.Now().Add(finalWriteTimeout))
+	if _, err := conn.Write(frame.AppendCodeReason(nil, frame.TypeReset, reset.Code, reset.Reason)); err != nil {
+		return
+	}
+	conn.SetReadDeadline(time.Now().Add(s.cfg.LivenessTimeout))
+	io.Copy(io.Discard, conn)
+}
+
 // resumeOnce dials one link and runs the RESUME handshake on it.
 func (s *session) resumeOnce() error {
-	ctx, cancel := context.WithTimeout(s.ctx, s.cfg.HandshakeTimeout)
+	// Not derived from s.ctx: a handshake that the gateway may already
+	// have accepted must finish even if the session aborts meanwhile, so
+	// that attachResumed can deliver the RESET on it.
+	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.HandshakeTimeout)
 	defer cancel()
+	conn, attach, err := s.resumeHandshake(ctx, false)
+	if err != nil {
+		return err
+	}
+	return attach(conn)
+}
+
+// resumeHandshake dials a link and runs RESUME/RESUMED on it. It returns
+// the link and a function that attaches it (under mu). ended allows it on a
+// session that is already CLOSED (to deliver a RESET).
+func (s *session) resumeHandshake(ctx context.Context, ended bool) (net.Conn, func(net.Conn) error, error) {
 	conn, err := s.dial(ctx)
 	if err != nil {
-		return fmt.Errorf("dial: %w", err)
+		return nil, nil, fmt.Errorf("dial: %w", err)
 	}
 	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Unix(1, 0)) })
 	defer stop()
@@ -231,12 +284,12 @@ func (s *session) resumeOnce() error {
 
 	priv, pub, err := newKey()
 	if err != nil {
-		return err
+		return nil, nil, err
 	}
 	s.mu.Lock()
-	if s.state == StateClosed {
+	if s.state == StateClosed && !ended {
 		s.mu.Unlock()
-		return ErrConnClosed
+		return nil, nil, ErrConnClosed
 	}
 	s.counter++
 	fl := uint8(0)
@@ -251,44 +304,61 @@ func (s *session) resumeOnce() error {
 
 	b := frame.AppendResume(frame.AppendPreamble(nil), r)
 	if _, err := conn.Write(b); err != nil {
-		return fmt.Errorf("send RESUME: %w", err)
+		return nil, nil, fmt.Errorf("send RESUME: %w", err)
 	}
 	fr := frame.NewReader(conn, linkReadBuffer)
 	h, p, err := readHandshake(fr)
 	if err != nil {
-		return fmt.Errorf("await RESUMED: %w", ctxErr(ctx, err))
+		return nil, nil, fmt.Errorf("await RESUMED: %w", ctxErr(ctx, err))
 	}
 	if h.Type == frame.TypeReject {
-		return rejectError(p, s.id)
+		return nil, nil, rejectError(p, s.id)
 	}
 	if h.Type != frame.TypeResumed {
-		return fmt.Errorf("%w: %v instead of RESUMED", ErrValidation, h.Type)
+		return nil, nil, fmt.Errorf("%w: %v instead of RESUMED", ErrValidation, h.Type)
 	}
 	d, err := frame.ParseResumed(p)
 	if err != nil {
-		return err
+		return nil, nil, err
 	}
 	if !verify(cred.resumedProof(r, d), d.Proof) {
 		// Not the gateway that holds our session: keep trying.
-		return newError(frame.CodeAccessDenied, s.id, "RESUMED proof does not verify")
+		return nil, nil, newError(frame.CodeAccessDenied, s.id, "RESUMED proof does not verify")
 	}
 	secret, err := shared(priv, d.Key)
 	if err != nil {
-		return fmt.Errorf("bad gateway key: %w", err)
+		return nil, nil, fmt.Errorf("bad gateway key: %w", err)
 	}
 	stop()
 	conn.SetDeadline(time.Time{})
+	ok = true
+	return conn, func(conn net.Conn) error { return s.attachResumed(conn, fr, r, d, cred, secret) }, nil
+}
 
+// attachResumed splices a link that completed RESUME/RESUMED into the
+// session, or resets the session if the gateway lacks bytes we need.
+func (s *session) attachResumed(conn net.Conn, fr *frame.Reader, r *frame.Resume, d *frame.Resumed, cred credential, secret []byte) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.state == StateClosed {
+		if s.finalReset != nil {
+			// Aborted while this resume was in flight: the gateway has
+			// just attached this link (and dropped the one our RESET may
+			// have gone out on), so say it here too.
+			s.wg.Add(1)
+			go func(reset frame.CodeReason) {
+				defer s.wg.Done()
+				s.lingerReset(conn, reset)
+			}(*s.finalReset)
+			return ErrConnClosed
+		}
+		conn.Close()
 		return ErrConnClosed
 	}
 	s.cred = cred.rotate(secret, s.id, r.Counter)
 	if perr := s.checkResumePoint(d.Received); perr != nil {
 		l := newLink(s, conn, fr, r.Received)
 		s.link = l // so end() sends the RESET on it
-		ok = true
 		l.started = true
 		s.wg.Add(1)
 		go l.writeLoop(nil)
@@ -299,7 +369,6 @@ func (s *session) resumeOnce() error {
 	s.redial = false
 	s.attach(l, d.Received, d.Window, d.Flags, r.Window, true)
 	l.start()
-	ok = true
 	s.log.Info("session resumed", "outage", s.stats.LastOutage, "replayed", s.stats.BytesReplayed)
 	return nil
 }

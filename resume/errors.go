@@ -85,3 +85,12 @@ func newError(code Code, sid SessionID, format string, args ...any) *Error {
 type SessionID [frame.SessionIDLen]byte
 
 func (s SessionID) String() string { return hex.EncodeToString(s[:8]) }
+
+// Codes re-exported for callers of Reset that do not import frame.
+const (
+	CodeNone     = frame.CodeNone
+	CodeAppReset = frame.CodeAppReset
+	CodeUpstream = frame.CodeUpstream
+	CodeInternal = frame.CodeInternal
+	CodeTimeout  = frame.CodeTimeout
+)

@@ -135,3 +135,111 @@ func (c *cutConn) Write(p []byte) (int, error) {
 	}
 	return c.Conn.Write(p)
 }
+
+// faultMode is how a faultConn fails once its byte budget is spent.
+type faultMode int
+
+const (
+	faultClose     faultMode = iota // close: the peer reads EOF
+	faultReset                      // RST: the peer reads ECONNRESET
+	faultBlackhole                  // silence: nothing moves, nobody is told
+	numFaultModes
+)
+
+// faultConn wraps a client-side TCP link and breaks it after a byte budget
+// (counting both directions, so it breaks mid-frame), in one of the modes.
+type faultConn struct {
+	net.Conn
+	mode   faultMode
+	left   atomic.Int64
+	once   sync.Once
+	broken chan struct{}
+	closed chan struct{}
+	cOnce  sync.Once
+}
+
+func newFaultConn(c net.Conn, budget int64, mode faultMode) *faultConn {
+	f := &faultConn{Conn: c, mode: mode, broken: make(chan struct{}), closed: make(chan struct{})}
+	f.left.Store(budget)
+	return f
+}
+
+func (f *faultConn) spend(n int) int {
+	left := f.left.Add(-int64(n))
+	if left < 0 {
+		return max(0, n+int(left))
+	}
+	return n
+}
+
+func (f *faultConn) breakNow() {
+	f.once.Do(func() {
+		close(f.broken)
+		switch f.mode {
+		case faultClose:
+			f.Conn.Close()
+		case faultReset:
+			if tc, ok := f.Conn.(*net.TCPConn); ok {
+				tc.SetLinger(0)
+			}
+			f.Conn.Close()
+		case faultBlackhole:
+			// keep the socket open: the peer sees silence
+		}
+	})
+}
+
+func (f *faultConn) Read(p []byte) (int, error) {
+	select {
+	case <-f.broken:
+		if f.mode == faultBlackhole {
+			// Nothing arrives, but deadlines and Close work as on a
+			// real socket.
+			for {
+				if _, err := f.Conn.Read(p); err != nil {
+					return 0, err
+				}
+			}
+		}
+		return 0, net.ErrClosed
+	default:
+	}
+	n, err := f.Conn.Read(p)
+	if n > 0 {
+		if k := f.spend(n); k < n {
+			f.breakNow()
+			if f.mode == faultBlackhole {
+				// deliver what "arrived" before the path went silent
+				return k, nil
+			}
+			return k, net.ErrClosed
+		}
+	}
+	return n, err
+}
+
+func (f *faultConn) Write(p []byte) (int, error) {
+	select {
+	case <-f.broken:
+		if f.mode == faultBlackhole {
+			return len(p), nil // swallowed by the void
+		}
+		return 0, net.ErrClosed
+	default:
+	}
+	k := f.spend(len(p))
+	if k < len(p) {
+		n, _ := f.Conn.Write(p[:k])
+		f.breakNow()
+		if f.mode == faultBlackhole {
+			return len(p), nil
+		}
+		return n, net.ErrClosed
+	}
+	return f.Conn.Write(p)
+}
+
+func (f *faultConn) Close() error {
+	f.cOnce.Do(func() { close(f.closed) })
+	return f.Conn.Close()
+}

@@ -3,9 +3,11 @@ package resume
 import (
 	"bufio"
 	"errors"
+	"io"
 	"net"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/lifeline-proxy/lifeline/frame"
@@ -50,10 +52,13 @@ type link struct {
 	pingDue bool
 	pongDue bool
 	pongVal uint64
-	goAway  *frame.CodeReason  // GOAWAY to send
-	final   bool               // write what is queued, then close
-	reset   *frame.CodeReason  // RESET to send as the final frame
-	failErr error              // why the link was closed
+	goAway  *frame.CodeReason // GOAWAY to send
+	final   bool              // write what is queued, then close
+	reset   *frame.CodeReason // RESET to send as the final frame
+	// awaitClose: the RESET sent as final frame, kept until the peer
+	// closes the link in answer.
+	awaitClose *frame.CodeReason
+	failErr    error // why the link was closed
 
 	// Writer-owned.
 	scratch  []byte
@@ -111,11 +116,35 @@ func (l *link) closeWith(err error) {
 
 // finish asks the writer to flush what is queued (and reset, if set) and
 // close the link. Caller holds s.mu. The session has already let go of l.
+//
+// A client's RESET may vanish into a link that died silently, and then the
+// gateway would keep the session parked until it expires. So the client
+// waits (up to LivenessTimeout) for the gateway to close the link, which it
+// does on reading the RESET; if that does not happen, it delivers the RESET
+// again over a new link.
 func (l *link) finish(reset *frame.CodeReason) {
+	s := l.s
 	l.final = true
 	l.reset = reset
+	if reset != nil && s.client && s.reconnectTimeout > 0 {
+		l.awaitClose = reset
+		l.conn.SetReadDeadline(time.Now().Add(s.cfg.LivenessTimeout))
+	}
 	l.conn.SetWriteDeadline(time.Now().Add(finalWriteTimeout))
 	l.kick()
+}
+
+// peerClosed reports whether a read error means the peer closed the link.
+func peerClosed(err error) bool {
+	return errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNRESET)
+}
+
+// awaitingClose returns the RESET this retired link waits to see
+// acknowledged by the peer closing it, or nil.
+func (l *link) awaitingClose() *frame.CodeReason {
+	l.s.mu.Lock()
+	defer l.s.mu.Unlock()
+	return l.awaitClose
 }
 
 // markDone releases a later link waiting on this one that never ran its
@@ -198,6 +227,15 @@ func (l *link) readLoop(prev *link) {
 	for {
 		h, err := l.fr.Next()
 		if err != nil {
+			if reset := l.awaitingClose(); reset != nil {
+				l.close()
+				if !peerClosed(err) {
+					s.log.Debug("RESET not confirmed, sending it on a new link", "err", err)
+					s.wg.Add(1)
+					go s.sendResetOnNewLink(*reset)
+				}
+				return
+			}
 			s.linkFailed(l, err)
 			return
 		}
@@ -206,6 +244,20 @@ func (l *link) readLoop(prev *link) {
 			err = l.readData(h.Len)
 		} else {
 			err = l.readControl(h)
+		}
+		if err == errStale && l.awaitingClose() != nil {
+			// Retired link: skip what the peer sends until it closes.
+			for err == errStale && l.fr.DataRemaining() > 0 {
+				if l.discard == nil {
+					l.discard = make([]byte, 4096)
+				}
+				if _, rerr := l.fr.ReadData(l.discard); rerr != nil {
+					err = rerr
+				}
+			}
+			if err == errStale {
+				continue
+			}
 		}
 		if err != nil {
 			s.linkFailed(l, err)
@@ -385,7 +437,9 @@ func (l *link) writeLoop(prev *link) {
 				}
 			}
 			if final {
-				l.close()
+				if l.awaitingClose() == nil {
+					l.close()
+				} // else the reader closes it when the peer does
 				return
 			}
 		}
@@ -522,7 +576,6 @@ func (l *link) flush() (int, error) {
 	}
 	return total, l.bw.Flush()
 }
-
 
 // linkReadBuffer is the read-ahead of a link's frame reader. (8 KiB, which
 // lets bufio read payloads straight into the receive buffer, measured

@@ -68,6 +68,9 @@ type session struct {
 	last  *link // most recent link, for addresses and to chain goroutine exits
 	epoch uint64
 
+	// finalReset is the RESET the session ended with, if any.
+	finalReset *frame.CodeReason
+
 	// localClosed: Close was called; Read/Write fail with ErrConnClosed.
 	localClosed bool
 	// closeRequested: Close was called and the session ends once our
@@ -243,7 +246,8 @@ func (s *session) onAck(a frame.Ack) error {
 	}
 	s.peerAcked = max(s.peerAcked, a.Received)
 	if a.Flags&frame.AckFin != 0 {
-		if !s.writeShut || !s.finSent || a.Received != s.send.End() {
+		// The CLOSE_WRITE may have gone out on an earlier link.
+		if !s.writeShut || a.Received != s.send.End() {
 			return newError(frame.CodeValidation, s.id, "ACK of a CLOSE_WRITE that was not sent")
 		}
 		s.finAcked = true
@@ -292,6 +296,7 @@ func (s *session) end(err error, reset *frame.CodeReason, cause string) {
 		return
 	}
 	s.err = err
+	s.finalReset = reset
 	if err != nil {
 		var e *Error
 		s.aborted = !errors.As(err, &e) || e.Code != frame.CodeNone
@@ -310,6 +315,11 @@ func (s *session) end(err error, reset *frame.CodeReason, cause string) {
 	}
 	if l := s.link; l != nil {
 		l.finish(reset)
+	} else if reset != nil && s.client && s.state != StateConnecting && s.reconnectTimeout > 0 {
+		// No link to carry the RESET: dial one, so that the gateway does
+		// not keep the session (and its upstream) parked until it expires.
+		s.wg.Add(1)
+		go s.sendResetOnNewLink(*reset)
 	}
 	s.link = nil
 	s.wakeReaders()
