@@ -68,6 +68,10 @@ type session struct {
 	last  *link // most recent link, for addresses and to chain goroutine exits
 	epoch uint64
 
+	// finishing: a client that has everything and waits for the gateway
+	// to close the link.
+	finishing bool
+
 	// finalReset is the RESET the session ended with, if any.
 	finalReset *frame.CodeReason
 
@@ -279,6 +283,12 @@ func (s *session) maybeFinish() {
 		return
 	}
 	switch {
+	case s.peerFin && s.ackedFin && s.client:
+		// The gateway needs our last ACK before it can end. It closes
+		// the link when it has it; if the link fails first, we resume
+		// and send the ACK again (a gateway that already ended answers
+		// REJECT NONE). Ending now could leave it parked until expiry.
+		s.finishing = true
 	case s.peerFin && s.ackedFin:
 		s.end(nil, nil, "both directions closed")
 	case s.peerFin:
@@ -343,6 +353,10 @@ func (s *session) linkFailed(l *link, err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if l != s.link {
+		return
+	}
+	if s.finishing && peerClosed(err) {
+		s.end(nil, nil, "both directions closed")
 		return
 	}
 	var pe *Error
