@@ -529,7 +529,7 @@ func (srv *Server) ended(s *session) {
 		default:
 		}
 	}
-	if s.reconnectTimeout > 0 && !srv.isClosed {
+	if s.reconnectTimeout > 0 && !srv.isClosed && !s.expiredOut {
 		t := &tomb{code: code, reason: reason}
 		id := s.id
 		t.timer = time.AfterFunc(s.reconnectTimeout, func() {

@@ -68,6 +68,10 @@ type session struct {
 	last  *link // most recent link, for addresses and to chain goroutine exits
 	epoch uint64
 
+	// expiredOut: ended by the reconnect timeout; a later resume is
+	// answered NOT_FOUND like any unknown session (no tombstone).
+	expiredOut bool
+
 	// finishing: a client that has everything and waits for the gateway
 	// to close the link.
 	finishing bool
@@ -412,6 +416,7 @@ func (s *session) expired() {
 	if s.link != nil { // resumed meanwhile
 		return
 	}
+	s.expiredOut = true
 	s.end(newError(frame.CodeTimeout, s.id, "not resumed within %v", s.reconnectTimeout), nil, "reconnect timeout")
 }
 

@@ -1,0 +1,404 @@
+package resume
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"net"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/lifeline-proxy/lifeline/frame"
+)
+
+// recordConn keeps a copy of everything written on a link.
+type recordConn struct {
+	net.Conn
+	mu  sync.Mutex
+	out bytes.Buffer
+}
+
+func (r *recordConn) Write(p []byte) (int, error) {
+	r.mu.Lock()
+	r.out.Write(p)
+	r.mu.Unlock()
+	return r.Conn.Write(p)
+}
+
+// tcpGateway starts a gateway on loopback and returns its address.
+func tcpGateway(t *testing.T, sc *ServerConfig) (*Server, string) {
+	t.Helper()
+	srv, err := NewServer(sc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { srv.Serve(ln); close(done) }()
+	t.Cleanup(func() { srv.Close(); <-done })
+	return srv, ln.Addr().String()
+}
+
+// rawExchange writes b on a fresh connection and returns the gateway's
+// answer frame.
+func rawExchange(t *testing.T, addr string, b []byte) (frame.Header, []byte) {
+	t.Helper()
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := c.Write(b); err != nil {
+		t.Fatal(err)
+	}
+	fr := frame.NewReader(c, 4096)
+	h, err := fr.Next()
+	if err != nil {
+		t.Fatalf("no answer: %v", err)
+	}
+	p, err := fr.Payload(h)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return h, append([]byte(nil), p...)
+}
+
+func wantReject(t *testing.T, h frame.Header, p []byte, code frame.Code) string {
+	t.Helper()
+	if h.Type != frame.TypeReject {
+		t.Fatalf("got %v, want REJECT %v", h.Type, code)
+	}
+	cr, err := frame.ParseCodeReason(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cr.Code != code {
+		t.Fatalf("REJECT %v (%q), want %v", cr.Code, cr.Reason, code)
+	}
+	return cr.Reason
+}
+
+// signedResume builds a RESUME for c's session with a valid proof.
+func signedResume(c *Conn, counter, received uint64) []byte {
+	s := c.s
+	s.mu.Lock()
+	cred := s.cred
+	s.mu.Unlock()
+	_, pub, _ := newKey()
+	r := &frame.Resume{SessionID: s.id, Counter: counter, Key: pub, Received: received, Window: received + 1<<20}
+	r.Proof = cred.resumeProof(r)
+	return frame.AppendResume(frame.AppendPreamble(nil), r)
+}
+
+func dialTo(addr string, rec **recordConn) DialFunc {
+	return func(ctx context.Context) (net.Conn, error) {
+		var d net.Dialer
+		c, err := d.DialContext(ctx, "tcp", addr)
+		if err != nil || rec == nil {
+			return c, err
+		}
+		r := &recordConn{Conn: c}
+		*rec = r
+		return r, nil
+	}
+}
+
+func TestRejectVersion(t *testing.T) {
+	_, addr := tcpGateway(t, serverConfig(testConfig()))
+	b := append(frame.Magic[:], 9)
+	h, p := rawExchange(t, addr, b)
+	wantReject(t, h, p, frame.CodeVersion)
+}
+
+func TestRejectGarbageAndOversize(t *testing.T) {
+	srv, addr := tcpGateway(t, serverConfig(testConfig()))
+	h, p := rawExchange(t, addr, []byte("GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
+	wantReject(t, h, p, frame.CodeValidation)
+	// A header announcing a 16 MiB HELLO: refused before reading it.
+	b := frame.AppendPreamble(nil)
+	b = append(b, byte(frame.TypeHello), 0xff, 0xff, 0xff)
+	h, p = rawExchange(t, addr, b)
+	wantReject(t, h, p, frame.CodeValidation)
+	// DATA before any handshake.
+	b = frame.AppendDataHeader(frame.AppendPreamble(nil), 3)
+	h, p = rawExchange(t, addr, append(b, "abc"...))
+	wantReject(t, h, p, frame.CodeValidation)
+	// The gateway still serves.
+	c, err := Dial(context.Background(), dialTo(addr, nil), "r", testConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, _ := srv.Accept()
+	c.Reset(CodeAppReset, "done")
+	s.Close()
+}
+
+func TestSilentClientDropped(t *testing.T) {
+	cfg := testConfig()
+	cfg.HandshakeTimeout = 300 * time.Millisecond
+	_, addr := tcpGateway(t, serverConfig(cfg))
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	start := time.Now()
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	n, err := c.Read(make([]byte, 1))
+	if n != 0 || err == nil {
+		t.Fatalf("read %d, %v; want the gateway to close", n, err)
+	}
+	if el := time.Since(start); el > 2*time.Second {
+		t.Fatalf("dropped after %v; handshake timeout is 300ms", el)
+	}
+}
+
+func TestResumeErrors(t *testing.T) {
+	sc := serverConfig(testConfig())
+	sc.FailureBurst = 1000 // this test makes many failures on purpose
+	srv, addr := tcpGateway(t, sc)
+	var rec *recordConn
+	c, err := Dial(context.Background(), dialTo(addr, &rec), "r", testConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, _ := srv.Accept()
+	defer s.Close()
+	defer c.Reset(CodeAppReset, "test over")
+
+	// Move the session to a second link and capture its RESUME.
+	c.Kill()
+	deadlineState(t, c, StateActive)
+	rec.mu.Lock()
+	captured := append([]byte(nil), rec.out.Bytes()[:frame.PreambleLen+frame.HeaderLen+105]...)
+	rec.mu.Unlock()
+
+	t.Run("replayed resume is CONFLICT", func(t *testing.T) {
+		h, p := rawExchange(t, addr, captured)
+		wantReject(t, h, p, frame.CodeConflict)
+	})
+	t.Run("wrong proof is ACCESS_DENIED", func(t *testing.T) {
+		bad := append([]byte(nil), captured...)
+		bad[len(bad)-1] ^= 1
+		h, p := rawExchange(t, addr, bad)
+		wantReject(t, h, p, frame.CodeAccessDenied)
+	})
+	t.Run("unknown session is NOT_FOUND", func(t *testing.T) {
+		bad := append([]byte(nil), captured...)
+		bad[frame.PreambleLen+frame.HeaderLen] ^= 1 // session id
+		h, p := rawExchange(t, addr, bad)
+		wantReject(t, h, p, frame.CodeNotFound)
+	})
+	t.Run("malformed RESUME is VALIDATION", func(t *testing.T) {
+		bad := append([]byte(nil), captured...)
+		bad[len(bad)-frame.ProofLen-1] = 0x80 // unknown flag
+		h, p := rawExchange(t, addr, bad)
+		wantReject(t, h, p, frame.CodeValidation)
+	})
+	// The session survived all of that.
+	if _, err := c.Write([]byte("still here")); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, 10)
+	if _, err := io.ReadFull(s, got); err != nil || string(got) != "still here" {
+		t.Fatalf("after failed resumes: %q, %v", got, err)
+	}
+	if srv.ResumeFailures() < 4 {
+		t.Fatalf("ResumeFailures = %d", srv.ResumeFailures())
+	}
+}
+
+func TestThrottled(t *testing.T) {
+	sc := serverConfig(testConfig())
+	sc.FailureBurst = 3
+	_, addr := tcpGateway(t, sc)
+	var sid [16]byte
+	r := &frame.Resume{SessionID: sid, Counter: 1}
+	b := frame.AppendResume(frame.AppendPreamble(nil), r)
+	for i := range 3 {
+		h, p := rawExchange(t, addr, b)
+		if reason := wantReject(t, h, p, frame.CodeNotFound); reason == "" {
+			t.Fatalf("attempt %d: empty reason", i)
+		}
+	}
+	h, p := rawExchange(t, addr, b)
+	wantReject(t, h, p, frame.CodeThrottled)
+}
+
+func TestOutOfWindowResume(t *testing.T) {
+	srv, addr := tcpGateway(t, serverConfig(testConfig()))
+	c, err := Dial(context.Background(), dialTo(addr, nil), "r", testConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, _ := srv.Accept()
+	defer c.Reset(CodeAppReset, "")
+	s.Write([]byte("12345"))
+	// Claims 1000 bytes received when the gateway wrote 5.
+	h, p := rawExchange(t, addr, signedResume(c, 1000, 1000))
+	wantReject(t, h, p, frame.CodeValidation)
+	// A resume with a valid proof but impossible offsets is the session's
+	// own client lying or broken: the session cannot go on safely.
+	if _, err := s.Read(make([]byte, 1)); !errors.Is(err, ErrValidation) {
+		t.Fatalf("gateway side: %v, want VALIDATION", err)
+	}
+}
+
+func TestBufferLost(t *testing.T) {
+	srv, addr := tcpGateway(t, serverConfig(testConfig()))
+	c, err := Dial(context.Background(), dialTo(addr, nil), "r", testConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, _ := srv.Accept()
+	msg := bytes.Repeat([]byte("x"), 100<<10)
+	if _, err := s.Write(msg); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.ReadFull(c, make([]byte, len(msg))); err != nil {
+		t.Fatal(err)
+	}
+	// Wait until the gateway has freed the acknowledged bytes.
+	for i := 0; s.Stats().Buffered > 0; i++ {
+		if i > 500 {
+			t.Fatal("gateway never saw the ACK")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	// A peer that lost its state asks for bytes from 0 again.
+	h, p := rawExchange(t, addr, signedResume(c, 1000, 0))
+	wantReject(t, h, p, frame.CodeBufferLost)
+	if _, err := s.Read(make([]byte, 1)); !errors.Is(err, ErrBufferLost) {
+		t.Fatalf("gateway side: %v, want BUFFER_LOST", err)
+	}
+	// The real client learns it on its next resume: an abortive close,
+	// never a silent gap.
+	c.Kill()
+	if _, err := c.Read(make([]byte, 1)); !errors.Is(err, ErrBufferLost) {
+		t.Fatalf("client side: %v, want BUFFER_LOST", err)
+	}
+	c.Close()
+}
+
+func TestExpiredSessionNotFound(t *testing.T) {
+	sc := serverConfig(testConfig())
+	sc.Session.ReconnectTimeout = 200 * time.Millisecond // the gateway's cap
+	srv, addr := tcpGateway(t, sc)
+	var down sync.Mutex
+	dial := dialTo(addr, nil)
+	gated := func(ctx context.Context) (net.Conn, error) {
+		down.Lock()
+		defer down.Unlock()
+		return dial(ctx)
+	}
+	cfg := testConfig()
+	c, err := Dial(context.Background(), gated, "r", cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := c.ReconnectTimeout(); got != 200*time.Millisecond {
+		t.Fatalf("negotiated reconnect timeout %v, want min(10s, 200ms)", got)
+	}
+	s, _ := srv.Accept()
+	down.Lock()
+	c.Kill()
+	if _, err := s.Read(make([]byte, 1)); !errors.Is(err, ErrTimeout) {
+		t.Fatalf("gateway side after expiry: %v, want TIMEOUT", err)
+	}
+	down.Unlock()
+	// The client's own clock says 200ms too: it gives up.
+	if _, err := c.Read(make([]byte, 1)); !errors.Is(err, ErrTimeout) && !errors.Is(err, ErrNotFound) {
+		t.Fatalf("client side: %v, want TIMEOUT or NOT_FOUND", err)
+	}
+	// A resume for the expired session is NOT_FOUND.
+	h, p := rawExchange(t, addr, signedResume(c, 1000, 0))
+	wantReject(t, h, p, frame.CodeNotFound)
+	c.Close()
+}
+
+func TestLimitsAndShutdown(t *testing.T) {
+	sc := serverConfig(testConfig())
+	sc.MaxSessions = 1
+	sc.Admit = func(route string, _ net.Addr) error {
+		switch route {
+		case "nope":
+			return &Error{Code: frame.CodeNotFound, Reason: "no route " + route}
+		case "broken":
+			return errors.New("admission backend down")
+		}
+		return nil
+	}
+	srv, addr := tcpGateway(t, sc)
+	dial := dialTo(addr, nil)
+	if _, err := Dial(context.Background(), dial, "nope", testConfig()); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("unknown route: %v", err)
+	}
+	if _, err := Dial(context.Background(), dial, "broken", testConfig()); !errors.Is(err, ErrInternal) {
+		t.Fatalf("admission error: %v", err)
+	}
+	c, err := Dial(context.Background(), dial, "r", testConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, _ := srv.Accept()
+	if _, err := Dial(context.Background(), dial, "r", testConfig()); !errors.Is(err, ErrLimit) {
+		t.Fatalf("over MaxSessions: %v", err)
+	}
+	// Draining: no new sessions, the existing one carries on.
+	drained := make(chan error, 1)
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	go func() { drained <- srv.Shutdown(ctx) }()
+	for srv.NumSessions() == 1 {
+		if _, err := Dial(context.Background(), dial, "r", testConfig()); errors.Is(err, ErrShuttingDown) {
+			break
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	c.Write([]byte("ok"))
+	if b := make([]byte, 2); func() bool { _, err := io.ReadFull(s, b); return err != nil || string(b) != "ok" }() {
+		t.Fatal("session broken while draining")
+	}
+	// The drain deadline passes: the session is aborted, loudly.
+	if err := <-drained; !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Shutdown: %v", err)
+	}
+	if _, err := c.Read(make([]byte, 1)); !errors.Is(err, ErrShuttingDown) {
+		t.Fatalf("client after forced shutdown: %v", err)
+	}
+	c.Close()
+	s.Close()
+}
+
+func TestResumptionDisabled(t *testing.T) {
+	e := tcpEnv(t, serverConfig(testConfig()), nil)
+	defer e.stop()
+	cfg := testConfig()
+	cfg.ReconnectTimeout = 0
+	c, s := e.pair(cfg)
+	c.Kill()
+	if _, err := c.Read(make([]byte, 1)); !errors.Is(err, ErrTimeout) {
+		t.Fatalf("client: %v", err)
+	}
+	if _, err := s.Read(make([]byte, 1)); !errors.Is(err, ErrTimeout) {
+		t.Fatalf("gateway: %v", err)
+	}
+	c.Close()
+	s.Close()
+}
+
+func deadlineState(t *testing.T, c *Conn, want State) {
+	t.Helper()
+	for i := 0; c.State() != want || c.Stats().Resumes == 0; i++ {
+		if i > 1000 {
+			t.Fatalf("state %v, want %v after a resume", c.State(), want)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
