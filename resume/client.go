@@ -96,6 +96,9 @@ func Dial(ctx context.Context, dial DialFunc, route string, cfg *Config) (*Conn,
 	l := newLink(s, conn, fr, 0)
 	s.mu.Lock()
 	s.attach(l, 0, uint64(w.Buffer), 0, s.window, false)
+	// A first PING tells the gateway we have the session (it parks only
+	// confirmed sessions) and measures the RTT.
+	l.pingDue = true
 	l.start()
 	s.mu.Unlock()
 	return &Conn{s: s}, nil

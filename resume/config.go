@@ -56,6 +56,11 @@ type Config struct {
 	// Strategy decides when a client retries after a link failure.
 	Strategy ReconnectStrategy
 
+	// OnEvent, if set, is called on every park, resume and end (for
+	// metrics). It runs with the session locked: it must not block or call
+	// the session's Conn.
+	OnEvent func(Event)
+
 	// Logger receives state transitions and session events. nil: discard.
 	Logger *slog.Logger
 }

@@ -402,3 +402,36 @@ func deadlineState(t *testing.T, c *Conn, want State) {
 		time.Sleep(5 * time.Millisecond)
 	}
 }
+
+// A client that vanishes right after WELCOME never reaches Accept (no
+// upstream is dialed for it) and its session is freed within the
+// handshake timeout, not the reconnect timeout.
+func TestUnconfirmedSessionFreed(t *testing.T) {
+	cfg := testConfig()
+	cfg.HandshakeTimeout = 200 * time.Millisecond
+	srv, addr := tcpGateway(t, serverConfig(cfg))
+	_, pub, _ := newKey()
+	b, _ := frame.AppendHello(frame.AppendPreamble(nil), &frame.Hello{Key: pub, ReconnectTimeout: 60000, Buffer: 1 << 20, Route: "r"})
+	h, _ := rawExchange(t, addr, b) // reads WELCOME, then closes
+	if h.Type != frame.TypeWelcome {
+		t.Fatalf("got %v", h.Type)
+	}
+	accepted := make(chan *Conn, 1)
+	go func() {
+		if c, err := srv.Accept(); err == nil {
+			accepted <- c
+		}
+	}()
+	deadline := time.Now().Add(2 * time.Second)
+	for srv.NumSessions() != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("unconfirmed session still held after %v", 2*time.Second)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	select {
+	case c := <-accepted:
+		t.Fatalf("unconfirmed session %v was handed to Accept", c.SessionID())
+	case <-time.After(100 * time.Millisecond):
+	}
+}

@@ -66,6 +66,8 @@ type link struct {
 	bw       *bufio.Writer // for links without writev (TLS, QUIC)
 	vectored bool
 	dataMap  []dataSpan
+	// confirmedSeen: this link's reader has received a frame.
+	confirmedSeen bool
 	discard  []byte // reader-owned: bytes skipped as duplicates
 }
 
@@ -240,6 +242,14 @@ func (l *link) readLoop(prev *link) {
 			return
 		}
 		l.lastRecv.Store(time.Now().UnixNano())
+		if !l.confirmedSeen {
+			l.confirmedSeen = true
+			s.mu.Lock()
+			if !isClosed(s.confirmed) {
+				close(s.confirmed)
+			}
+			s.mu.Unlock()
+		}
 		if h.Type == frame.TypeData {
 			err = l.readData(h.Len)
 		} else {

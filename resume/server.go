@@ -20,6 +20,10 @@ import (
 type ServerConfig struct {
 	// Session settings. Its ReconnectTimeout caps what clients ask for.
 	Session *Config
+	// SessionFor, if set, returns the settings for sessions on route (the
+	// seeds' per-connector configuration); nil means Session. Each must
+	// have passed Validate.
+	SessionFor func(route string) *Config
 	// Admit decides whether a HELLO may open a session on route. Return an
 	// *Error to choose the REJECT code (NOT_FOUND for an unknown route);
 	// any other error is sent as INTERNAL. nil admits everything.
@@ -276,6 +280,11 @@ func (srv *Server) hello(c net.Conn, fr *frame.Reader, p []byte) {
 		return
 	}
 	cfg := srv.cfg.Session
+	if srv.cfg.SessionFor != nil {
+		if c := srv.cfg.SessionFor(hello.Route); c != nil {
+			cfg = c
+		}
+	}
 	srv.mu.Lock()
 	n, draining := len(srv.sessions), srv.draining
 	srv.mu.Unlock()
@@ -360,6 +369,23 @@ func (srv *Server) hello(c net.Conn, fr *frame.Reader, p []byte) {
 	conn := &Conn{s: s}
 	t := time.NewTimer(cfg.HandshakeTimeout)
 	defer t.Stop()
+	// Hand the session out only once the client has shown it got WELCOME,
+	// so that no upstream is dialed for a session nobody holds.
+	select {
+	case <-s.confirmed:
+	case <-s.done:
+		return
+	case <-t.C:
+		s.mu.Lock()
+		s.abort(frame.CodeTimeout, "client did not confirm the session")
+		s.mu.Unlock()
+		return
+	case <-srv.closed:
+		s.mu.Lock()
+		s.abort(frame.CodeShuttingDown, "gateway closed")
+		s.mu.Unlock()
+		return
+	}
 	select {
 	case srv.accept <- conn:
 	case <-t.C:
@@ -487,6 +513,9 @@ func (srv *Server) resume(c net.Conn, fr *frame.Reader, p []byte) {
 	d.Proof = used.resumedProof(r, d)
 	s.credPrev, s.hasPrev = used, true
 	s.credCur = used.rotate(secret, sid, r.Counter)
+	if !isClosed(s.confirmed) {
+		close(s.confirmed) // a valid resume proves the client has the session
+	}
 	s.setState(StateReconnecting, "resume accepted", "remote", remote)
 	l := newLink(s, c, fr, d.Received)
 	s.attach(l, r.Received, r.Window, r.Flags, d.Window, true)

@@ -68,6 +68,10 @@ type session struct {
 	last  *link // most recent link, for addresses and to chain goroutine exits
 	epoch uint64
 
+	// confirmed is closed when the first frame after the handshake
+	// arrived on the gateway side: the client has the session.
+	confirmed chan struct{}
+
 	// expiredOut: ended by the reconnect timeout; a later resume is
 	// answered NOT_FOUND like any unknown session (no tombstone).
 	expiredOut bool
@@ -141,6 +145,7 @@ func newSession(cfg *Config, client bool) *session {
 		done:   make(chan struct{}),
 		state:  StateConnecting,
 	}
+	s.confirmed = make(chan struct{})
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.rdl.init()
 	s.wdl.init()
@@ -339,6 +344,7 @@ func (s *session) end(err error, reset *frame.CodeReason, cause string) {
 	s.wakeReaders()
 	s.wakeWriters()
 	close(s.done)
+	s.event(EventEnd, err)
 	if s.srv != nil {
 		s.srv.ended(s)
 	}
@@ -389,6 +395,7 @@ func (s *session) detach(cause error) {
 		l.close()
 	}
 	s.stats.LinkFailures++
+	s.event(EventPark, cause)
 	if s.reconnectTimeout == 0 {
 		s.end(newError(frame.CodeTimeout, s.id, "link lost and resumption is disabled: %v", cause), nil, "link lost")
 		return
@@ -397,10 +404,16 @@ func (s *session) detach(cause error) {
 	s.elevated = true
 	s.wakeWriters() // the larger limit may let a blocked Write go on
 	s.setState(StateDisconnected, "link lost", "err", cause)
+	wait := s.reconnectTimeout
+	if !s.client && !isClosed(s.confirmed) {
+		// The client may never have seen WELCOME: a resume proves it did;
+		// without one soon, parking would hold the slot for nothing.
+		wait = min(wait, s.cfg.HandshakeTimeout)
+	}
 	if s.expiry == nil {
-		s.expiry = time.AfterFunc(s.reconnectTimeout, s.expired)
+		s.expiry = time.AfterFunc(wait, s.expired)
 	} else {
-		s.expiry.Reset(s.reconnectTimeout)
+		s.expiry.Reset(wait)
 	}
 	if s.client {
 		s.startRedial()
@@ -469,6 +482,9 @@ func (s *session) attach(l *link, peerReceived, peerWindow uint64, peerFlags uin
 	}
 	if s.send.Len() <= s.cfg.BufferSize*8/10 {
 		s.elevated = false
+	}
+	if resumed {
+		s.event(EventResume, nil)
 	}
 	s.setState(StateActive, map[bool]string{true: "resumed", false: "connected"}[resumed],
 		"replay", s.send.End()-peerReceived, "outage", s.stats.LastOutage)
@@ -539,3 +555,38 @@ func isClosed(c chan struct{}) bool {
 func (s *session) String() string { return fmt.Sprintf("session %v", s.id) }
 
 var _ net.Conn = (*Conn)(nil)
+
+// EventKind is what an Event reports.
+type EventKind int
+
+const (
+	EventPark   EventKind = iota // the link was lost; the session waits for a resume
+	EventResume                  // a new link is attached
+	EventEnd                     // the session is CLOSED
+)
+
+func (k EventKind) String() string {
+	return [...]string{"park", "resume", "end"}[k]
+}
+
+// Event is passed to Config.OnEvent.
+type Event struct {
+	Kind     EventKind
+	Session  SessionID
+	Client   bool
+	Err      error         // park: the link's error; end: why (nil: orderly)
+	Outage   time.Duration // resume: from link loss to resume
+	Replayed uint64        // resume: bytes resent, all resumes so far
+	Stats    Stats
+}
+
+// event calls Config.OnEvent. Caller holds mu.
+func (s *session) event(k EventKind, err error) {
+	if s.cfg.OnEvent == nil {
+		return
+	}
+	st := s.stats
+	st.State = s.state
+	s.cfg.OnEvent(Event{Kind: k, Session: s.id, Client: s.client, Err: err,
+		Outage: st.LastOutage, Replayed: st.BytesReplayed, Stats: st})
+}
