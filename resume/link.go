@@ -68,7 +68,7 @@ type link struct {
 	dataMap  []dataSpan
 	// confirmedSeen: this link's reader has received a frame.
 	confirmedSeen bool
-	discard  []byte // reader-owned: bytes skipped as duplicates
+	discard       []byte // reader-owned: bytes skipped as duplicates
 }
 
 func newLink(s *session, conn net.Conn, fr *frame.Reader, rxStart uint64) *link {
