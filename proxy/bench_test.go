@@ -37,7 +37,7 @@ func benchTargets(b *testing.B, upstream string) map[string]string {
 	b.Cleanup(func() { r1.Close(); r2.Close() })
 	sc := resume.DefaultServerConfig()
 	cfg := resume.DefaultConfig()
-	s := newStack(b, stackOpts{upstream: upstream, server: sc, cfg: cfg})
+	s := newStack(b, stackOpts{upstream: upstream, server: sc, cfg: cfg, noRelay: true})
 	return map[string]string{"Direct": upstream, "Relay": r1.Addr(), "Lifeline": s.appAddr}
 }
 

@@ -128,6 +128,7 @@ type stackOpts struct {
 	serverTLS *tls.Config
 	clientTLS *tls.Config
 	routes    []Route
+	noRelay   bool // dial the gateway directly (benchmarks)
 }
 
 func newStack(t testing.TB, o stackOpts) *stack {
@@ -165,7 +166,11 @@ func newStack(t testing.TB, o stackOpts) *stack {
 	if err != nil {
 		t.Fatal(err)
 	}
-	dialer, err := NewDialer(o.transport, relay.Addr(), o.clientTLS)
+	linkAddr := relay.Addr()
+	if o.noRelay {
+		linkAddr = ll.Addr().String()
+	}
+	dialer, err := NewDialer(o.transport, linkAddr, o.clientTLS)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -174,7 +179,7 @@ func newStack(t testing.TB, o stackOpts) *stack {
 	if err != nil {
 		t.Fatal(err)
 	}
-	go cl.Serve(ln, ClientRoute{Route: o.route, Dialer: dialer, Session: o.cfg, Gateway: relay.Addr()})
+	go cl.Serve(ln, ClientRoute{Route: o.route, Dialer: dialer, Session: o.cfg, Gateway: linkAddr})
 	s := &stack{gw: gw, client: cl, relay: relay, appAddr: ln.Addr().String(), gwAddr: ll.Addr().String(), metrics: m}
 	t.Cleanup(func() {
 		cl.Close()

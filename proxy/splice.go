@@ -16,8 +16,27 @@ import (
 // Session is the part of *resume.Conn the splice uses.
 type Session interface {
 	net.Conn
+	io.ReaderFrom
+	io.WriterTo
 	CloseWrite() error
 	Reset(code resume.Code, reason string) error
+}
+
+// countingReader counts what it reads and keeps its source's error, to
+// tell an application failure from a session failure after ReadFrom.
+type countingReader struct {
+	r   io.Reader
+	n   *atomic.Int64
+	err error
+}
+
+func (c *countingReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.n.Add(int64(n))
+	if err != nil && err != io.EOF {
+		c.err = err
+	}
+	return n, err
 }
 
 // spliceResult says how a splice ended.
@@ -27,10 +46,6 @@ type spliceResult struct {
 	Up    int64  // bytes from the application into the session
 	Down  int64  // bytes from the session to the application
 }
-
-const spliceBuf = 32 << 10
-
-var bufPool = sync.Pool{New: func() any { b := make([]byte, spliceBuf); return &b }}
 
 // splice joins a TCP application connection and a session until both
 // directions have ended, then closes both. A FIN from either side becomes a
@@ -61,70 +76,48 @@ func splice(app *net.TCPConn, sess Session, abortCh <-chan struct{}) spliceResul
 	}
 
 	wg.Add(2)
-	// application -> session
+	// application -> session: ReadFrom reads the socket straight into the
+	// replay buffer (no intermediate copy).
 	go func() {
 		defer wg.Done()
-		bp := bufPool.Get().(*[]byte)
-		defer bufPool.Put(bp)
-		buf := *bp
-		for {
-			n, rerr := app.Read(buf)
-			if n > 0 {
-				if _, werr := sess.Write(buf[:n]); werr != nil {
-					code, reason := sessionCode(werr)
-					fail(code, reason, werr)
-					return
-				}
-				up.Add(int64(n))
+		src := &countingReader{r: app, n: &up}
+		_, err := sess.ReadFrom(src)
+		switch {
+		case err == nil: // the application's FIN
+			if err := sess.CloseWrite(); err != nil {
+				code, reason := sessionCode(err)
+				fail(code, reason, err)
 			}
-			if rerr == io.EOF {
-				if err := sess.CloseWrite(); err != nil {
-					code, reason := sessionCode(err)
-					fail(code, reason, err)
-				}
-				return
+		case src.err != nil:
+			if isLocalClose(src.err) {
+				return // the other direction aborted and closed app
 			}
-			if rerr != nil {
-				if isLocalClose(rerr) {
-					return // the other direction aborted and closed app
-				}
-				fail(frame.CodeAppReset, "application connection: "+rerr.Error(), &resume.Error{Code: frame.CodeAppReset, Reason: rerr.Error()})
-				return
-			}
+			fail(frame.CodeAppReset, "application connection: "+src.err.Error(), &resume.Error{Code: frame.CodeAppReset, Reason: src.err.Error()})
+		default:
+			code, reason := sessionCode(err)
+			fail(code, reason, err)
 		}
 	}()
-	// session -> application
+	// session -> application: WriteTo writes from the receive buffer
+	// straight to the socket (one writev per batch).
 	go func() {
 		defer wg.Done()
-		bp := bufPool.Get().(*[]byte)
-		defer bufPool.Put(bp)
-		buf := *bp
-		for {
-			n, rerr := sess.Read(buf)
-			if n > 0 {
-				if _, werr := app.Write(buf[:n]); werr != nil {
-					if isLocalClose(werr) {
-						return
-					}
-					fail(frame.CodeAppReset, "application connection: "+werr.Error(), &resume.Error{Code: frame.CodeAppReset, Reason: werr.Error()})
-					return
-				}
-				down.Add(int64(n))
+		n, err := sess.WriteTo(app)
+		down.Add(n)
+		var se *resume.Error
+		switch {
+		case err == nil: // the peer's FIN, after all its data
+			if err := app.CloseWrite(); err != nil && !isLocalClose(err) {
+				fail(frame.CodeAppReset, "application connection: "+err.Error(), &resume.Error{Code: frame.CodeAppReset, Reason: err.Error()})
 			}
-			if rerr == io.EOF {
-				if err := app.CloseWrite(); err != nil && !isLocalClose(err) {
-					fail(frame.CodeAppReset, "application connection: "+err.Error(), &resume.Error{Code: frame.CodeAppReset, Reason: err.Error()})
-				}
-				return
-			}
-			if rerr != nil {
-				if errors.Is(rerr, resume.ErrConnClosed) {
-					return // we reset it ourselves
-				}
-				code, reason := sessionCode(rerr)
-				fail(code, reason, rerr)
-				return
-			}
+		case errors.Is(err, resume.ErrConnClosed):
+			// we reset it ourselves
+		case errors.As(err, &se):
+			code, reason := sessionCode(err)
+			fail(code, reason, err)
+		case isLocalClose(err):
+		default: // the application's socket failed
+			fail(frame.CodeAppReset, "application connection: "+err.Error(), &resume.Error{Code: frame.CodeAppReset, Reason: err.Error()})
 		}
 	}()
 	go func() { wg.Wait(); close(finished) }()
