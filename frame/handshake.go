@@ -115,7 +115,7 @@ type Resume struct {
 
 const resumeLen = SessionIDLen + 8 + KeyLen + 8 + 8 + 1 + ProofLen
 
-// ResumeSigned returns the bytes of r that its Proof covers.
+// Signed returns the bytes of r that its Proof covers.
 func (r *Resume) Signed() []byte {
 	b := make([]byte, 0, resumeLen-ProofLen)
 	b = append(b, r.SessionID[:]...)
