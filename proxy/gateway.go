@@ -25,6 +25,9 @@ type Route struct {
 	// version to the upstream first, naming the client sidecar's address
 	// (as seen on the link) as the source.
 	ProxyProtocol int
+	// Session, if set, holds this route's session settings (reconnect
+	// timeout cap, buffers, liveness); nil: the gateway's.
+	Session *resume.Config
 }
 
 // DefaultConnectTimeout bounds an upstream dial.
@@ -92,6 +95,11 @@ func NewGateway(cfg GatewayConfig) (*Gateway, error) {
 		if r.ConnectTimeout <= 0 {
 			r.ConnectTimeout = DefaultConnectTimeout
 		}
+		if r.Session != nil {
+			if err := r.Session.Validate(); err != nil {
+				return nil, fmt.Errorf("route %q: %w", r.Name, err)
+			}
+		}
 		g.routes[r.Name] = r
 	}
 	sc := resume.DefaultServerConfig()
@@ -102,6 +110,7 @@ func NewGateway(cfg GatewayConfig) (*Gateway, error) {
 	if sc.Session == nil {
 		sc.Session = resume.DefaultConfig()
 	}
+	sc.SessionFor = func(route string) *resume.Config { return g.routes[route].Session }
 	sc.Admit = func(route string, remote net.Addr) error {
 		if _, ok := g.routes[route]; !ok {
 			return &resume.Error{Code: frame.CodeNotFound, Reason: fmt.Sprintf("no route %q on this gateway", route)}

@@ -435,3 +435,28 @@ func TestUnconfirmedSessionFreed(t *testing.T) {
 	case <-time.After(100 * time.Millisecond):
 	}
 }
+
+func TestSessionForRoute(t *testing.T) {
+	sc := serverConfig(testConfig())
+	short := testConfig()
+	short.ReconnectTimeout = 3 * time.Second
+	sc.SessionFor = func(route string) *Config {
+		if route == "short" {
+			return short
+		}
+		return nil
+	}
+	srv, addr := tcpGateway(t, sc)
+	for route, want := range map[string]time.Duration{"short": 3 * time.Second, "other": 10 * time.Second} {
+		c, err := Dial(context.Background(), dialTo(addr, nil), route, testConfig())
+		if err != nil {
+			t.Fatal(err)
+		}
+		s, _ := srv.Accept()
+		if c.ReconnectTimeout() != want || s.ReconnectTimeout() != want {
+			t.Errorf("route %s: reconnect timeout %v/%v, want %v", route, c.ReconnectTimeout(), s.ReconnectTimeout(), want)
+		}
+		c.Reset(CodeAppReset, "")
+		s.Close()
+	}
+}

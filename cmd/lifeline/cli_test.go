@@ -2,8 +2,11 @@ package main
 
 import (
 	"net"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestCLIErrors(t *testing.T) {
@@ -107,4 +110,43 @@ func TestDemoShort(t *testing.T) {
 		t.Fatalf("no PASS line:\n%s", out)
 	}
 	t.Log(out[strings.LastIndex(out, "demo: PASS"):])
+}
+
+// Route-level session settings override the gateway's, field by field
+// (the seeds' per-connector configuration).
+func TestPerRouteSessionSettings(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "gw.yaml")
+	os.WriteFile(path, []byte(`
+gateway:
+  listen: 127.0.0.1:0
+  reconnect_timeout: 120s
+  buffer: 4MiB
+  routes:
+    - {name: fast-fail, upstream: 127.0.0.1:1, reconnect_timeout: 0s}
+    - {name: roaming, upstream: 127.0.0.1:2, reconnect_timeout: 10m, liveness_timeout: 10s}
+    - {name: plain, upstream: 127.0.0.1:3}
+`), 0o600)
+	fc, err := loadConfig(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]struct {
+		rt   time.Duration
+		buf  int
+		live time.Duration
+	}{
+		"fast-fail": {0, 4 << 20, 4 * time.Second},
+		"roaming":   {10 * time.Minute, 4 << 20, 10 * time.Second},
+		"plain":     {120 * time.Second, 4 << 20, 4 * time.Second},
+	}
+	for _, r := range fc.Gateway.Routes {
+		c, err := fc.Gateway.sessionFile.over(r.sessionFile).sessionConfig()
+		if err != nil {
+			t.Fatal(err)
+		}
+		w := want[r.Name]
+		if c.ReconnectTimeout != w.rt || c.BufferSize != w.buf || c.LivenessTimeout != w.live {
+			t.Errorf("route %s: reconnect %v buffer %d liveness %v; want %+v", r.Name, c.ReconnectTimeout, c.BufferSize, c.LivenessTimeout, w)
+		}
+	}
 }

@@ -132,6 +132,9 @@ type routeFile struct {
 	Upstream       string   `yaml:"upstream"`
 	ConnectTimeout duration `yaml:"connect_timeout"`
 	ProxyProtocol  int      `yaml:"proxy_protocol"`
+	// Session settings of this route, over the gateway's (the seeds'
+	// per-connector configuration).
+	sessionFile `yaml:",inline"`
 }
 
 type gatewayFile struct {
@@ -200,6 +203,34 @@ func oneLine(s string) string {
 		parts[i] = strings.TrimSpace(parts[i])
 	}
 	return strings.Join(parts, "; ")
+}
+
+// over returns s with every setting that o sets replaced by o's.
+func (s sessionFile) over(o sessionFile) sessionFile {
+	pick := func(a, b duration) duration {
+		if b.Set {
+			return b
+		}
+		return a
+	}
+	pickSize := func(a, b size) size {
+		if b.Set {
+			return b
+		}
+		return a
+	}
+	r := s
+	r.ReconnectTimeout = pick(s.ReconnectTimeout, o.ReconnectTimeout)
+	r.ReconnectInterval = pick(s.ReconnectInterval, o.ReconnectInterval)
+	r.PingInterval = pick(s.PingInterval, o.PingInterval)
+	r.LivenessTimeout = pick(s.LivenessTimeout, o.LivenessTimeout)
+	r.HandshakeTimeout = pick(s.HandshakeTimeout, o.HandshakeTimeout)
+	r.Buffer = pickSize(s.Buffer, o.Buffer)
+	r.DisconnectedBuffer = pickSize(s.DisconnectedBuffer, o.DisconnectedBuffer)
+	if o.ReconnectStrategy != "" {
+		r.ReconnectStrategy = o.ReconnectStrategy
+	}
+	return r
 }
 
 // sessionConfig applies s over the defaults.
@@ -303,6 +334,11 @@ func validateGateway(g *gatewayFile) error {
 	}
 	if _, err := g.sessionFile.sessionConfig(); err != nil {
 		return fmt.Errorf("gateway: %v", err)
+	}
+	for _, r := range g.Routes {
+		if _, err := g.sessionFile.over(r.sessionFile).sessionConfig(); err != nil {
+			return fmt.Errorf("gateway route %q: %v", r.Name, err)
+		}
 	}
 	return nil
 }

@@ -61,6 +61,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = runProxy(cmd, rest, stdout, stderr)
 	case "demo":
 		err = runDemo(rest, stdout, stderr)
+	case "bench":
+		err = runBench(rest, stdout, stderr)
+	case "bench-relay":
+		err = runBenchRelay(rest, stderr)
 	case "version", "--version", "-version":
 		fmt.Fprintf(stdout, "lifeline %s (%s)\n", versionString(), strings.Join(proxy.Transports(), ", "))
 	case "help", "--help", "-help", "-h":
@@ -420,7 +424,13 @@ func startGateway(g *gatewayFile, log *slog.Logger, metrics proxy.Metrics) (*pro
 		if !r.ConnectTimeout.Set && g.ConnectTimeout.Set {
 			ct = g.ConnectTimeout.D
 		}
-		routes = append(routes, proxy.Route{Name: r.Name, Upstream: r.Upstream, ConnectTimeout: ct, ProxyProtocol: r.ProxyProtocol})
+		rs, err := g.sessionFile.over(r.sessionFile).sessionConfig()
+		if err != nil {
+			return nil, nil, usageError{fmt.Errorf("route %q: %w", r.Name, err)}
+		}
+		rs.Logger = log
+		routes = append(routes, proxy.Route{Name: r.Name, Upstream: r.Upstream, ConnectTimeout: ct,
+			ProxyProtocol: r.ProxyProtocol, Session: rs})
 	}
 	store, err := tlsStore(g.Transport, g.TLS)
 	if err != nil {
