@@ -4,6 +4,8 @@ import (
 	"context"
 	"io"
 	"net"
+	"os"
+	"strconv"
 	"testing"
 )
 
@@ -64,9 +66,13 @@ func BenchmarkThroughput(b *testing.B) {
 		}
 	})
 	b.Run("resume", func(b *testing.B) {
-		e := tcpEnv(b, serverConfig(DefaultConfig()), nil)
+		cfg := DefaultConfig()
+		if v := os.Getenv("BENCH_BUF"); v != "" {
+			cfg.BufferSize, _ = strconv.Atoi(v)
+		}
+		e := tcpEnv(b, serverConfig(cfg), nil)
 		defer e.stop()
-		c, err := Dial(context.Background(), e.dial, "bench", DefaultConfig())
+		c, err := Dial(context.Background(), e.dial, "bench", cfg)
 		if err != nil {
 			b.Fatal(err)
 		}

@@ -1,0 +1,290 @@
+// Package bench is lifeline's benchmark harness: throughput, latency,
+// memory per session, resume time and a chaos soak, each measured for
+// lifeline (over TCP, TLS and QUIC links) and for baselines in the same
+// run: no proxy ("direct") and two chained io.Copy relays ("relay").
+//
+// Every proxy runs as a separate process started from the lifeline binary
+// (the gateway and client subcommands, or the hidden bench-relay one), so
+// that its CPU time and resident memory can be read from /proc. The
+// upstream services and the load generator run in the calling process.
+package bench
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"runtime"
+	"slices"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// Options says what to run.
+type Options struct {
+	// Scenarios to run, in any order (default: all of Scenarios()).
+	Scenarios []string
+	// Configs to measure (default: AllConfigs). The baselines direct and
+	// relay are added when a ratio needs them.
+	Configs []string
+	// Short runs everything small and once: the CI mode.
+	Short bool
+	// Duration of one throughput measurement (default 2s, short 300ms).
+	Duration time.Duration
+	// Runs of each measurement; medians are reported (default 3, short 1).
+	Runs int
+	// Sessions held open by the sessions scenario (default 1000, short
+	// 100), lowered to what the descriptor limit allows.
+	Sessions int
+	// SoakDuration (default 45s, short 3s) and SoakSessions (default 64,
+	// short 16) size the soak.
+	SoakDuration time.Duration
+	SoakSessions int
+	// OutDir, if set, receives bench.json, bench.md, throughput.svg and
+	// latency.svg.
+	OutDir string
+	// Progress, if set, gets a status line updated with carriage returns.
+	Progress io.Writer
+	// BinaryPath is the lifeline binary to run the proxies from (default:
+	// this executable).
+	BinaryPath string
+}
+
+// ErrFailed is returned (with the report) when a check failed: a soak
+// mismatch or a lost session.
+var ErrFailed = errors.New("benchmark checks failed")
+
+type scenario struct {
+	name string
+	run  func(context.Context, *runner) error
+}
+
+var scenarios = []scenario{
+	{"throughput", runThroughput},
+	{"latency", runLatency},
+	{"sessions", runSessions},
+	{"resume", runResume},
+	{"soak", runSoak},
+}
+
+// Scenarios lists the scenario names in the order they run.
+func Scenarios() []string {
+	var out []string
+	for _, s := range scenarios {
+		out = append(out, s.name)
+	}
+	return out
+}
+
+type runner struct {
+	opt   Options
+	bin   string
+	tmp   string
+	rep   *Report
+	certs *certFiles
+
+	progMu   sync.Mutex
+	lastProg int
+}
+
+func (r *runner) certFiles() (*certFiles, error) {
+	if r.certs == nil {
+		c, err := makeCerts(r.tmp)
+		if err != nil {
+			return nil, err
+		}
+		r.certs = c
+	}
+	return r.certs, nil
+}
+
+func (r *runner) progress(format string, args ...any) {
+	if r.opt.Progress == nil {
+		return
+	}
+	r.progMu.Lock()
+	defer r.progMu.Unlock()
+	s := fmt.Sprintf(format, args...)
+	if len(s) > 100 {
+		s = s[:100]
+	}
+	pad := ""
+	if n := r.lastProg - len(s); n > 0 {
+		pad = strings.Repeat(" ", n)
+	}
+	r.lastProg = len(s)
+	fmt.Fprintf(r.opt.Progress, "\r%s%s", s, pad)
+}
+
+func (r *runner) has(cfg string) bool { return slices.Contains(r.opt.Configs, cfg) }
+
+// unavailable records a configuration that could not run. Only QUIC may
+// be unavailable; any other failure to start is an error.
+func (r *runner) unavailable(cfg string, err error) error {
+	if cfg != LifelineQUIC {
+		return err
+	}
+	if r.rep.Unavailable == nil {
+		r.rep.Unavailable = map[string]string{}
+	}
+	if _, ok := r.rep.Unavailable[cfg]; !ok {
+		r.rep.Unavailable[cfg] = oneLine(err.Error())
+	}
+	return nil
+}
+
+func oneLine(s string) string {
+	s = strings.ReplaceAll(s, "\n", " | ")
+	if len(s) > 300 {
+		s = s[:300] + "..."
+	}
+	return s
+}
+
+// Run runs the scenarios and returns the report. With OutDir set it also
+// writes the report's files there. The error is ErrFailed (wrapped) when
+// the run completed but a check failed.
+func Run(ctx context.Context, o Options) (*Report, error) {
+	if len(o.Scenarios) == 0 {
+		o.Scenarios = Scenarios()
+	}
+	for _, s := range o.Scenarios {
+		if !slices.Contains(Scenarios(), s) {
+			return nil, fmt.Errorf("unknown scenario %q (want %s)", s, strings.Join(Scenarios(), ", "))
+		}
+	}
+	if len(o.Configs) == 0 {
+		o.Configs = AllConfigs
+	}
+	for _, c := range o.Configs {
+		if !slices.Contains(AllConfigs, c) {
+			return nil, fmt.Errorf("unknown configuration %q (want %s)", c, strings.Join(AllConfigs, ", "))
+		}
+	}
+	// Baselines always run: every ratio is against the same run.
+	var cfgs []string
+	for _, c := range AllConfigs {
+		if c == Direct || c == Relay || slices.Contains(o.Configs, c) {
+			cfgs = append(cfgs, c)
+		}
+	}
+	o.Configs = cfgs
+	def := func(v *time.Duration, full, short time.Duration) {
+		if *v <= 0 {
+			*v = full
+			if o.Short {
+				*v = short
+			}
+		}
+	}
+	defi := func(v *int, full, short int) {
+		if *v <= 0 {
+			*v = full
+			if o.Short {
+				*v = short
+			}
+		}
+	}
+	def(&o.Duration, 2*time.Second, 300*time.Millisecond)
+	def(&o.SoakDuration, 45*time.Second, 3*time.Second)
+	defi(&o.Runs, 3, 1)
+	defi(&o.Sessions, 1000, 100)
+	defi(&o.SoakSessions, 64, 16)
+	if o.BinaryPath == "" {
+		exe, err := os.Executable()
+		if err != nil {
+			return nil, err
+		}
+		o.BinaryPath = exe
+	}
+	tmp, err := os.MkdirTemp("", "lifeline-bench-")
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(tmp)
+
+	rep := &Report{Machine: machineInfo(), Configs: o.Configs, Scenarios: o.Scenarios,
+		Settings: RunSettings{Short: o.Short, Duration: o.Duration.String(), Runs: o.Runs, Sessions: o.Sessions,
+			SoakDuration: o.SoakDuration.String(), SoakSessions: o.SoakSessions}}
+	r := &runner{opt: o, bin: o.BinaryPath, tmp: tmp, rep: rep}
+	start := time.Now()
+	for _, sc := range scenarios {
+		if !slices.Contains(o.Scenarios, sc.name) {
+			continue
+		}
+		if err := ctx.Err(); err != nil {
+			return rep, err
+		}
+		t0 := time.Now()
+		if err := sc.run(ctx, r); err != nil {
+			r.progress("")
+			if r.opt.Progress != nil {
+				fmt.Fprint(r.opt.Progress, "\r")
+			}
+			return rep, fmt.Errorf("%s: %w", sc.name, err)
+		}
+		rep.ScenarioSeconds = append(rep.ScenarioSeconds, NamedValue{sc.name, time.Since(t0).Seconds()})
+	}
+	rep.TotalSeconds = time.Since(start).Seconds()
+	r.progress("done in %.0fs", rep.TotalSeconds)
+	if o.Progress != nil {
+		fmt.Fprintln(o.Progress)
+	}
+	rep.evaluateGoals()
+	if o.OutDir != "" {
+		if err := rep.WriteFiles(o.OutDir); err != nil {
+			return rep, err
+		}
+	}
+	if len(rep.Failures) > 0 {
+		return rep, fmt.Errorf("%w: %s", ErrFailed, strings.Join(rep.Failures, "; "))
+	}
+	return rep, nil
+}
+
+func machineInfo() Machine {
+	m := Machine{GOOS: runtime.GOOS, GOARCH: runtime.GOARCH, NumCPU: runtime.NumCPU(),
+		GoVersion: runtime.Version(), Date: time.Now().UTC().Format(time.RFC3339)}
+	if f, err := os.Open("/proc/cpuinfo"); err == nil {
+		sc := bufio.NewScanner(f)
+		for sc.Scan() {
+			if k, v, ok := strings.Cut(sc.Text(), ":"); ok && strings.TrimSpace(k) == "model name" {
+				m.CPUModel = strings.TrimSpace(v)
+				break
+			}
+		}
+		f.Close()
+	}
+	var rl syscall.Rlimit
+	if syscall.Getrlimit(syscall.RLIMIT_NOFILE, &rl) == nil {
+		m.NofileSoft, m.NofileHard = rl.Cur, rl.Max
+	}
+	return m
+}
+
+func median(xs []float64) float64 {
+	if len(xs) == 0 {
+		return 0
+	}
+	s := slices.Clone(xs)
+	slices.Sort(s)
+	n := len(s)
+	if n%2 == 1 {
+		return s[n/2]
+	}
+	return (s[n/2-1] + s[n/2]) / 2
+}
+
+// percentile of sorted durations, in microseconds.
+func percentile(sorted []time.Duration, p float64) float64 {
+	if len(sorted) == 0 {
+		return 0
+	}
+	i := int(p*float64(len(sorted))+0.5) - 1
+	i = max(0, min(i, len(sorted)-1))
+	return float64(sorted[i].Nanoseconds()) / 1e3
+}

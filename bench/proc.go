@@ -1,0 +1,173 @@
+package bench
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// proc is a proxy process (lifeline gateway/client or a bench relay)
+// started from the lifeline binary.
+type proc struct {
+	name  string // "client", "gateway", "relay1", ...
+	cmd   *exec.Cmd
+	addrs map[string]string // log message -> "addr" attribute
+
+	mu   sync.Mutex
+	tail []string // last lines of stderr, for error messages
+	done chan struct{}
+}
+
+// startProc runs bin with args and waits until it has logged (as JSON
+// lines on stderr) every message in want with an "addr" attribute.
+func startProc(ctx context.Context, name, bin string, args []string, want ...string) (*proc, error) {
+	cmd := exec.Command(bin, args...)
+	cmd.Stdout = io.Discard
+	pr, err := cmd.StderrPipe()
+	if err != nil {
+		return nil, err
+	}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("%s: %w", name, err)
+	}
+	p := &proc{name: name, cmd: cmd, addrs: map[string]string{}, done: make(chan struct{})}
+	found := make(chan struct{})
+	go func() {
+		defer close(p.done)
+		sc := bufio.NewScanner(pr)
+		sc.Buffer(make([]byte, 64<<10), 1<<20)
+		signalled := false
+		for sc.Scan() {
+			line := sc.Text()
+			var m struct {
+				Msg  string `json:"msg"`
+				Addr string `json:"addr"`
+			}
+			if json.Unmarshal([]byte(line), &m) == nil && m.Addr != "" {
+				p.mu.Lock()
+				p.addrs[m.Msg] = m.Addr
+				p.mu.Unlock()
+			}
+			p.mu.Lock()
+			if len(p.tail) < 40 && !strings.Contains(line, "session start") && !strings.Contains(line, "session end") {
+				p.tail = append(p.tail, line)
+			}
+			ok := !signalled
+			for _, w := range want {
+				if p.addrs[w] == "" {
+					ok = false
+				}
+			}
+			p.mu.Unlock()
+			if ok {
+				signalled = true
+				close(found)
+			}
+		}
+		io.Copy(io.Discard, pr)
+	}()
+	t := time.NewTimer(15 * time.Second)
+	defer t.Stop()
+	select {
+	case <-found:
+		return p, nil
+	case <-p.done:
+		err = fmt.Errorf("%s exited at start: %s", name, p.stderr())
+	case <-t.C:
+		err = fmt.Errorf("%s did not start in 15s: %s", name, p.stderr())
+	case <-ctx.Done():
+		err = ctx.Err()
+	}
+	p.stop()
+	return nil, err
+}
+
+func (p *proc) addr(msg string) string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.addrs[msg]
+}
+
+func (p *proc) stderr() string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	s := strings.Join(p.tail, "\n")
+	if len(s) > 2000 {
+		s = s[len(s)-2000:]
+	}
+	return strings.TrimSpace(s)
+}
+
+// stop sends SIGTERM, then SIGKILL after 3 s, and reaps the process.
+func (p *proc) stop() {
+	if p == nil || p.cmd.Process == nil {
+		return
+	}
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-p.done:
+	case <-time.After(3 * time.Second):
+		p.cmd.Process.Kill()
+		<-p.done
+	}
+	p.cmd.Wait()
+}
+
+// cpuSeconds is the user+system CPU time of the process so far.
+func (p *proc) cpuSeconds() (float64, error) { return procCPU(p.cmd.Process.Pid) }
+
+// rssKB is the resident set size of the process.
+func (p *proc) rssKB() (int64, error) { return procRSS(p.cmd.Process.Pid) }
+
+// clkTck is USER_HZ, the unit of /proc/<pid>/stat times (100 on Linux).
+const clkTck = 100
+
+func procCPU(pid int) (float64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, err
+	}
+	// The command name (field 2) may hold spaces; fields after ')'.
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	if i < 0 {
+		return 0, errors.New("bad /proc stat")
+	}
+	f := strings.Fields(s[i+1:])
+	// f[0] is field 3 (state); utime is field 14, stime field 15.
+	if len(f) < 13 {
+		return 0, errors.New("short /proc stat")
+	}
+	u, err1 := strconv.ParseFloat(f[11], 64)
+	st, err2 := strconv.ParseFloat(f[12], 64)
+	if err1 != nil || err2 != nil {
+		return 0, errors.New("bad /proc stat times")
+	}
+	return (u + st) / clkTck, nil
+}
+
+func procRSS(pid int) (int64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			f := strings.Fields(rest)
+			if len(f) > 0 {
+				return strconv.ParseInt(f[0], 10, 64)
+			}
+		}
+	}
+	return 0, errors.New("no VmRSS")
+}

@@ -1,0 +1,101 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/lifeline-proxy/lifeline/bench"
+)
+
+// runBench is "lifeline bench [scenario...] [flags]".
+func runBench(args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("lifeline bench", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	short := fs.Bool("short", false, "small sizes and one run of each measurement (the CI mode, seconds per scenario)")
+	out := fs.String("out", "bench/out", "`directory` for bench.json, bench.md, throughput.svg and latency.svg")
+	configs := fs.String("configs", strings.Join(bench.AllConfigs, ","), "comma-separated `configurations` (direct and relay always run as baselines)")
+	dur := fs.Duration("duration", 0, "length of one throughput measurement (default 2s, 300ms with --short)")
+	runs := fs.Int("runs", 0, "runs of each measurement, medians reported (default 3, 1 with --short)")
+	sessions := fs.Int("sessions", 0, "idle sessions for the sessions scenario (default 1000, 100 with --short; capped by the descriptor limit)")
+	soak := fs.Duration("soak-duration", 0, "length of the soak (default 45s, 3s with --short)")
+	soakSessions := fs.Int("soak-sessions", 0, "sessions in the soak (default 64, 16 with --short)")
+	quiet := fs.Bool("quiet", false, "no progress line")
+	fs.Usage = func() {
+		fmt.Fprintf(stdout, "Usage: lifeline bench [scenario...] [flags]\n\nScenarios: %s (default: all).\nConfigurations: %s.\n\nFlags:\n",
+			strings.Join(bench.Scenarios(), ", "), strings.Join(bench.AllConfigs, ", "))
+		fs.SetOutput(stdout)
+		fs.PrintDefaults()
+		fs.SetOutput(io.Discard)
+	}
+	// Scenarios may come before or after the flags.
+	var names []string
+	rest := args
+	for {
+		if err := fs.Parse(rest); err != nil {
+			if errors.Is(err, flag.ErrHelp) {
+				fs.Usage()
+				return err
+			}
+			return usagef("%v (see lifeline bench --help)", err)
+		}
+		if fs.NArg() == 0 {
+			break
+		}
+		names = append(names, fs.Arg(0))
+		rest = fs.Args()[1:]
+	}
+	o := bench.Options{Scenarios: names, Short: *short, OutDir: *out, Duration: *dur, Runs: *runs,
+		Sessions: *sessions, SoakDuration: *soak, SoakSessions: *soakSessions}
+	for _, c := range strings.Split(*configs, ",") {
+		if c = strings.TrimSpace(c); c != "" {
+			o.Configs = append(o.Configs, c)
+		}
+	}
+	if !*quiet {
+		o.Progress = stderr
+	}
+	for _, s := range names {
+		if !contains(bench.Scenarios(), s) {
+			return usagef("unknown scenario %q (want %s)", s, strings.Join(bench.Scenarios(), ", "))
+		}
+	}
+	for _, c := range o.Configs {
+		if !contains(bench.AllConfigs, c) {
+			return usagef("unknown configuration %q (want %s)", c, strings.Join(bench.AllConfigs, ", "))
+		}
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	start := time.Now()
+	rep, err := bench.Run(ctx, o)
+	if rep != nil && (err == nil || errors.Is(err, bench.ErrFailed)) {
+		fmt.Fprint(stdout, rep.Markdown())
+		if o.OutDir != "" {
+			fmt.Fprintf(stdout, "Raw numbers: %s/bench.json; charts: %s/throughput.svg, %s/latency.svg (%.0fs).\n", o.OutDir, o.OutDir, o.OutDir, time.Since(start).Seconds())
+		}
+	}
+	return err
+}
+
+func contains(xs []string, s string) bool {
+	for _, x := range xs {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}
+
+// runBenchRelay is the hidden "lifeline bench-relay" command, the plain
+// relay the benchmark uses as a baseline.
+func runBenchRelay(args []string, stderr io.Writer) error {
+	return bench.RelayMain(args, stderr)
+}
