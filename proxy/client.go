@@ -34,15 +34,15 @@ type Client struct {
 	metrics Metrics
 	tracker *Tracker
 
-	mu        sync.Mutex
-	listeners map[net.Listener]struct{}
-	dialers   []LinkDialer
-	draining  bool
-	closed    bool
-	abort     chan struct{}
-	abortOnce sync.Once
-	wg        sync.WaitGroup // accept loops
-	connWG    sync.WaitGroup // one per application connection
+	mu          sync.Mutex
+	listeners   map[net.Listener]struct{}
+	dialers     []LinkDialer
+	draining    bool
+	closed      bool
+	abort       context.Context // cancelled to force-close splices
+	abortCancel context.CancelFunc
+	wg          sync.WaitGroup // accept loops
+	connWG      sync.WaitGroup // one per application connection
 }
 
 // NewClient returns a Client; call Serve for each local listener.
@@ -52,7 +52,6 @@ func NewClient(cfg ClientConfig) *Client {
 		metrics:   cfg.Metrics,
 		tracker:   newTracker(),
 		listeners: map[net.Listener]struct{}{},
-		abort:     make(chan struct{}),
 	}
 	if c.log == nil {
 		c.log = slog.New(slog.DiscardHandler)
@@ -60,6 +59,7 @@ func NewClient(cfg ClientConfig) *Client {
 	if c.metrics == nil {
 		c.metrics = NopMetrics{}
 	}
+	c.abort, c.abortCancel = context.WithCancel(context.Background())
 	c.metrics.Track("client", c.tracker)
 	return c
 }
@@ -175,7 +175,7 @@ func (c *Client) open(app *net.TCPConn, r ClientRoute, cfg *resume.Config) (*res
 	defer cancel()
 	go func() {
 		select {
-		case <-c.abort:
+		case <-c.abort.Done():
 			cancel()
 		case <-ctx.Done():
 		}
@@ -238,7 +238,7 @@ func (c *Client) Close() error {
 	dialers := c.dialers
 	c.dialers = nil
 	c.mu.Unlock()
-	c.abortOnce.Do(func() { close(c.abort) })
+	c.abortCancel()
 	c.wg.Wait()
 	c.connWG.Wait()
 	for _, d := range dialers {

@@ -52,12 +52,12 @@ type Gateway struct {
 	metrics Metrics
 	tracker *Tracker
 
-	mu        sync.Mutex
-	listeners []LinkListener
-	draining  bool
-	abort     chan struct{} // closed to force-close splices
-	abortOnce sync.Once
-	wg        sync.WaitGroup // accept loop and splices
+	mu          sync.Mutex
+	listeners   []LinkListener
+	draining    bool
+	abort       context.Context // cancelled to force-close splices
+	abortCancel context.CancelFunc
+	wg          sync.WaitGroup // accept loop and splices
 }
 
 // NewGateway validates cfg and returns a Gateway; call Serve with one or
@@ -71,7 +71,6 @@ func NewGateway(cfg GatewayConfig) (*Gateway, error) {
 		log:     cfg.Logger,
 		metrics: cfg.Metrics,
 		tracker: newTracker(),
-		abort:   make(chan struct{}),
 	}
 	if g.log == nil {
 		g.log = slog.New(slog.DiscardHandler)
@@ -123,6 +122,7 @@ func NewGateway(cfg GatewayConfig) (*Gateway, error) {
 	}
 	g.srv = srv
 	g.tracker.failures = srv.ResumeFailures
+	g.abort, g.abortCancel = context.WithCancel(context.Background())
 	g.metrics.Track("gateway", g.tracker)
 	g.wg.Add(1)
 	go g.acceptLoop()
@@ -274,7 +274,7 @@ func (g *Gateway) Close() error {
 }
 
 func (g *Gateway) forceClose() {
-	g.abortOnce.Do(func() { close(g.abort) })
+	g.abortCancel()
 	g.srv.Close()
 	g.mu.Lock()
 	for _, l := range g.listeners {

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"context"
 	"errors"
 	"io"
 	"net"
@@ -53,13 +54,16 @@ type spliceResult struct {
 // a session RESET with APP_RESET, and a session abort (any code) resets the
 // application socket. abort, when closed, aborts the splice with code
 // SHUTTING_DOWN (force-close after a drain timeout).
-func splice(app *net.TCPConn, sess Session, abortCh <-chan struct{}) spliceResult {
+//
+// It costs one goroutine besides the caller's (an idle session's memory is
+// mostly goroutine stacks): the caller runs the session -> application
+// direction, and the abort is a context.AfterFunc, not a watcher.
+func splice(app *net.TCPConn, sess Session, abort context.Context) spliceResult {
 	var (
 		up, down  atomic.Int64
 		once      sync.Once
 		res       spliceResult
-		wg        sync.WaitGroup
-		finished  = make(chan struct{})
+		upDone    = make(chan struct{})
 		abortedMu sync.Mutex
 	)
 	// fail aborts both sides once: the application gets an RST, the peer a
@@ -75,11 +79,15 @@ func splice(app *net.TCPConn, sess Session, abortCh <-chan struct{}) spliceResul
 		})
 	}
 
-	wg.Add(2)
+	abortDone := make(chan struct{})
+	stop := context.AfterFunc(abort, func() {
+		defer close(abortDone)
+		fail(frame.CodeShuttingDown, "proxy shutting down", &resume.Error{Code: frame.CodeShuttingDown, Reason: "drain timeout"})
+	})
 	// application -> session: ReadFrom reads the socket straight into the
 	// replay buffer (no intermediate copy).
 	go func() {
-		defer wg.Done()
+		defer close(upDone)
 		src := &countingReader{r: app, n: &up}
 		_, err := sess.ReadFrom(src)
 		switch {
@@ -100,8 +108,7 @@ func splice(app *net.TCPConn, sess Session, abortCh <-chan struct{}) spliceResul
 	}()
 	// session -> application: WriteTo writes from the receive buffer
 	// straight to the socket (one writev per batch).
-	go func() {
-		defer wg.Done()
+	func() {
 		n, err := sess.WriteTo(app)
 		down.Add(n)
 		var se *resume.Error
@@ -120,12 +127,9 @@ func splice(app *net.TCPConn, sess Session, abortCh <-chan struct{}) spliceResul
 			fail(frame.CodeAppReset, "application connection: "+err.Error(), &resume.Error{Code: frame.CodeAppReset, Reason: err.Error()})
 		}
 	}()
-	go func() { wg.Wait(); close(finished) }()
-	select {
-	case <-finished:
-	case <-abortCh:
-		fail(frame.CodeShuttingDown, "proxy shutting down", &resume.Error{Code: frame.CodeShuttingDown, Reason: "drain timeout"})
-		<-finished
+	<-upDone
+	if !stop() {
+		<-abortDone // the abort ran (or runs): let it finish with res
 	}
 
 	abortedMu.Lock()
