@@ -89,7 +89,9 @@ func TestThroughputShort(t *testing.T) {
 		if x.MBps <= 0 {
 			t.Errorf("%s %s: %.1f MB/s", x.Config, x.Direction, x.MBps)
 		}
-		if x.Config != Direct && x.CPUSecPerGBMean <= 0 {
+		// The relay moves bytes with splice(2) and can use less than one
+		// clock tick (10 ms) in a short run; lifeline cannot.
+		if x.Config != Direct && x.Config != Relay && x.CPUSecPerGBMean <= 0 {
 			t.Errorf("%s %s: no CPU time measured", x.Config, x.Direction)
 		}
 		if x.Config == LifelineTCP && x.VsRelay <= 0 {
