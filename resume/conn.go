@@ -50,18 +50,10 @@ func (c *Conn) Read(p []byte) (int, error) {
 			s.mu.Unlock()
 			return 0, err
 		}
-		wait := s.readWaiter()
-		dl := s.rdl.wait()
-		s.mu.Unlock()
-		if isClosed(dl) {
-			return 0, errDeadline
+		if err := s.await(s.readWaiter(), s.rdl.wait()); err != nil {
+			s.mu.Unlock()
+			return 0, err
 		}
-		select {
-		case <-wait:
-		case <-dl:
-			return 0, errDeadline
-		}
-		s.mu.Lock()
 	}
 }
 
@@ -107,15 +99,10 @@ func (c *Conn) Write(p []byte) (int, error) {
 			s.kick()
 			continue
 		}
-		wait := s.writeWaiter()
-		dl := s.wdl.wait()
-		s.mu.Unlock()
-		select {
-		case <-wait:
-		case <-dl:
-			return n, errDeadline
+		if err := s.await(s.writeWaiter(), s.wdl.wait()); err != nil {
+			s.mu.Unlock()
+			return n, err
 		}
-		s.mu.Lock()
 	}
 }
 
@@ -322,15 +309,10 @@ func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
 		}
 		room := s.sendLimit() - s.send.Len()
 		if room <= 0 {
-			wait := s.writeWaiter()
-			dl := s.wdl.wait()
-			s.mu.Unlock()
-			select {
-			case <-wait:
-			case <-dl:
-				return total, errDeadline
+			if err := s.await(s.writeWaiter(), s.wdl.wait()); err != nil {
+				s.mu.Unlock()
+				return total, err
 			}
-			s.mu.Lock()
 			continue
 		}
 		tail := s.send.Tail()
@@ -417,14 +399,22 @@ func (c *Conn) WriteTo(w io.Writer) (int64, error) {
 			s.mu.Unlock()
 			return total, err
 		}
-		wait := s.readWaiter()
-		dl := s.rdl.wait()
-		s.mu.Unlock()
-		select {
-		case <-wait:
-		case <-dl:
-			return total, errDeadline
+		if err := s.await(s.readWaiter(), s.rdl.wait()); err != nil {
+			s.mu.Unlock()
+			return total, err
 		}
-		s.mu.Lock()
+	}
+}
+
+// await waits, with mu released, until wake is closed or the deadline
+// passes. Caller holds mu; it is held again on return.
+func (s *session) await(wake, deadline chan struct{}) error {
+	s.mu.Unlock()
+	defer s.mu.Lock()
+	select {
+	case <-wake:
+		return nil
+	case <-deadline:
+		return errDeadline
 	}
 }
