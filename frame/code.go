@@ -61,10 +61,12 @@ func (c Code) String() string {
 }
 
 // Retryable reports whether a client that got c in REJECT may try the same
-// resume again later (on a new link) rather than give the session up.
+// resume again later (on a new link) rather than give the session up. Any
+// other code, in particular one a gateway remembers a session ended with
+// (TIMEOUT, LIMIT, APP_RESET, ...), is final.
 func (c Code) Retryable() bool {
 	switch c {
-	case CodeThrottled, CodeInternal, CodeConflict, CodeTimeout, CodeLimit:
+	case CodeThrottled, CodeInternal, CodeConflict:
 		return true
 	}
 	return false

@@ -460,3 +460,74 @@ func TestSessionForRoute(t *testing.T) {
 		s.Close()
 	}
 }
+
+// When the buffers of all sessions reach the memory budget, new sessions
+// are refused with LIMIT and the existing ones keep every byte.
+func TestMemoryBudget(t *testing.T) {
+	sc := serverConfig(testConfig())
+	sc.MemoryBudget = 256 << 10
+	srv, addr := tcpGateway(t, sc)
+	dial := dialTo(addr, nil)
+	c, err := Dial(context.Background(), dial, "r", testConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, _ := srv.Accept()
+	data := stream(42, 1<<20)
+	go c.Write(data) // the gateway's application does not read yet
+	for i := 0; srv.MemoryInUse() < sc.MemoryBudget; i++ {
+		if i > 1000 {
+			t.Fatalf("memory in use %d never reached the budget", srv.MemoryInUse())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if _, err := Dial(context.Background(), dial, "r", testConfig()); !errors.Is(err, ErrLimit) {
+		t.Fatalf("new session over the budget: %v, want LIMIT", err)
+	}
+	got := make([]byte, len(data))
+	if _, err := io.ReadFull(s, got); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("existing session after the budget: %v, equal %v", err, bytes.Equal(got, data))
+	}
+	c.Reset(CodeAppReset, "")
+	s.Close()
+	for i := 0; srv.MemoryInUse() != 0; i++ {
+		if i > 1000 {
+			t.Fatalf("memory in use %d after the session ended", srv.MemoryInUse())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// GOAWAY moves a session to a new link while the old one keeps working:
+// the stream goes on without a gap and without a parked phase.
+func TestGoAwayMigrates(t *testing.T) {
+	e := tcpEnv(t, serverConfig(testConfig()), nil)
+	defer e.stop()
+	c, s := e.pair(testConfig())
+	first := c.RemoteAddr().String() + c.LocalAddr().String()
+	if err := s.GoAway("rebalance"); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; c.Stats().Resumes == 0; i++ {
+		if i > 1000 {
+			t.Fatal("client never moved")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if c.LocalAddr().String()+c.RemoteAddr().String() == first {
+		t.Fatal("still on the first link")
+	}
+	if c.Stats().LinkFailures != 0 {
+		t.Fatalf("client counted %d link failures for a migration", c.Stats().LinkFailures)
+	}
+	c.Write([]byte("moved"))
+	b := make([]byte, 5)
+	if _, err := io.ReadFull(s, b); err != nil || string(b) != "moved" {
+		t.Fatalf("after GOAWAY: %q %v", b, err)
+	}
+	if err := c.GoAway("x"); err == nil {
+		t.Fatal("GoAway from the client side accepted")
+	}
+	c.Reset(CodeAppReset, "")
+	s.Close()
+}

@@ -145,6 +145,23 @@ func (l *link) awaitingClose() *frame.CodeReason {
 	return l.awaitClose
 }
 
+// retire stops using a link that a newer resume replaced, without closing
+// it yet: in a GOAWAY migration it still works, and the client closes it
+// itself once it has RESUMED (closing first would look like a failure to
+// it). Expired deadlines get the reader and writer out of any blocked call
+// at once, so the new link's goroutines need not wait; the link is closed
+// for good after a grace period. Caller holds s.mu and has detached l.
+func (l *link) retire() {
+	if !l.started {
+		// Replaced before it ran (two resumes racing): nobody uses it.
+		l.closeWith(errLinkReplaced)
+		return
+	}
+	l.conn.SetDeadline(time.Unix(1, 0))
+	l.kick()
+	time.AfterFunc(finalWriteTimeout, func() { l.closeWith(errLinkReplaced) })
+}
+
 // markDone releases a later link waiting on this one that never ran its
 // goroutines, once the link before it is done: the chain of waits must not
 // skip a link whose writer may still be reading the replay buffer.
@@ -420,7 +437,11 @@ func (l *link) writeLoop(prev *link) {
 			s.mu.Lock()
 			n := l.collect()
 			final := l.final
+			stale := s.link != l && !final
 			s.mu.Unlock()
+			if stale {
+				return // retired: the link that replaced it waits for us
+			}
 			if n == 0 && !final {
 				break
 			}

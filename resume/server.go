@@ -331,7 +331,6 @@ func (srv *Server) hello(c net.Conn, fr *frame.Reader, p []byte) {
 	s.credCur = initialCredential(secret, s.id, hello.Key, pub)
 	s.reconnectTimeout = min(cfg.ReconnectTimeout, time.Duration(hello.ReconnectTimeout)*time.Millisecond)
 	s.window = uint64(cfg.BufferSize)
-	s.acct = &srv.mem
 	s.send.acct, s.recv.acct = &srv.mem, &srv.mem
 
 	w := &frame.Welcome{SessionID: s.id, Key: pub,
@@ -501,10 +500,12 @@ func (srv *Server) resume(c net.Conn, fr *frame.Reader, p []byte) {
 	// The old link, if the gateway had not noticed it died, goes now: the
 	// newest valid resume wins. Its reader commits nothing after this.
 	if old := s.link; old != nil {
+		// Close it a little later: in a GOAWAY migration it still works
+		// and the client closes it itself once it has our RESUMED; closing
+		// it first would look like a link failure to the client.
 		s.link = nil
-		old.closeWith(errLinkReplaced)
-		s.stats.LinkFailures++
 		s.downAt = time.Now()
+		old.retire()
 	}
 	d := &frame.Resumed{Key: pub, Received: s.recv.End(), Window: s.window}
 	if s.peerFin {

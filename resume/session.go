@@ -7,7 +7,6 @@ import (
 	"log/slog"
 	"net"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/lifeline-proxy/lifeline/frame"
@@ -122,7 +121,6 @@ type session struct {
 	credPrev credential
 	hasPrev  bool
 	lastCtr  uint64
-	acct     *atomic.Int64
 }
 
 // Stats are a session's counters.
