@@ -228,6 +228,9 @@ type TLSFiles struct {
 	Key        string `yaml:"key"`
 	CA         string `yaml:"ca"`
 	ServerName string `yaml:"server_name"`
+	// Pin (client only) is the SHA-256 of the gateway's certificate, for
+	// a gateway with a self-signed one; checked instead of a CA chain.
+	Pin string `yaml:"pin"`
 }
 
 // Empty reports whether no TLS setting is given.
@@ -308,7 +311,9 @@ func (s *CertStore) ServerConfig() (*tls.Config, error) {
 // if any, is presented for mTLS.
 func (s *CertStore) ClientConfig() *tls.Config {
 	c := &tls.Config{MinVersion: tls.VersionTLS12, ServerName: s.files.ServerName}
-	if pool := s.pool.Load(); pool != nil {
+	if s.files.Pin != "" {
+		c = PinnedTLS(s.files.Pin, s.files.ServerName)
+	} else if pool := s.pool.Load(); pool != nil {
 		c.RootCAs = nil
 		// Verify against the pool current at handshake time so a CA
 		// reload applies to new links.

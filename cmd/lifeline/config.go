@@ -287,8 +287,22 @@ func checkTransport(name string, tf proxy.TLSFiles, gateway bool) error {
 	if name == "tcp" && !tf.Empty() {
 		return errors.New("TLS settings given but transport is tcp (use --transport tls)")
 	}
-	if gateway && proxy.TransportUsesTLS(name) && (tf.Cert == "" || tf.Key == "") {
-		return fmt.Errorf("transport %s on the gateway needs a certificate and key (--tls-cert, --tls-key)", name)
+	if (tf.Cert == "") != (tf.Key == "") {
+		return errors.New("--tls-cert and --tls-key must be given together")
+	}
+	if gateway && tf.Pin != "" {
+		return errors.New("--tls-pin is a client setting")
+	}
+	if gateway && tf.CA != "" && tf.Cert == "" {
+		return errors.New("--tls-ca (mTLS) needs the gateway's own --tls-cert and --tls-key")
+	}
+	if tf.Pin != "" {
+		if _, err := proxy.ParseFingerprint(tf.Pin); err != nil {
+			return err
+		}
+		if tf.CA != "" {
+			return errors.New("give --tls-pin or --tls-ca, not both")
+		}
 	}
 	return nil
 }

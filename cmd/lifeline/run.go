@@ -161,6 +161,11 @@ func newFlagSet(cmd string, o *options, stdout io.Writer) *flag.FlagSet {
 		fs.StringVar(&o.tls.CA, "tls-ca", "", "CA `file` the gateway's certificate must chain to (default: system roots)")
 	}
 	fs.StringVar(&o.tls.ServerName, "tls-server-name", "", "expected gateway certificate `name` (default: the gateway host)")
+	if cmd == "gateway" {
+		o.tls.Pin = ""
+	} else {
+		fs.StringVar(&o.tls.Pin, "tls-pin", "", "SHA-256 `fingerprint` of the gateway's certificate (for a self-signed gateway; instead of --tls-ca)")
+	}
 	fs.StringVar(&o.logFormat, "log-format", "text", "log format: text or json")
 	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	fs.StringVar(&o.statusAddr, "status-addr", "", "`address` for /metrics, /healthz and /sessions (off if empty)")
@@ -432,12 +437,20 @@ func startGateway(g *gatewayFile, log *slog.Logger, metrics proxy.Metrics) (*pro
 		routes = append(routes, proxy.Route{Name: r.Name, Upstream: r.Upstream, ConnectTimeout: ct,
 			ProxyProtocol: r.ProxyProtocol, Session: rs})
 	}
-	store, err := tlsStore(g.Transport, g.TLS)
-	if err != nil {
-		return nil, nil, err
-	}
+	var store *proxy.CertStore
 	var tc = (*tlsConfig)(nil)
-	if store != nil {
+	if proxy.TransportUsesTLS(g.Transport) && g.TLS.Cert == "" {
+		// No certificate: a throwaway self-signed one, whose fingerprint
+		// clients pin (--tls-pin). Clients never skip verification.
+		c, fp, err := proxy.SelfSignedTLS()
+		if err != nil {
+			return nil, nil, err
+		}
+		tc = c
+		log.Warn("no --tls-cert: generated a self-signed gateway certificate; clients must pin it", "sha256", fp, "client_flag", "--tls-pin "+fp)
+	} else if store, err = tlsStore(g.Transport, g.TLS); err != nil {
+		return nil, nil, err
+	} else if store != nil {
 		c, err := store.ServerConfig()
 		if err != nil {
 			return nil, nil, err
