@@ -31,6 +31,15 @@ type countingReader struct {
 	err error
 }
 
+// SyscallConn lets the session wait for the socket to be readable before
+// it sets a buffer aside (see resume.Conn.ReadFrom).
+func (c *countingReader) SyscallConn() (syscall.RawConn, error) {
+	if sc, ok := c.r.(syscall.Conn); ok {
+		return sc.SyscallConn()
+	}
+	return nil, errors.ErrUnsupported
+}
+
 func (c *countingReader) Read(p []byte) (int, error) {
 	n, err := c.r.Read(p)
 	c.n.Add(int64(n))

@@ -26,6 +26,8 @@ type ReplayBuffer struct {
 	end    uint64 // offset after the last byte held
 	base   uint64 // offset of chunks[0][0]
 	chunks []*[chunkSize]byte
+	// lent: a Tail is being filled outside the lock; its chunk must stay.
+	lent bool
 	// acct, if set, tracks the bytes of chunks held (a gateway's memory
 	// budget across all sessions).
 	acct *atomic.Int64
@@ -80,11 +82,24 @@ func (b *ReplayBuffer) Tail() []byte {
 		}
 	}
 	c := b.chunks[used/chunkSize]
+	b.lent = true
 	return c[used%chunkSize:]
 }
 
-// Commit marks n bytes of the last Tail as held.
-func (b *ReplayBuffer) Commit(n int) { b.end += uint64(n) }
+// TailFree is how much a Tail would offer without allocating a chunk.
+func (b *ReplayBuffer) TailFree() int {
+	if len(b.chunks) == 0 {
+		return 0
+	}
+	return len(b.chunks)*chunkSize - int(b.end-b.base)
+}
+
+// Commit marks n bytes of the last Tail as held (n may be 0) and ends
+// the loan.
+func (b *ReplayBuffer) Commit(n int) {
+	b.end += uint64(n)
+	b.lent = false
+}
 
 // Slices appends to dst slices covering [from, from+n) and returns it. The
 // range must lie within [Start, End]. The slices alias the buffer.
@@ -122,6 +137,12 @@ func (b *ReplayBuffer) Discard(upto uint64) {
 		return
 	}
 	b.start = min(upto, b.end)
+	if b.start == b.end && !b.lent {
+		// Empty: give back the partly used last chunk too, so that an
+		// idle session holds no buffer at all.
+		b.free(len(b.chunks))
+		return
+	}
 	b.free(int(b.start-b.base) / chunkSize)
 }
 

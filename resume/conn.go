@@ -3,6 +3,7 @@ package resume
 import (
 	"io"
 	"net"
+	"syscall"
 	"time"
 
 	"github.com/lifeline-proxy/lifeline/frame"
@@ -301,6 +302,11 @@ func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
 	s.wmu.Lock()
 	defer s.wmu.Unlock()
 	var total int64
+	var rc syscall.RawConn
+	if sc, ok := r.(syscall.Conn); ok {
+		rc, _ = sc.SyscallConn()
+	}
+	readable := false
 	s.mu.Lock()
 	for {
 		if err := s.writeErr(); err != nil {
@@ -315,6 +321,21 @@ func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
 			}
 			continue
 		}
+		if rc != nil && !readable {
+			// Wait for data before lending out the buffer's tail: an idle
+			// session (the request sent, acked, the next one not yet
+			// written) must not keep a chunk for bytes that may never
+			// come. One MSG_PEEK per read: cheap next to the copy.
+			s.mu.Unlock()
+			err := waitReadable(rc)
+			s.mu.Lock()
+			if err != nil {
+				rc = nil // not a socket we can wait on: just read
+			}
+			readable = true
+			continue
+		}
+		readable = false
 		tail := s.send.Tail()
 		if len(tail) > room {
 			tail = tail[:room]
@@ -325,6 +346,7 @@ func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
 		if n > 0 {
 			if werr := s.writeErr(); werr != nil {
 				// Closed while we read: the bytes cannot be sent.
+				s.send.Commit(0)
 				s.mu.Unlock()
 				return total, werr
 			}
@@ -332,6 +354,8 @@ func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
 			s.stats.BytesSent += uint64(n)
 			total += int64(n)
 			s.kick()
+		} else {
+			s.send.Commit(0)
 		}
 		if err != nil {
 			s.mu.Unlock()

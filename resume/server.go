@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"golang.org/x/sync/semaphore"
 	"golang.org/x/time/rate"
 
 	"github.com/lifeline-proxy/lifeline/frame"
@@ -95,14 +96,17 @@ type Server struct {
 	draining  bool
 	isClosed  bool
 
-	accept   chan *Conn
-	closed   chan struct{}
-	handshk  chan struct{} // semaphore
-	mem      atomic.Int64
-	wg       sync.WaitGroup // serve loops and handshakes
-	sessWG   sync.WaitGroup // sessions until their goroutines exit
-	emptied  chan struct{}  // signalled when the last session ends
-	failures atomic.Int64
+	accept chan *Conn
+	closed chan struct{}
+	// closedCtx is cancelled with closed, for waits that take a context.
+	closedCtx    context.Context
+	cancelClosed context.CancelFunc
+	handshk      *semaphore.Weighted // handshakes in progress
+	mem          atomic.Int64
+	wg           sync.WaitGroup // serve loops and handshakes
+	sessWG       sync.WaitGroup // sessions until their goroutines exit
+	emptied      chan struct{}  // signalled when the last session ends
+	failures     atomic.Int64
 }
 
 // tomb remembers how a session ended, for a client that comes back to it.
@@ -121,7 +125,7 @@ func NewServer(cfg *ServerConfig) (*Server, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	return &Server{
+	srv := &Server{
 		cfg:       *cfg,
 		log:       cfg.Session.logger().With("side", "gateway"),
 		sessions:  make(map[SessionID]*session),
@@ -130,9 +134,11 @@ func NewServer(cfg *ServerConfig) (*Server, error) {
 		listeners: make(map[net.Listener]struct{}),
 		accept:    make(chan *Conn, cfg.AcceptBacklog),
 		closed:    make(chan struct{}),
-		handshk:   make(chan struct{}, cfg.MaxHandshakes),
+		handshk:   semaphore.NewWeighted(int64(cfg.MaxHandshakes)),
 		emptied:   make(chan struct{}, 1),
-	}, nil
+	}
+	srv.closedCtx, srv.cancelClosed = context.WithCancel(context.Background())
+	return srv, nil
 }
 
 // Accept returns the next new session.
@@ -221,16 +227,17 @@ func (srv *Server) ResumeFailures() int64 { return srv.failures.Load() }
 func (srv *Server) handshake(c net.Conn) {
 	ctx, cancel := context.WithTimeout(context.Background(), srv.cfg.Session.HandshakeTimeout)
 	defer cancel()
-	select {
-	case srv.handshk <- struct{}{}:
-		defer func() { <-srv.handshk }()
-	case <-ctx.Done():
+	closing := context.AfterFunc(srv.closedCtx, cancel)
+	defer closing()
+	if err := srv.handshk.Acquire(ctx, 1); err != nil {
+		if srv.closedCtx.Err() != nil {
+			c.Close()
+			return
+		}
 		srv.refuse(c, frame.CodeThrottled, "too many handshakes in progress")
 		return
-	case <-srv.closed:
-		c.Close()
-		return
 	}
+	defer srv.handshk.Release(1)
 	c.SetDeadline(time.Now().Add(srv.cfg.Session.HandshakeTimeout))
 	remote := c.RemoteAddr()
 	fr := frame.NewReader(c, linkReadBuffer)
@@ -605,6 +612,7 @@ func (srv *Server) Close() error {
 	}
 	srv.isClosed = true
 	close(srv.closed)
+	srv.cancelClosed()
 	for l := range srv.listeners {
 		l.Close()
 	}
