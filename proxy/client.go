@@ -150,19 +150,8 @@ func (c *Client) handle(app *net.TCPConn, r ClientRoute, cfg *resume.Config) {
 	log := c.log.With("side", "client", "session", sess.SessionID().String(), "route", r.Route)
 	log.Info("session start", "app", appAddr, "gateway", r.Gateway, "link", sess.RemoteAddr(),
 		"reconnect_timeout", sess.ReconnectTimeout())
-	c.metrics.SessionStarted("client", r.Route)
 	x := &tracked{conn: sess, route: r.Route, app: appAddr, started: start}
-	c.tracker.add(x)
-	res := splice(app, sess, c.abort)
-	st := sess.Stats()
-	c.tracker.remove(x)
-	c.metrics.SessionEnded("client", r.Route, res.Cause)
-	args := []any{"cause", res.Cause, "bytes_to_gateway", res.Up, "bytes_from_gateway", res.Down,
-		"duration", time.Since(start).Round(time.Millisecond), "resumes", st.Resumes, "replayed", st.BytesReplayed}
-	if res.Err != nil {
-		args = append(args, "err", res.Err)
-	}
-	log.Info("session end", args...)
+	runSplice("client", app, sess, x, c.abort, c.tracker, c.metrics, log, "bytes_to_gateway", "bytes_from_gateway")
 }
 
 // open opens the session for a new application connection. Link failures

@@ -215,19 +215,9 @@ func (g *Gateway) handle(conn *resume.Conn) {
 	tcp := up.(*net.TCPConn)
 	tcp.SetNoDelay(true)
 	log.Info("session start", "link", link, "upstream", route.Upstream, "upstream_local", tcp.LocalAddr())
-	g.metrics.SessionStarted("gateway", route.Name)
 	x := &tracked{conn: conn, route: route.Name, app: route.Upstream, started: start}
-	g.tracker.add(x)
-	res := splice(tcp, conn, g.abort)
-	st := conn.Stats()
-	g.tracker.remove(x)
-	g.metrics.SessionEnded("gateway", route.Name, res.Cause)
-	args := []any{"cause", res.Cause, "bytes_to_upstream", res.Down, "bytes_from_upstream", res.Up,
-		"duration", time.Since(start).Round(time.Millisecond), "resumes", st.Resumes, "replayed", st.BytesReplayed}
-	if res.Err != nil {
-		args = append(args, "err", res.Err)
-	}
-	log.Info("session end", args...)
+	// Up is what the upstream sent into the session, Down what it got.
+	runSplice("gateway", tcp, conn, x, g.abort, g.tracker, g.metrics, log, "bytes_from_upstream", "bytes_to_upstream")
 }
 
 func writeProxyHeader(up net.Conn, src net.Addr, version int) error {

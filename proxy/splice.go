@@ -4,11 +4,13 @@ import (
 	"context"
 	"errors"
 	"io"
+	"log/slog"
 	"net"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 
 	"github.com/lifeline-proxy/lifeline/frame"
 	"github.com/lifeline-proxy/lifeline/resume"
@@ -183,4 +185,23 @@ func isLocalClose(err error) bool { return errors.Is(err, net.ErrClosed) }
 // isReset reports whether err is a connection reset by the peer.
 func isReset(err error) bool {
 	return errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)
+}
+
+// runSplice tracks a session while it is spliced to its TCP connection,
+// counts it in the metrics and logs its end with the bytes each way (named
+// upName and downName for the side's point of view).
+func runSplice(side string, app *net.TCPConn, sess *resume.Conn, x *tracked, abort context.Context,
+	tr *Tracker, m Metrics, log *slog.Logger, upName, downName string) {
+	m.SessionStarted(side, x.route)
+	tr.add(x)
+	res := splice(app, sess, abort)
+	st := sess.Stats()
+	tr.remove(x)
+	m.SessionEnded(side, x.route, res.Cause)
+	args := []any{"cause", res.Cause, upName, res.Up, downName, res.Down,
+		"duration", time.Since(x.started).Round(time.Millisecond), "resumes", st.Resumes, "replayed", st.BytesReplayed}
+	if res.Err != nil {
+		args = append(args, "err", res.Err)
+	}
+	log.Info("session end", args...)
 }

@@ -163,21 +163,8 @@ func TestReconnectStrategies(t *testing.T) {
 			synctest.Test(t, func(t *testing.T) {
 				cfg := DefaultConfig()
 				cfg.Strategy = tc.strat
-				srv, err := NewServer(serverConfig(DefaultConfig()))
-				if err != nil {
-					t.Fatal(err)
-				}
+				srv, g, c, s := gatedPair(t, cfg, DefaultConfig())
 				defer srv.Close()
-				g := &gate{dial: func(ctx context.Context) (net.Conn, error) {
-					a, b := net.Pipe()
-					go srv.ServeLink(b)
-					return a, nil
-				}}
-				c, err := Dial(context.Background(), g.Dial, "r", cfg)
-				if err != nil {
-					t.Fatal(err)
-				}
-				s, _ := srv.Accept()
 				g.set(true)
 				start := time.Now()
 				c.Kill()
@@ -213,21 +200,8 @@ func TestReconnectStrategies(t *testing.T) {
 func TestReconnectTimeoutExpires(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		cfg := DefaultConfig() // 60 s
-		srv, err := NewServer(serverConfig(DefaultConfig()))
-		if err != nil {
-			t.Fatal(err)
-		}
+		srv, g, c, s := gatedPair(t, cfg, DefaultConfig())
 		defer srv.Close()
-		g := &gate{dial: func(ctx context.Context) (net.Conn, error) {
-			a, b := net.Pipe()
-			go srv.ServeLink(b)
-			return a, nil
-		}}
-		c, err := Dial(context.Background(), g.Dial, "r", cfg)
-		if err != nil {
-			t.Fatal(err)
-		}
-		s, _ := srv.Accept()
 		g.set(true)
 		c.Kill()
 		time.Sleep(60*time.Second - time.Millisecond)
@@ -261,21 +235,8 @@ func TestDisconnectedQueueLimit(t *testing.T) {
 		cfg := DefaultConfig()
 		cfg.BufferSize = 128 << 10
 		cfg.DisconnectedBufferSize = 512 << 10
-		srv, err := NewServer(serverConfig(cfg))
-		if err != nil {
-			t.Fatal(err)
-		}
+		srv, g, c, s := gatedPair(t, cfg, cfg)
 		defer srv.Close()
-		g := &gate{dial: func(ctx context.Context) (net.Conn, error) {
-			a, b := net.Pipe()
-			go srv.ServeLink(b)
-			return a, nil
-		}}
-		c, err := Dial(context.Background(), g.Dial, "r", cfg)
-		if err != nil {
-			t.Fatal(err)
-		}
-		s, _ := srv.Accept()
 		g.set(true)
 		c.Kill()
 		synctest.Wait()
@@ -335,4 +296,28 @@ func TestDisconnectedQueueLimit(t *testing.T) {
 		c.Reset(CodeAppReset, "done")
 		s.Close()
 	})
+}
+
+// gatedPair opens a session over net.Pipe links whose dialing a gate
+// controls (inside a synctest bubble: fake time, no real sockets).
+func gatedPair(t *testing.T, cfg, serverCfg *Config) (*Server, *gate, *Conn, *Conn) {
+	t.Helper()
+	srv, err := NewServer(serverConfig(serverCfg))
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := &gate{dial: func(ctx context.Context) (net.Conn, error) {
+		a, b := net.Pipe()
+		go srv.ServeLink(b)
+		return a, nil
+	}}
+	c, err := Dial(context.Background(), g.Dial, "r", cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := srv.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return srv, g, c, s
 }
