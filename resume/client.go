@@ -200,7 +200,6 @@ func (s *session) redialLoop(migrate bool) {
 		case fatal && re.Code == frame.CodeNone:
 			// The gateway ended the session in order while we were away:
 			// it had our CLOSE_WRITE or closed both ways after its own.
-			s.peerClosed = true
 			s.end(nil, nil, "peer closed while disconnected")
 		case fatal:
 			s.end(re, nil, "resume rejected")

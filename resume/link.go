@@ -24,11 +24,10 @@ const finalWriteTimeout = time.Second
 // and a writer goroutine; both end when the link is closed. A link never
 // comes back: after a failure the session gets a new one.
 type link struct {
-	s     *session
-	conn  net.Conn
-	fr    *frame.Reader
-	epoch uint64
-	prev  *link // the link before: its reader must exit before ours reads
+	s    *session
+	conn net.Conn
+	fr   *frame.Reader
+	prev *link // the link before: its reader must exit before ours reads
 
 	// rxStart is the offset the first DATA on this link carries (what we
 	// stated in the handshake); rxOff advances with every DATA byte. Only
@@ -402,7 +401,6 @@ func (l *link) readControl(h frame.Header) error {
 			return err
 		}
 		if cr.Code == frame.CodeNone && s.peerFin {
-			s.peerClosed = true
 			s.end(nil, nil, "peer closed")
 			return errStale
 		}

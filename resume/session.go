@@ -33,9 +33,6 @@ type session struct {
 	// aborted: the session ended abnormally; reads fail at once with err
 	// instead of draining the receive buffer.
 	aborted bool
-	// peerClosed: the peer closed both directions (RESET NONE, or a
-	// REJECT NONE for our resume); writes fail with ErrClosedByPeer.
-	peerClosed bool
 
 	// Send direction: send holds [min(peerAcked, flushed), written).
 	// Chunks below both marks are acknowledged and no writer is reading
@@ -63,9 +60,8 @@ type session struct {
 	ackTimer   *time.Timer
 	ackArmed   bool
 
-	link  *link // attached link, nil while DISCONNECTED
-	last  *link // most recent link, for addresses and to chain goroutine exits
-	epoch uint64
+	link *link // attached link, nil while DISCONNECTED
+	last *link // most recent link, for addresses and to chain goroutine exits
 
 	// confirmed is closed when the first frame after the handshake
 	// arrived on the gateway side: the client has the session.
@@ -471,8 +467,6 @@ func (s *session) attach(l *link, peerReceived, peerWindow uint64, peerFlags uin
 	// The peer knows what we hold as of the handshake; re-announce the
 	// window and FIN state on the new link at the first chance.
 	s.ackedRecv, s.ackedWin, s.ackedFin = l.rxStart, ourWindow, false
-	s.epoch++
-	l.epoch = s.epoch
 	l.prev = s.last
 	s.link, s.last = l, l
 	if s.expiry != nil {
