@@ -273,3 +273,17 @@ func (g *Gateway) forceClose() {
 	g.mu.Unlock()
 	g.wg.Wait()
 }
+
+// ErrNoSession is returned by GoAway for an id that is not live here.
+var ErrNoSession = errors.New("no such session on this gateway")
+
+// GoAway asks the client of session id (as /sessions lists it) to move the
+// session to a new link while the current one keeps working: the seeds'
+// operator-initiated reconnection. The session continues without a gap.
+func (g *Gateway) GoAway(id, reason string) error {
+	conn := g.tracker.find(id)
+	if conn == nil {
+		return fmt.Errorf("%w: %s", ErrNoSession, id)
+	}
+	return conn.GoAway(reason)
+}

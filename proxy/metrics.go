@@ -261,3 +261,15 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 		}
 	}
 }
+
+// find returns the live session whose id (as SessionInfo.ID shows it) is id.
+func (t *Tracker) find(id string) *resume.Conn {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for x := range t.live {
+		if x.conn.SessionID().String() == id {
+			return x.conn
+		}
+	}
+	return nil
+}

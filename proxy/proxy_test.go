@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -295,6 +297,43 @@ func TestStatusHandler(t *testing.T) {
 	if got := get(t, h, "/healthz"); got != "ok\n" {
 		t.Errorf("/healthz %q", got)
 	}
+}
+
+// POST /sessions/{id}/goaway on the gateway moves the session to a new
+// link (the seeds' operator-initiated reconnection) without a gap.
+func TestOperatorGoAway(t *testing.T) {
+	s := newStack(t, stackOpts{upstream: echoServer(t)})
+	c := dialApp(t, s.appAddr)
+	defer c.Close()
+	c.Write([]byte("ping"))
+	b := make([]byte, 4)
+	io.ReadFull(c, b)
+	h := GatewayStatusHandler(s.metrics.Registry(), s.gw)
+	id := s.gw.Sessions()[0].ID
+	if code := post(t, h, "/sessions/"+id+"/goaway"); code != http.StatusAccepted {
+		t.Fatalf("goaway: HTTP %d", code)
+	}
+	if code := post(t, h, "/sessions/0000000000000000/goaway"); code != http.StatusNotFound {
+		t.Fatalf("goaway for an unknown session: HTTP %d", code)
+	}
+	waitFor(t, "client moved", 5*time.Second, func() bool {
+		ss := s.client.Sessions()
+		return len(ss) == 1 && ss[0].Resumes == 1
+	})
+	if ss := s.client.Sessions(); ss[0].LinkFailures != 0 {
+		t.Errorf("migration counted as %d link failures", ss[0].LinkFailures)
+	}
+	c.Write([]byte("pong"))
+	if _, err := io.ReadFull(c, b); err != nil || string(b) != "pong" {
+		t.Fatalf("after the move: %q %v", b, err)
+	}
+}
+
+func post(t *testing.T, h http.Handler, path string) int {
+	t.Helper()
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, httptest.NewRequest("POST", path, nil))
+	return rec.Code
 }
 
 // With ProxyProtocol set the upstream first reads a PROXY header naming the

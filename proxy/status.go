@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"encoding/json"
+	"errors"
 	"net/http"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -34,6 +35,27 @@ func StatusHandler(reg *prometheus.Registry, sessions func() []SessionInfo, drai
 		enc := json.NewEncoder(w)
 		enc.SetIndent("", "  ")
 		enc.Encode(map[string]any{"sessions": list, "count": len(list)})
+	})
+	return mux
+}
+
+// GatewayStatusHandler is StatusHandler plus one operator action:
+// POST /sessions/{id}/goaway moves that session to a new link (GoAway).
+// Bind the status address to loopback or a management network.
+func GatewayStatusHandler(reg *prometheus.Registry, g *Gateway) http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("/", StatusHandler(reg, g.Sessions, g.Draining))
+	mux.HandleFunc("POST /sessions/{id}/goaway", func(w http.ResponseWriter, r *http.Request) {
+		err := g.GoAway(r.PathValue("id"), "operator request")
+		switch {
+		case errors.Is(err, ErrNoSession):
+			http.Error(w, err.Error(), http.StatusNotFound)
+		case err != nil:
+			http.Error(w, err.Error(), http.StatusConflict)
+		default:
+			w.WriteHeader(http.StatusAccepted)
+			w.Write([]byte("moving\n"))
+		}
 	})
 	return mux
 }

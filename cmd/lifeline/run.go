@@ -326,6 +326,7 @@ func runProxy(cmd string, args []string, stdout, stderr io.Writer) error {
 		closeAll func()
 		sessions func() []proxy.SessionInfo
 		draining func() bool
+		gateway  *proxy.Gateway
 	)
 	if cmd == "gateway" {
 		gw, stores2, err := startGateway(st.fc.Gateway, log, metrics)
@@ -334,6 +335,7 @@ func runProxy(cmd string, args []string, stdout, stderr io.Writer) error {
 		}
 		stores = stores2
 		shutdown, closeAll, sessions, draining = gw.Shutdown, func() { gw.Close() }, gw.Sessions, gw.Draining
+		gateway = gw
 	} else {
 		cl, stores2, err := startClient(st.fc.Client, log, metrics)
 		if err != nil {
@@ -350,7 +352,11 @@ func runProxy(cmd string, args []string, stdout, stderr io.Writer) error {
 			closeAll()
 			return fmt.Errorf("cannot listen on status address %s: %v", st.statusAddr, errText(err))
 		}
-		statusSrv = &http.Server{Handler: proxy.StatusHandler(metrics.Registry(), sessions, draining), ReadHeaderTimeout: 5 * time.Second}
+		h := proxy.StatusHandler(metrics.Registry(), sessions, draining)
+		if gateway != nil {
+			h = proxy.GatewayStatusHandler(metrics.Registry(), gateway)
+		}
+		statusSrv = &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second}
 		statusWG.Add(1)
 		go func() { defer statusWG.Done(); statusSrv.Serve(ln) }()
 		log.Info("status listening", "addr", ln.Addr().String())
