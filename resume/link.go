@@ -1,6 +1,7 @@
 package resume
 
 import (
+	"crypto/tls"
 	"errors"
 	"io"
 	"net"
@@ -98,7 +99,7 @@ func (l *link) closeWith(err error) {
 	l.closeOnce.Do(func() {
 		l.failErr = err
 		close(l.closed)
-		l.conn.Close()
+		closeRaw(l.conn)
 		l.liveMu.Lock()
 		if l.live != nil {
 			l.live.Stop()
@@ -632,3 +633,17 @@ var writeBufPool = sync.Pool{New: func() any { return new([writeBufSize]byte) }}
 // smaller than a chunk, so that bufio reads DATA payloads straight into
 // the receive buffer. (64 KiB measured no faster on loopback.)
 const linkReadBuffer = 8 << 10
+
+// closeRaw closes a link without ceremony. A *tls.Conn's Close would first
+// write a close_notify alert, which on a blackholed link blocks for up to
+// 5 s (and this runs under the session's lock); the session protocol has
+// its own end frames, so the TCP socket underneath is closed directly.
+func closeRaw(c net.Conn) {
+	if tc, ok := c.(*tls.Conn); ok {
+		if nc := tc.NetConn(); nc != nil {
+			nc.Close()
+			return
+		}
+	}
+	c.Close()
+}
