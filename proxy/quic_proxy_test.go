@@ -1,0 +1,100 @@
+package proxy
+
+import (
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"testing"
+	"time"
+)
+
+// The proxy-level semantics of the TCP transport, over a QUIC link: many
+// sessions byte-exact over one QUIC connection, half-close both ways, and
+// resets both ways. (Link failures over QUIC, with a UDP fault relay, are
+// in quic_test.go.)
+func TestProxyOverQUIC(t *testing.T) {
+	srvTLS, fp, err := SelfSignedTLS()
+	if err != nil {
+		t.Fatal(err)
+	}
+	quicStack := func(t *testing.T, upstream string) *stack {
+		return newStack(t, stackOpts{upstream: upstream, transport: "quic", noRelay: true,
+			serverTLS: srvTLS, clientTLS: PinnedTLS(fp, "")})
+	}
+	t.Run("echo", func(t *testing.T) {
+		s := quicStack(t, echoServer(t))
+		var wg sync.WaitGroup
+		errs := make(chan error, 8)
+		for i := range 8 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				if err := echoSession(s.appAddr, 256<<10+i*997, uint64(i)); err != nil {
+					errs <- fmt.Errorf("session %d: %w", i, err)
+				}
+			}()
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			t.Error(err)
+		}
+	})
+	t.Run("half_close_app_first", func(t *testing.T) {
+		up := tcpServer(t, func(c *net.TCPConn) {
+			b, err := io.ReadAll(c)
+			if err != nil {
+				return
+			}
+			fmt.Fprintf(c, "got %d", len(b))
+			c.CloseWrite()
+		})
+		s := quicStack(t, up)
+		c := dialApp(t, s.appAddr)
+		defer c.Close()
+		c.Write(make([]byte, 70000))
+		c.CloseWrite()
+		c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		if b, err := io.ReadAll(c); err != nil || string(b) != "got 70000" {
+			t.Fatalf("reply %q, %v", b, err)
+		}
+	})
+	t.Run("half_close_upstream_first", func(t *testing.T) {
+		got := make(chan string, 1)
+		up := tcpServer(t, func(c *net.TCPConn) {
+			c.Write([]byte("hello"))
+			c.CloseWrite()
+			b, _ := io.ReadAll(c)
+			got <- string(b)
+		})
+		s := quicStack(t, up)
+		c := dialApp(t, s.appAddr)
+		defer c.Close()
+		c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		if b, err := io.ReadAll(c); err != nil || string(b) != "hello" {
+			t.Fatalf("read %q, %v", b, err)
+		}
+		c.Write([]byte("still writing"))
+		c.CloseWrite()
+		select {
+		case b := <-got:
+			if b != "still writing" {
+				t.Fatalf("upstream got %q", b)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("upstream never saw the FIN")
+		}
+	})
+	t.Run("upstream_reset", func(t *testing.T) {
+		up := tcpServer(t, func(c *net.TCPConn) {
+			io.ReadFull(c, make([]byte, 5))
+			c.SetLinger(0)
+		})
+		s := quicStack(t, up)
+		c := dialApp(t, s.appAddr)
+		defer c.Close()
+		c.Write([]byte("hello"))
+		expectReset(t, c, 10*time.Second)
+	})
+}
