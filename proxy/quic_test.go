@@ -112,7 +112,7 @@ type quicEnv struct {
 	ln     *quicListener
 	srv    *resume.Server
 	dialer *quicDialer
-	relay  *udpFaultRelay
+	relay  *UDPFaultRelay
 	cfg    *resume.Config
 
 	mu      sync.Mutex
@@ -146,7 +146,12 @@ func newQUICEnv(t *testing.T, o quicEnvOpts) *quicEnv {
 	}
 	target := e.ln.Addr().String()
 	if o.relay {
-		e.relay = newUDPFaultRelay(t, target)
+		relay, err := NewUDPFaultRelay(target)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(relay.Close)
+		e.relay = relay
 		target = e.relay.Addr()
 	}
 	d, err := NewQUICDialer(target, ctls, qcfg)
@@ -804,9 +809,13 @@ func TestQUICNATRebinding(t *testing.T) {
 	go func() {
 		marked.Wait() // every session has data flowing
 		before = e.ln.connections()[0].RemoteAddr().String()
-		e.relay.Rebind(t)
-		time.Sleep(100 * time.Millisecond) // data in flight on the new path
-		e.relay.Rebind(t)                  // and once more
+		if _, err := e.relay.Rebind(); err != nil {
+			t.Error(err)
+		}
+		time.Sleep(100 * time.Millisecond)          // data in flight on the new path
+		if _, err := e.relay.Rebind(); err != nil { // and once more
+			t.Error(err)
+		}
 		close(gate)
 	}()
 	quicParallel(t, e, conns, 60*time.Second, func(i int, c *resume.Conn) error {

@@ -5,6 +5,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/lifeline-proxy/lifeline/proxy"
 )
 
 // The binary over QUIC: a gateway without a certificate makes a
@@ -47,5 +49,57 @@ func TestBinaryQUICSelfSignedPinned(t *testing.T) {
 	code, _, stderr := runCLI("client", "--transport", "quic", "--listen", "127.0.0.1:0", "--gateway", gwAddr, "--tls-pin", "xyz")
 	if code != 2 || !strings.Contains(stderr, "pin") {
 		t.Fatalf("bad pin: exit %d, %q", code, stderr)
+	}
+}
+
+// The real binaries over QUIC through a UDP fault relay: the client's
+// source port changes mid-stream (NAT rebinding: no lifeline resume
+// needed) and the path drops every packet for longer than lifeline's
+// liveness timeout (sessions resume on new streams); every byte checked.
+func TestBinaryQUICFaults(t *testing.T) {
+	up := echoServer(t)
+	cfgs := "  ping_interval: 200ms\n  liveness_timeout: 800ms\n  handshake_timeout: 2s\n"
+	gw := startProc(t, "gateway", "--config", writeFile(t, "gw.yaml",
+		"gateway:\n  listen: 127.0.0.1:0\n  transport: quic\n"+cfgs+"  routes:\n    - {name: echo, upstream: "+up+"}\n"))
+	fp, _ := gw.waitLog("no --tls-cert: generated a self-signed gateway certificate; clients must pin it", 30*time.Second)["sha256"].(string)
+	gwAddr := gw.waitLog("gateway listening", 30*time.Second)["addr"].(string)
+	relay, err := proxy.NewUDPFaultRelay(gwAddr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer relay.Close()
+	app := freeAddr(t)
+	cl := startProc(t, "client", "--config", writeFile(t, "cl.yaml",
+		"client:\n  listeners:\n    - listen: "+app+"\n      gateway: "+relay.Addr()+"\n      route: echo\n      transport: quic\n      tls: {pin: "+fp+"}\n      reconnect_timeout: 30s\n"+strings.ReplaceAll(cfgs, "  ", "      ")))
+	cl.waitLog("client listening", 30*time.Second)
+
+	const sessions = 6
+	errs := make(chan error, sessions)
+	start := time.Now()
+	for i := range sessions {
+		go func() {
+			// Rounds until the faults are over, so sessions live across them.
+			for round := uint64(0); round < 2 || time.Since(start) < 3500*time.Millisecond && round < 200; round++ {
+				if err := echoCheck(app, randomData(1<<20, uint64(i)*1000+round), round); err != nil {
+					errs <- err
+					return
+				}
+			}
+			errs <- nil
+		}()
+	}
+	time.Sleep(400 * time.Millisecond)
+	if n, err := relay.Rebind(); err != nil || n == 0 {
+		t.Fatalf("rebind: %d clients, %v", n, err)
+	}
+	time.Sleep(400 * time.Millisecond)
+	relay.Drop(1500 * time.Millisecond) // > the 800 ms liveness timeout
+	for range sessions {
+		if err := <-errs; err != nil {
+			t.Error(err)
+		}
+	}
+	if n := cl.count("session resumed"); n == 0 {
+		t.Errorf("no session resumed after a %v blackout (liveness 800ms)", 1500*time.Millisecond)
 	}
 }

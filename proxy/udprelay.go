@@ -4,18 +4,17 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
-	"testing"
 	"time"
 )
 
-// udpFaultRelay is a user-space UDP relay between QUIC clients and a
+// UDPFaultRelay is a user-space UDP relay between QUIC clients and a
 // gateway, for fault injection on loopback. Clients send to Addr(); each
 // client source address gets its own upstream socket towards the gateway,
 // so the gateway sees one source address per client, like a NAT. The relay
 // can drop every packet for a while (a blackhole) and can move every
 // client to a new upstream socket (a NAT rebinding: the gateway sees the
 // same QUIC connection arrive from a new source port).
-type udpFaultRelay struct {
+type UDPFaultRelay struct {
 	pc     *net.UDPConn // client-facing
 	target *net.UDPAddr
 
@@ -36,36 +35,35 @@ type relayClient struct {
 	up   *net.UDPConn // under relay.mu
 }
 
-func newUDPFaultRelay(t testing.TB, target string) *udpFaultRelay {
-	t.Helper()
+// NewUDPFaultRelay relays UDP from a loopback port to target. Close it.
+func NewUDPFaultRelay(target string) (*UDPFaultRelay, error) {
 	ta, err := net.ResolveUDPAddr("udp", target)
 	if err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
 	pc, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	if err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
 	pc.SetReadBuffer(4 << 20)
 	pc.SetWriteBuffer(4 << 20)
-	r := &udpFaultRelay{pc: pc, target: ta, clients: map[string]*relayClient{}}
+	r := &UDPFaultRelay{pc: pc, target: ta, clients: map[string]*relayClient{}}
 	r.wg.Add(1)
 	go r.fromClients()
-	t.Cleanup(r.Close)
-	return r
+	return r, nil
 }
 
 // Addr is where clients send.
-func (r *udpFaultRelay) Addr() string { return r.pc.LocalAddr().String() }
+func (r *UDPFaultRelay) Addr() string { return r.pc.LocalAddr().String() }
 
-func (r *udpFaultRelay) dropping() bool {
+func (r *UDPFaultRelay) dropping() bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return time.Now().Before(r.dropUntil)
 }
 
 // Drop discards every packet, both ways, for d.
-func (r *udpFaultRelay) Drop(d time.Duration) {
+func (r *UDPFaultRelay) Drop(d time.Duration) {
 	r.mu.Lock()
 	r.dropUntil = time.Now().Add(d)
 	r.mu.Unlock()
@@ -74,15 +72,14 @@ func (r *udpFaultRelay) Drop(d time.Duration) {
 // Rebind moves every client to a new upstream socket: from now on the
 // gateway sees each client from a new source port, and packets it sends to
 // the old port are lost. It returns the number of clients moved.
-func (r *udpFaultRelay) Rebind(t testing.TB) int {
-	t.Helper()
+func (r *UDPFaultRelay) Rebind() (int, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	n := 0
 	for _, c := range r.clients {
 		up, err := r.dialUp()
 		if err != nil {
-			t.Fatal(err)
+			return n, err
 		}
 		old := c.up
 		c.up = up
@@ -92,10 +89,10 @@ func (r *udpFaultRelay) Rebind(t testing.TB) int {
 		n++
 	}
 	r.rebinds.Add(1)
-	return n
+	return n, nil
 }
 
-func (r *udpFaultRelay) dialUp() (*net.UDPConn, error) {
+func (r *UDPFaultRelay) dialUp() (*net.UDPConn, error) {
 	up, err := net.DialUDP("udp", nil, r.target)
 	if err != nil {
 		return nil, err
@@ -106,7 +103,7 @@ func (r *udpFaultRelay) dialUp() (*net.UDPConn, error) {
 	return up, nil
 }
 
-func (r *udpFaultRelay) fromClients() {
+func (r *UDPFaultRelay) fromClients() {
 	defer r.wg.Done()
 	buf := make([]byte, 64<<10)
 	for {
@@ -146,7 +143,7 @@ func (r *udpFaultRelay) fromClients() {
 
 // fromGateway relays what the gateway sends to one upstream socket back to
 // its client, until that socket is replaced or the relay closes.
-func (r *udpFaultRelay) fromGateway(c *relayClient, up *net.UDPConn) {
+func (r *UDPFaultRelay) fromGateway(c *relayClient, up *net.UDPConn) {
 	defer r.wg.Done()
 	buf := make([]byte, 64<<10)
 	for {
@@ -164,7 +161,7 @@ func (r *udpFaultRelay) fromGateway(c *relayClient, up *net.UDPConn) {
 }
 
 // Close stops the relay and waits for its goroutines.
-func (r *udpFaultRelay) Close() {
+func (r *UDPFaultRelay) Close() {
 	r.mu.Lock()
 	if r.closed {
 		r.mu.Unlock()
