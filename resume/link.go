@@ -234,6 +234,9 @@ func (l *link) readLoop(prev *link) {
 	s := l.s
 	defer s.wg.Done()
 	defer close(l.readerDone)
+	// The session keeps its last link (for addresses) while parked: let
+	// the read-ahead buffer go with the reader.
+	defer func() { l.fr, l.discard = nil, nil }()
 	if prev != nil {
 		// Our DATA goes into the receive buffer's tail without the lock;
 		// the previous link's reader may still be doing the same.
