@@ -422,6 +422,7 @@ func startGateway(g *gatewayFile, log *slog.Logger, metrics proxy.Metrics) (*pro
 		return nil, nil, usageError{err}
 	}
 	sess.Logger = log
+	warnQUICIdle(log, g.Transport, sess.LivenessTimeout)
 	sc := resume.DefaultServerConfig()
 	sc.Session = sess
 	sc.MaxSessions = g.MaxSessions
@@ -508,6 +509,7 @@ func startClient(c *clientFile, log *slog.Logger, metrics proxy.Metrics) (*proxy
 			return fail(usageError{err})
 		}
 		sess.Logger = log
+		warnQUICIdle(log, l.Transport, sess.LivenessTimeout)
 		store, err := tlsStore(l.Transport, l.TLS)
 		if err != nil {
 			return fail(err)
@@ -534,4 +536,16 @@ func startClient(c *clientFile, log *slog.Logger, metrics proxy.Metrics) (*proxy
 			"reconnect_timeout", p.r.Session.ReconnectTimeout)
 	}
 	return cl, stores, nil
+}
+
+// warnQUICIdle says so when QUIC's idle timeout would close a connection
+// before lifeline's liveness check decides (a long --liveness-timeout).
+func warnQUICIdle(log *slog.Logger, transport string, liveness time.Duration) {
+	if transport != "quic" {
+		return
+	}
+	if err := proxy.DefaultQUICConfig().CheckLiveness(liveness); err != nil {
+		log.Warn("QUIC connections will time out before lifeline's liveness check; keep --liveness-timeout under the QUIC idle timeout",
+			"liveness_timeout", liveness, "quic_idle_timeout", proxy.DefaultQUICConfig().IdleTimeout)
+	}
 }
