@@ -375,16 +375,14 @@ func (srv *Server) hello(c net.Conn, fr *frame.Reader, p []byte) {
 	conn := &Conn{s: s}
 	t := time.NewTimer(cfg.HandshakeTimeout)
 	defer t.Stop()
-	// Hand the session out only once the client has shown it got WELCOME,
-	// so that no upstream is dialed for a session nobody holds.
+	// Hand the session out only once the client has shown it got WELCOME
+	// (its first frame, or a resume), so that no upstream is dialed for a
+	// session nobody holds. Until then it costs only its own state; if the
+	// first link fails it parks like any other session, because a client
+	// whose network dropped right after WELCOME will come back.
 	select {
 	case <-s.confirmed:
 	case <-s.done:
-		return
-	case <-t.C:
-		s.mu.Lock()
-		s.abort(frame.CodeTimeout, "client did not confirm the session")
-		s.mu.Unlock()
 		return
 	case <-srv.closed:
 		s.mu.Lock()

@@ -398,16 +398,10 @@ func (s *session) detach(cause error) {
 	s.elevated = true
 	s.wakeWriters() // the larger limit may let a blocked Write go on
 	s.setState(StateDisconnected, "link lost", "err", cause)
-	wait := s.reconnectTimeout
-	if !s.client && !isClosed(s.confirmed) {
-		// The client may never have seen WELCOME: a resume proves it did;
-		// without one soon, parking would hold the slot for nothing.
-		wait = min(wait, s.cfg.HandshakeTimeout)
-	}
 	if s.expiry == nil {
-		s.expiry = time.AfterFunc(wait, s.expired)
+		s.expiry = time.AfterFunc(s.reconnectTimeout, s.expired)
 	} else {
-		s.expiry.Reset(wait)
+		s.expiry.Reset(s.reconnectTimeout)
 	}
 	if s.client {
 		s.startRedial()
