@@ -354,7 +354,7 @@ func (s *session) attachResumed(conn net.Conn, fr *frame.Reader, r *frame.Resume
 			}(*s.finalReset)
 			return ErrConnClosed
 		}
-		conn.Close()
+		closeRaw(conn) // under mu: no TLS close_notify write
 		return ErrConnClosed
 	}
 	s.cred = cred.rotate(secret, s.id, r.Counter)
