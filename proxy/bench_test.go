@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"encoding/binary"
+	"github.com/lifeline-proxy/lifeline/internal/testnet"
 	"io"
 	"net"
 	"testing"
@@ -16,7 +17,7 @@ import (
 
 // sinkServer reads until EOF and answers the byte count.
 func sinkServer(b *testing.B) string {
-	return tcpServer(b, func(c *net.TCPConn) {
+	return testnet.TCPServer(b, func(c *net.TCPConn) {
 		n, _ := io.Copy(io.Discard, c)
 		var buf [8]byte
 		binary.BigEndian.PutUint64(buf[:], uint64(n))
@@ -74,7 +75,7 @@ func BenchmarkThroughputLifeline(b *testing.B) { benchThroughput(b, "Lifeline") 
 
 // 1-byte ping-pong: ns/op is one round trip.
 func benchLatency(b *testing.B, which string) {
-	target := benchTargets(b, echoServer(b))[which]
+	target := benchTargets(b, testnet.EchoServer(b))[which]
 	c, err := net.Dial("tcp", target)
 	if err != nil {
 		b.Fatal(err)

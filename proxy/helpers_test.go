@@ -5,17 +5,15 @@ import (
 	"context"
 	"crypto/sha256"
 	"crypto/tls"
-	"errors"
 	"fmt"
+	"github.com/lifeline-proxy/lifeline/internal/testnet"
 	"io"
 	"log/slog"
 	"math/rand/v2"
 	"net"
 	"net/http"
 	"net/http/httptest"
-	"os"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -54,59 +52,6 @@ type tlogWriter struct{ t testing.TB }
 func (w tlogWriter) Write(p []byte) (int, error) {
 	w.t.Log(string(bytes.TrimRight(p, "\n")))
 	return len(p), nil
-}
-
-// echoServer echoes every connection and passes FIN back after the data.
-func echoServer(t testing.TB) string {
-	return tcpServer(t, func(c *net.TCPConn) {
-		io.Copy(c, c)
-		c.CloseWrite()
-		io.Copy(io.Discard, c)
-	})
-}
-
-// tcpServer runs handle for each connection on a loopback listener until
-// the test ends.
-func tcpServer(t testing.TB, handle func(*net.TCPConn)) string {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	var mu sync.Mutex
-	conns := map[net.Conn]struct{}{}
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			mu.Lock()
-			conns[c] = struct{}{}
-			mu.Unlock()
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				handle(c.(*net.TCPConn))
-				c.Close()
-				mu.Lock()
-				delete(conns, c)
-				mu.Unlock()
-			}()
-		}
-	}()
-	t.Cleanup(func() {
-		ln.Close()
-		mu.Lock()
-		for c := range conns {
-			c.Close()
-		}
-		mu.Unlock()
-		wg.Wait()
-	})
-	return ln.Addr().String()
 }
 
 // stack is an in-process upstream <- gateway <- relay <- client sidecar.
@@ -242,18 +187,9 @@ func echoSession(addr string, size int, seed uint64) error {
 	}
 	if !bytes.Equal(got, data) {
 		return fmt.Errorf("echo mismatch: got %d bytes (sha %x), want %d (sha %x), first difference at %d",
-			len(got), sha256.Sum256(got), len(data), sha256.Sum256(data), firstDiff(got, data))
+			len(got), sha256.Sum256(got), len(data), sha256.Sum256(data), testnet.FirstDiff(got, data))
 	}
 	return nil
-}
-
-func firstDiff(a, b []byte) int {
-	for i := range min(len(a), len(b)) {
-		if a[i] != b[i] {
-			return i
-		}
-	}
-	return min(len(a), len(b))
 }
 
 // breaker breaks the relay's links every interval in rotating ways until
@@ -279,26 +215,6 @@ func breaker(r *FaultRelay, every time.Duration) (stop func() int) {
 		}
 	}()
 	return func() int { close(done); wg.Wait(); return n }
-}
-
-// expectReset reads from c until an error and checks it is ECONNRESET.
-func expectReset(t testing.TB, c net.Conn, within time.Duration) {
-	t.Helper()
-	c.SetReadDeadline(time.Now().Add(within))
-	buf := make([]byte, 4096)
-	for {
-		_, err := c.Read(buf)
-		if err == nil {
-			continue
-		}
-		if errors.Is(err, syscall.ECONNRESET) {
-			return
-		}
-		if errors.Is(err, os.ErrDeadlineExceeded) {
-			t.Fatalf("no reset within %v", within)
-		}
-		t.Fatalf("read error %v, want ECONNRESET", err)
-	}
 }
 
 func waitFor(t testing.TB, what string, d time.Duration, cond func() bool) {

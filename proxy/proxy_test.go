@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"github.com/lifeline-proxy/lifeline/internal/testnet"
 	"io"
 	"net"
 	"net/http"
@@ -21,7 +22,7 @@ import (
 // Many sessions carry random data both ways while the link is reset,
 // closed and blackholed in turn; every byte must come back.
 func TestEchoSurvivesLinkBreaks(t *testing.T) {
-	s := newStack(t, stackOpts{upstream: echoServer(t)})
+	s := newStack(t, stackOpts{upstream: testnet.EchoServer(t)})
 	const sessions = 10
 	stop := breaker(s.relay, 250*time.Millisecond)
 	var wg sync.WaitGroup
@@ -75,7 +76,7 @@ func TestEchoSurvivesLinkBreaks(t *testing.T) {
 // upstream can still answer; and the other way round.
 func TestHalfClose(t *testing.T) {
 	t.Run("app_first", func(t *testing.T) {
-		up := tcpServer(t, func(c *net.TCPConn) {
+		up := testnet.TCPServer(t, func(c *net.TCPConn) {
 			b, err := io.ReadAll(c) // until the app's FIN
 			if err != nil {
 				return
@@ -103,7 +104,7 @@ func TestHalfClose(t *testing.T) {
 	})
 	t.Run("upstream_first", func(t *testing.T) {
 		got := make(chan string, 1)
-		up := tcpServer(t, func(c *net.TCPConn) {
+		up := testnet.TCPServer(t, func(c *net.TCPConn) {
 			c.Write([]byte("hello from upstream"))
 			c.CloseWrite()
 			b, _ := io.ReadAll(c)
@@ -137,7 +138,7 @@ func TestHalfClose(t *testing.T) {
 func TestResetPropagates(t *testing.T) {
 	t.Run("app_reset", func(t *testing.T) {
 		upErr := make(chan error, 1)
-		up := tcpServer(t, func(c *net.TCPConn) {
+		up := testnet.TCPServer(t, func(c *net.TCPConn) {
 			c.SetReadDeadline(time.Now().Add(10 * time.Second))
 			_, err := io.Copy(io.Discard, c)
 			upErr <- err
@@ -161,7 +162,7 @@ func TestResetPropagates(t *testing.T) {
 		})
 	})
 	t.Run("upstream_reset", func(t *testing.T) {
-		up := tcpServer(t, func(c *net.TCPConn) {
+		up := testnet.TCPServer(t, func(c *net.TCPConn) {
 			buf := make([]byte, 5)
 			io.ReadFull(c, buf)
 			c.SetLinger(0)
@@ -170,7 +171,7 @@ func TestResetPropagates(t *testing.T) {
 		c := dialApp(t, s.appAddr)
 		defer c.Close()
 		c.Write([]byte("hello"))
-		expectReset(t, c, 10*time.Second)
+		testnet.ExpectReset(t, c, 10*time.Second)
 	})
 }
 
@@ -191,7 +192,7 @@ func TestUpstreamRefused(t *testing.T) {
 		}
 	} else {
 		defer c.Close()
-		expectReset(t, c, 5*time.Second)
+		testnet.ExpectReset(t, c, 5*time.Second)
 	}
 	if d := time.Since(start); d > 2*time.Second {
 		t.Errorf("reset took %v", d)
@@ -203,7 +204,7 @@ func TestUpstreamRefused(t *testing.T) {
 
 // A route the gateway does not have: the application gets a reset.
 func TestUnknownRoute(t *testing.T) {
-	s := newStack(t, stackOpts{upstream: echoServer(t), route: "nope"})
+	s := newStack(t, stackOpts{upstream: testnet.EchoServer(t), route: "nope"})
 	// The refusal is so fast on loopback that the reset may arrive before
 	// connect returns; either way the application sees ECONNRESET.
 	c, err := net.Dial("tcp", s.appAddr)
@@ -213,10 +214,10 @@ func TestUnknownRoute(t *testing.T) {
 		}
 	} else {
 		defer c.Close()
-		expectReset(t, c, 5*time.Second)
+		testnet.ExpectReset(t, c, 5*time.Second)
 	}
 	// The gateway is fine for the right route.
-	s2 := newStack(t, stackOpts{upstream: echoServer(t)})
+	s2 := newStack(t, stackOpts{upstream: testnet.EchoServer(t)})
 	if err := echoSession(s2.appAddr, 1000, 1); err != nil {
 		t.Fatal(err)
 	}
@@ -225,7 +226,7 @@ func TestUnknownRoute(t *testing.T) {
 // While the link is down, the application's connection stays open and its
 // data arrives after the link returns.
 func TestOutageKeepsAppOpen(t *testing.T) {
-	s := newStack(t, stackOpts{upstream: echoServer(t)})
+	s := newStack(t, stackOpts{upstream: testnet.EchoServer(t)})
 	c := dialApp(t, s.appAddr)
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(15 * time.Second))
@@ -256,14 +257,14 @@ func TestOutageKeepsAppOpen(t *testing.T) {
 func TestMaxSessions(t *testing.T) {
 	sc := defaultServerForTest()
 	sc.MaxSessions = 1
-	s := newStack(t, stackOpts{upstream: echoServer(t), server: sc})
+	s := newStack(t, stackOpts{upstream: testnet.EchoServer(t), server: sc})
 	c := dialApp(t, s.appAddr)
 	defer c.Close()
 	c.Write([]byte("x"))
 	waitFor(t, "first session", 5*time.Second, func() bool { return s.gw.Tracker().Len() == 1 })
 	if c2, err := net.Dial("tcp", s.appAddr); err == nil {
 		defer c2.Close()
-		expectReset(t, c2, 5*time.Second)
+		testnet.ExpectReset(t, c2, 5*time.Second)
 	} else if !errors.Is(err, syscall.ECONNRESET) { // the reset can beat connect
 		t.Fatal(err)
 	}
@@ -276,7 +277,7 @@ func TestMaxSessions(t *testing.T) {
 
 // The status endpoint lists sessions and exports metrics.
 func TestStatusHandler(t *testing.T) {
-	s := newStack(t, stackOpts{upstream: echoServer(t)})
+	s := newStack(t, stackOpts{upstream: testnet.EchoServer(t)})
 	c := dialApp(t, s.appAddr)
 	defer c.Close()
 	c.Write([]byte("ping"))
@@ -302,7 +303,7 @@ func TestStatusHandler(t *testing.T) {
 // POST /sessions/{id}/goaway on the gateway moves the session to a new
 // link (the seeds' operator-initiated reconnection) without a gap.
 func TestOperatorGoAway(t *testing.T) {
-	s := newStack(t, stackOpts{upstream: echoServer(t)})
+	s := newStack(t, stackOpts{upstream: testnet.EchoServer(t)})
 	c := dialApp(t, s.appAddr)
 	defer c.Close()
 	c.Write([]byte("ping"))
@@ -340,7 +341,7 @@ func post(t *testing.T, h http.Handler, path string) int {
 // client sidecar's link address, then the application's bytes.
 func TestProxyProtocolHeader(t *testing.T) {
 	got := make(chan string, 1)
-	up := tcpServer(t, func(c *net.TCPConn) {
+	up := testnet.TCPServer(t, func(c *net.TCPConn) {
 		c.SetReadDeadline(time.Now().Add(5 * time.Second))
 		b := make([]byte, 200)
 		n, _ := io.ReadAtLeast(c, b, 10)

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"fmt"
+	"github.com/lifeline-proxy/lifeline/internal/testnet"
 	"io"
 	"net"
 	"sync"
@@ -23,7 +24,7 @@ func TestProxyOverQUIC(t *testing.T) {
 			serverTLS: srvTLS, clientTLS: PinnedTLS(fp, "")})
 	}
 	t.Run("echo", func(t *testing.T) {
-		s := quicStack(t, echoServer(t))
+		s := quicStack(t, testnet.EchoServer(t))
 		var wg sync.WaitGroup
 		errs := make(chan error, 8)
 		for i := range 8 {
@@ -42,7 +43,7 @@ func TestProxyOverQUIC(t *testing.T) {
 		}
 	})
 	t.Run("half_close_app_first", func(t *testing.T) {
-		up := tcpServer(t, func(c *net.TCPConn) {
+		up := testnet.TCPServer(t, func(c *net.TCPConn) {
 			b, err := io.ReadAll(c)
 			if err != nil {
 				return
@@ -62,7 +63,7 @@ func TestProxyOverQUIC(t *testing.T) {
 	})
 	t.Run("half_close_upstream_first", func(t *testing.T) {
 		got := make(chan string, 1)
-		up := tcpServer(t, func(c *net.TCPConn) {
+		up := testnet.TCPServer(t, func(c *net.TCPConn) {
 			c.Write([]byte("hello"))
 			c.CloseWrite()
 			b, _ := io.ReadAll(c)
@@ -87,7 +88,7 @@ func TestProxyOverQUIC(t *testing.T) {
 		}
 	})
 	t.Run("upstream_reset", func(t *testing.T) {
-		up := tcpServer(t, func(c *net.TCPConn) {
+		up := testnet.TCPServer(t, func(c *net.TCPConn) {
 			io.ReadFull(c, make([]byte, 5))
 			c.SetLinger(0)
 		})
@@ -95,6 +96,6 @@ func TestProxyOverQUIC(t *testing.T) {
 		c := dialApp(t, s.appAddr)
 		defer c.Close()
 		c.Write([]byte("hello"))
-		expectReset(t, c, 10*time.Second)
+		testnet.ExpectReset(t, c, 10*time.Second)
 	})
 }

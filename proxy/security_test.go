@@ -8,6 +8,7 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
+	"github.com/lifeline-proxy/lifeline/internal/testnet"
 	"io"
 	"math/big"
 	"net"
@@ -23,7 +24,7 @@ import (
 // A RESUME for a live session with a wrong proof is refused with
 // ACCESS_DENIED, and the session goes on.
 func TestWrongResumeCredential(t *testing.T) {
-	s := newStack(t, stackOpts{upstream: echoServer(t)})
+	s := newStack(t, stackOpts{upstream: testnet.EchoServer(t)})
 	d, _ := NewDialer("tcp", s.gwAddr, nil)
 	sess, err := resume.Dial(context.Background(), d.Dial, "default", fastConfig())
 	if err != nil {
@@ -105,7 +106,7 @@ func TestTLSMutualAndReload(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := newStack(t, stackOpts{upstream: echoServer(t), transport: "tls", serverTLS: stc, clientTLS: cstore.ClientConfig()})
+	s := newStack(t, stackOpts{upstream: testnet.EchoServer(t), transport: "tls", serverTLS: stc, clientTLS: cstore.ClientConfig()})
 	c := dialApp(t, s.appAddr)
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(10 * time.Second))

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/lifeline-proxy/lifeline/internal/testnet"
 	"io"
 	"log/slog"
 	"math/rand/v2"
@@ -231,10 +232,10 @@ func runFaultSession(e *env, acc *acceptor, cfg *Config, id uint64, abort bool, 
 		}
 	}
 	if !bytes.Equal(gotUp, up) {
-		return fmt.Errorf("session %d: upstream differs: got %d bytes, want %d (first diff at %d)", id, len(gotUp), len(up), firstDiff(gotUp, up))
+		return fmt.Errorf("session %d: upstream differs: got %d bytes, want %d (first diff at %d)", id, len(gotUp), len(up), testnet.FirstDiff(gotUp, up))
 	}
 	if !bytes.Equal(gotDown, down) {
-		return fmt.Errorf("session %d: downstream differs: got %d bytes, want %d (first diff at %d)", id, len(gotDown), len(down), firstDiff(gotDown, down))
+		return fmt.Errorf("session %d: downstream differs: got %d bytes, want %d (first diff at %d)", id, len(gotDown), len(down), testnet.FirstDiff(gotDown, down))
 	}
 	// Both directions closed and acked: the session ends on both sides
 	// without parking.
@@ -289,15 +290,6 @@ func sessionIn(msg string) string {
 		return ""
 	}
 	return msg[i+9 : i+9+16]
-}
-
-func firstDiff(a, b []byte) int {
-	for i := range min(len(a), len(b)) {
-		if a[i] != b[i] {
-			return i
-		}
-	}
-	return min(len(a), len(b))
 }
 
 type syncBuffer struct {

@@ -2,6 +2,7 @@ package main
 
 import (
 	"errors"
+	"github.com/lifeline-proxy/lifeline/internal/testnet"
 	"io"
 	"net"
 	"strings"
@@ -40,7 +41,7 @@ func TestGatewayBadInput(t *testing.T) {
 	if testing.Short() {
 		t.Skip("runs the binary")
 	}
-	gw := startProc(t, "gateway", "--listen", "127.0.0.1:0", "--upstream", echoServer(t), "--handshake-timeout", "500ms")
+	gw := startProc(t, "gateway", "--listen", "127.0.0.1:0", "--upstream", testnet.EchoServer(t), "--handshake-timeout", "500ms")
 	gwAddr := gw.waitLog("gateway listening", 30*time.Second)["addr"].(string)
 	dial := func() net.Conn {
 		c, err := net.Dial("tcp", gwAddr)
@@ -111,7 +112,7 @@ func TestUpstreamUnreachable(t *testing.T) {
 	c, err := net.Dial("tcp", appAddr)
 	if err == nil {
 		defer c.Close()
-		expectReset(t, c, 5*time.Second)
+		testnet.ExpectReset(t, c, 5*time.Second)
 	} else if !errors.Is(err, syscall.ECONNRESET) { // the reset can beat connect on loopback
 		t.Fatal(err)
 	}
@@ -130,7 +131,7 @@ func TestDrainOnSIGTERM(t *testing.T) {
 	if testing.Short() {
 		t.Skip("runs the binary")
 	}
-	gw := startProc(t, append([]string{"gateway", "--listen", "127.0.0.1:0", "--upstream", echoServer(t), "--drain-timeout", "20s"}, fast...)...)
+	gw := startProc(t, append([]string{"gateway", "--listen", "127.0.0.1:0", "--upstream", testnet.EchoServer(t), "--drain-timeout", "20s"}, fast...)...)
 	gwAddr := gw.waitLog("gateway listening", 30*time.Second)["addr"].(string)
 	appAddr := freeAddr(t)
 	cl := startProc(t, append([]string{"client", "--listen", appAddr, "--gateway", gwAddr}, fast...)...)
@@ -152,7 +153,7 @@ func TestDrainOnSIGTERM(t *testing.T) {
 	// A new session is refused.
 	if c2, err := net.Dial("tcp", appAddr); err == nil {
 		defer c2.Close()
-		expectReset(t, c2, 5*time.Second)
+		testnet.ExpectReset(t, c2, 5*time.Second)
 	} else if !errors.Is(err, syscall.ECONNRESET) { // the reset can beat connect
 		t.Fatal(err)
 	}

@@ -4,10 +4,10 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"github.com/lifeline-proxy/lifeline/internal/testnet"
 	"io"
 	"math/rand/v2"
 	"net"
-	"os"
 	"sync"
 	"syscall"
 	"testing"
@@ -95,7 +95,7 @@ func echoCheck(addr string, data []byte, seed uint64) error {
 		return fmt.Errorf("write: %w", err)
 	}
 	if !bytes.Equal(got, data) {
-		return fmt.Errorf("echo differs: got %d bytes, want %d, first difference at %d", len(got), len(data), firstDiff(got, data))
+		return fmt.Errorf("echo differs: got %d bytes, want %d, first difference at %d", len(got), len(data), testnet.FirstDiff(got, data))
 	}
 	return nil
 }
@@ -111,22 +111,22 @@ func TestBinaryEndToEnd(t *testing.T) {
 	upFin := make(chan string, 1)
 	upReset := make(chan error, 1)
 	routes := map[string]string{
-		"echo": echoServer(t),
+		"echo": testnet.EchoServer(t),
 		// Sends a greeting and its FIN first, then reads until the app's FIN.
-		"greet": tcpServer(t, func(c *net.TCPConn) {
+		"greet": testnet.TCPServer(t, func(c *net.TCPConn) {
 			c.Write([]byte("hello, app"))
 			c.CloseWrite()
 			b, _ := io.ReadAll(c)
 			upFin <- string(b)
 		}),
 		// Reports how its read ended (the app will reset).
-		"sink": tcpServer(t, func(c *net.TCPConn) {
+		"sink": testnet.TCPServer(t, func(c *net.TCPConn) {
 			c.SetReadDeadline(time.Now().Add(30 * time.Second))
 			_, err := io.Copy(io.Discard, c)
 			upReset <- err
 		}),
 		// Resets the connection after 4 bytes.
-		"rst": tcpServer(t, func(c *net.TCPConn) {
+		"rst": testnet.TCPServer(t, func(c *net.TCPConn) {
 			io.ReadFull(c, make([]byte, 4))
 			c.SetLinger(0)
 		}),
@@ -249,25 +249,6 @@ func TestBinaryEndToEnd(t *testing.T) {
 		}
 		defer c.Close()
 		c.Write([]byte("four"))
-		expectReset(t, c, 20*time.Second)
+		testnet.ExpectReset(t, c, 20*time.Second)
 	})
-}
-
-func expectReset(t testing.TB, c net.Conn, within time.Duration) {
-	t.Helper()
-	c.SetReadDeadline(time.Now().Add(within))
-	buf := make([]byte, 4096)
-	for {
-		_, err := c.Read(buf)
-		if err == nil {
-			continue
-		}
-		if errors.Is(err, syscall.ECONNRESET) {
-			return
-		}
-		if errors.Is(err, os.ErrDeadlineExceeded) {
-			t.Fatalf("no reset within %v", within)
-		}
-		t.Fatalf("read ended with %v, want ECONNRESET", err)
-	}
 }

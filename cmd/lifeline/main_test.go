@@ -162,56 +162,6 @@ func (p *proc) wait(d time.Duration) int {
 // fast are session flags for tests on loopback.
 var fast = []string{"--ping-interval", "100ms", "--liveness-timeout", "600ms", "--handshake-timeout", "2s"}
 
-func tcpServer(t testing.TB, handle func(*net.TCPConn)) string {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	var mu sync.Mutex
-	conns := map[net.Conn]bool{}
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			mu.Lock()
-			conns[c] = true
-			mu.Unlock()
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				handle(c.(*net.TCPConn))
-				c.Close()
-				mu.Lock()
-				delete(conns, c)
-				mu.Unlock()
-			}()
-		}
-	}()
-	t.Cleanup(func() {
-		ln.Close()
-		mu.Lock()
-		for c := range conns {
-			c.Close()
-		}
-		mu.Unlock()
-		wg.Wait()
-	})
-	return ln.Addr().String()
-}
-
-func echoServer(t testing.TB) string {
-	return tcpServer(t, func(c *net.TCPConn) {
-		io.Copy(c, c)
-		c.CloseWrite()
-		io.Copy(io.Discard, c)
-	})
-}
-
 func writeFile(t testing.TB, name, text string) string {
 	p := filepath.Join(t.TempDir(), name)
 	if err := os.WriteFile(p, []byte(text), 0o600); err != nil {

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"github.com/lifeline-proxy/lifeline/internal/testnet"
 	"net"
 	"strings"
 	"testing"
@@ -13,7 +14,7 @@ import (
 // self-signed one and logs its fingerprint; a client that pins it gets
 // through, byte for byte; a client with a wrong pin does not.
 func TestBinaryQUICSelfSignedPinned(t *testing.T) {
-	up := echoServer(t)
+	up := testnet.EchoServer(t)
 	gw := startProc(t, "gateway", "--transport", "quic", "--listen", "127.0.0.1:0", "--upstream", up)
 	fp, _ := gw.waitLog("no --tls-cert: generated a self-signed gateway certificate; clients must pin it", 30*time.Second)["sha256"].(string)
 	gwAddr := gw.waitLog("gateway listening", 30*time.Second)["addr"].(string)
@@ -57,7 +58,7 @@ func TestBinaryQUICSelfSignedPinned(t *testing.T) {
 // needed) and the path drops every packet for longer than lifeline's
 // liveness timeout (sessions resume on new streams); every byte checked.
 func TestBinaryQUICFaults(t *testing.T) {
-	up := echoServer(t)
+	up := testnet.EchoServer(t)
 	cfgs := "  ping_interval: 200ms\n  liveness_timeout: 800ms\n  handshake_timeout: 2s\n"
 	gw := startProc(t, "gateway", "--config", writeFile(t, "gw.yaml",
 		"gateway:\n  listen: 127.0.0.1:0\n  transport: quic\n"+cfgs+"  routes:\n    - {name: echo, upstream: "+up+"}\n"))
