@@ -28,7 +28,7 @@ func (r *recordConn) Write(p []byte) (int, error) {
 }
 
 // tcpGateway starts a gateway on loopback and returns its address.
-func tcpGateway(t *testing.T, sc *ServerConfig) (*Server, string) {
+func tcpGateway(t testing.TB, sc *ServerConfig) (*Server, string) {
 	t.Helper()
 	srv, err := NewServer(sc)
 	if err != nil {

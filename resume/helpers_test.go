@@ -46,19 +46,10 @@ func memEnv(t testing.TB, sc *ServerConfig, wrap func(net.Conn) net.Conn) *env {
 
 // tcpEnv links them over loopback TCP.
 func tcpEnv(t testing.TB, sc *ServerConfig, wrap func(net.Conn) net.Conn) *env {
-	srv, err := NewServer(sc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() { srv.Serve(ln); close(done) }()
+	srv, addr := tcpGateway(t, sc)
 	dial := func(ctx context.Context) (net.Conn, error) {
 		var d net.Dialer
-		c, err := d.DialContext(ctx, "tcp", ln.Addr().String())
+		c, err := d.DialContext(ctx, "tcp", addr)
 		if err != nil {
 			return nil, err
 		}
@@ -67,7 +58,7 @@ func tcpEnv(t testing.TB, sc *ServerConfig, wrap func(net.Conn) net.Conn) *env {
 		}
 		return c, nil
 	}
-	return &env{t: t, srv: srv, dial: dial, stop: func() { srv.Close(); <-done }}
+	return &env{t: t, srv: srv, dial: dial, stop: func() { srv.Close() }}
 }
 
 func serverConfig(c *Config) *ServerConfig {
