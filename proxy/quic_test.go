@@ -497,16 +497,7 @@ func TestQUICTLS(t *testing.T) {
 	dyn := &tls.Config{MinVersion: tls.VersionTLS12, GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) {
 		return &tls.Config{MinVersion: tls.VersionTLS12, Certificates: stls.Certificates}, nil
 	}}
-	ln2, err := ListenQUIC("127.0.0.1:0", dyn, qcfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln2.Close()
-	d2, err := NewQUICDialer(ln2.Addr().String(), ctls, qcfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer d2.Close()
+	ln2, d2 := quicListenDial(t, dyn, ctls, qcfg)
 	c2, s2, err := quicStreamPair(t, ln2, d2)
 	if err != nil {
 		t.Fatalf("dial a gateway using GetConfigForClient: %v", err)
@@ -1021,16 +1012,7 @@ func BenchmarkQUICThroughput(b *testing.B) {
 
 	b.Run("bare", func(b *testing.B) {
 		stls, ctls := quicTestTLS(b)
-		ln, err := ListenQUIC("127.0.0.1:0", stls, qcfg)
-		if err != nil {
-			b.Fatal(err)
-		}
-		defer ln.Close()
-		d, err := NewQUICDialer(ln.Addr().String(), ctls, qcfg)
-		if err != nil {
-			b.Fatal(err)
-		}
-		defer d.Close()
+		ln, d := quicListenDial(b, stls, ctls, qcfg)
 		c, s, err := quicStreamPair(b, ln, d)
 		if err != nil {
 			b.Fatal(err)
@@ -1137,4 +1119,21 @@ func quicBenchCopy(b *testing.B, w io.Writer, r io.Reader) {
 	for b.Loop() {
 		transfer(quicBenchSize)
 	}
+}
+
+// quicListenDial starts a QUIC link listener and a dialer to it, both
+// closed when the test ends.
+func quicListenDial(t testing.TB, stls, ctls *tls.Config, qcfg QUICConfig) (LinkListener, LinkDialer) {
+	t.Helper()
+	ln, err := ListenQUIC("127.0.0.1:0", stls, qcfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	d, err := NewQUICDialer(ln.Addr().String(), ctls, qcfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d.Close() })
+	return ln, d
 }
