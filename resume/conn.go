@@ -95,7 +95,6 @@ func (c *Conn) Write(p []byte) (int, error) {
 		if room := s.sendLimit() - s.send.Len(); room > 0 {
 			k := min(room, len(p))
 			s.send.Write(p[:k])
-			s.stats.BytesSent += uint64(k)
 			p, n = p[k:], n+k
 			s.kick()
 			continue
@@ -249,10 +248,7 @@ func (c *Conn) Stats() Stats {
 	s := c.s
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	st := s.stats
-	st.State = s.state
-	st.Buffered = s.send.Len() + s.recv.Len()
-	return st
+	return s.snapshot()
 }
 
 // Done is closed when the session reaches CLOSED.
@@ -351,7 +347,6 @@ func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
 				return total, werr
 			}
 			s.send.Commit(n)
-			s.stats.BytesSent += uint64(n)
 			total += int64(n)
 			s.kick()
 		} else {

@@ -346,7 +346,6 @@ func (l *link) readData(n int) error {
 				s.recv.Commit(k)
 				s.wakeReaders()
 			}
-			s.stats.BytesReceived += uint64(k)
 			if s.recv.End()-s.ackedRecv >= s.ackThreshold() {
 				s.kick()
 			} else {

@@ -122,8 +122,8 @@ type session struct {
 // Stats are a session's counters.
 type Stats struct {
 	State         State
-	BytesSent     uint64        // bytes written by the application (acked or not)
-	BytesReceived uint64        // bytes received from the peer
+	BytesSent     uint64        // bytes written by the application (acked or not): send.End()
+	BytesReceived uint64        // bytes received from the peer: recv.End()
 	Resumes       int           // successful resumes
 	LinkFailures  int           // links lost
 	LastOutage    time.Duration // from the last link failure to its resume
@@ -342,8 +342,8 @@ func (s *session) end(err error, reset *frame.CodeReason, cause string) {
 	if s.srv != nil {
 		s.srv.ended(s)
 	}
-	s.log.Info("session end", "cause", cause, "err", err, "sent", s.stats.BytesSent,
-		"received", s.stats.BytesReceived, "resumes", s.stats.Resumes)
+	s.log.Info("session end", "cause", cause, "err", err, "sent", s.send.End(),
+		"received", s.recv.End(), "resumes", s.stats.Resumes)
 }
 
 // abort ends the session with an error and tells the peer with RESET.
@@ -571,8 +571,17 @@ func (s *session) event(k EventKind, err error) {
 	if s.cfg.OnEvent == nil {
 		return
 	}
-	st := s.stats
-	st.State = s.state
+	st := s.snapshot()
 	s.cfg.OnEvent(Event{Kind: k, Session: s.id, Client: s.client, Err: err,
 		Outage: st.LastOutage, Replayed: st.BytesReplayed, Stats: st})
+}
+
+// snapshot is the session's counters, the byte counts derived from the
+// buffers' offsets. Caller holds mu.
+func (s *session) snapshot() Stats {
+	st := s.stats
+	st.State = s.state
+	st.BytesSent, st.BytesReceived = s.send.End(), s.recv.End()
+	st.Buffered = s.send.Len() + s.recv.Len()
+	return st
 }
