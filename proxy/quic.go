@@ -278,6 +278,20 @@ func (s *quicStream) Close() error {
 	return nil
 }
 
+// ExportKeyingMaterial exports keying material from the TLS session of
+// the link's QUIC connection (the TLS exporter, RFC 8446 section 7.5;
+// RFC 9001 section 7), as (*tls.ConnectionState).ExportKeyingMaterial
+// does for a TLS link. The session engine binds its HELLO and RESUME
+// proofs to the link with it, so that a proof recorded on one connection
+// is worthless on another. Both ends of a connection export the same
+// bytes; every stream of one connection does too (they share its TLS
+// session, which no one else can open streams on), and two connections
+// export different bytes.
+func (s *quicStream) ExportKeyingMaterial(label string, context []byte, length int) ([]byte, error) {
+	cs := s.qc.ConnectionState().TLS
+	return cs.ExportKeyingMaterial(label, context, length)
+}
+
 func (s *quicStream) LocalAddr() net.Addr                { return s.qc.LocalAddr() }
 func (s *quicStream) RemoteAddr() net.Addr               { return s.qc.RemoteAddr() }
 func (s *quicStream) SetWriteDeadline(t time.Time) error { return s.str.SetWriteDeadline(t) }
