@@ -66,7 +66,7 @@ func Example() {
 	}
 	// Output:
 	// ACK on the wire: 02 00 00 11 00 00 00 00 00 00 10 00 00 00 00 00 00 20 10 00 00
-	// version 1
+	// version 2
 	// ACK received=4096 window=2101248 flags=0 err=<nil>
 	// DATA 5 bytes: "he" "ll" "o"
 	// PING 42 err=<nil>

@@ -13,7 +13,7 @@ var Magic = [4]byte{'L', 'F', 'L', 'N'}
 
 // Version is the protocol version carried after Magic. A gateway that does
 // not speak it answers REJECT with CodeVersion.
-const Version byte = 1
+const Version byte = 2
 
 // PreambleLen is len(Magic) + the version byte.
 const PreambleLen = 5

@@ -22,7 +22,7 @@ const (
 	wantHelloFixed = 41 // key 32 + timeout 4 + buffer 4 + routeLen 1
 	wantWelcomeLen = 56 // session 16 + key 32 + timeout 4 + buffer 4
 	wantResumeLen  = 105
-	wantResumedLen = 81
+	wantResumedLen = 89
 	wantMaxPayload = 65536
 	wantMaxReason  = 256
 	wantMaxRoute   = 255
@@ -45,7 +45,7 @@ func TestConstants(t *testing.T) {
 		{"ProofLen", frame.ProofLen, 32},
 		{"SessionIDLen", frame.SessionIDLen, 16},
 		{"AckFin", frame.AckFin, 1},
-		{"Version", int(frame.Version), 1},
+		{"Version", int(frame.Version), 2},
 	} {
 		if c.got != c.want {
 			t.Errorf("%s = %d, want %d", c.name, c.got, c.want)
@@ -230,7 +230,7 @@ func TestReaderStream(t *testing.T) {
 		for _, size := range []int{16, 4096, 1 << 17} {
 			r := frame.NewReader(src.r(), size)
 			v, err := r.ReadPreamble()
-			if err != nil || v != 1 {
+			if err != nil || v != frame.Version {
 				t.Fatalf("%s/%d: ReadPreamble = %d, %v", src.name, size, v, err)
 			}
 			var datas [][]byte
@@ -288,7 +288,7 @@ func TestGolden(t *testing.T) {
 		got  []byte
 		want string
 	}{
-		{"preamble", frame.AppendPreamble(nil), "4c464c4e 01"},
+		{"preamble", frame.AppendPreamble(nil), "4c464c4e 02"},
 		{"data header 5", frame.AppendDataHeader(nil, 5), "01 000005"},
 		{"data header max", frame.AppendDataHeader(nil, wantMaxPayload), "01 010000"},
 		{"ack", frame.AppendAck(nil, frame.Ack{Received: 0x0102030405060708, Window: 0x1112131415161718, Flags: frame.AckFin}),
@@ -310,9 +310,9 @@ func TestGolden(t *testing.T) {
 				"202122232425262728292a2b2c2d2e2f303132333435363738393a3b3c3d3e3f" +
 				"0000000000000100 0000000000200100 01" +
 				"c0c1c2c3c4c5c6c7c8c9cacbcccdcecfd0d1d2d3d4d5d6d7d8d9dadbdcdddedf"},
-		{"resumed", frame.AppendResumed(nil, &frame.Resumed{Key: key(0x20), Received: 0x10, Window: 0x20, Flags: 0, Proof: proof(0xc0)}),
-			"13 000051 202122232425262728292a2b2c2d2e2f303132333435363738393a3b3c3d3e3f" +
-				"0000000000000010 0000000000000020 00" +
+		{"resumed", frame.AppendResumed(nil, &frame.Resumed{Key: key(0x20), Received: 0x10, Window: 0x20, Flags: 0, Resend: 0x30, Proof: proof(0xc0)}),
+			"13 000059 202122232425262728292a2b2c2d2e2f303132333435363738393a3b3c3d3e3f" +
+				"0000000000000010 0000000000000020 00 0000000000000030" +
 				"c0c1c2c3c4c5c6c7c8c9cacbcccdcecfd0d1d2d3d4d5d6d7d8d9dadbdcdddedf"},
 	}
 	for _, tc := range tests {

@@ -450,7 +450,7 @@ func FuzzParseResumed(f *testing.F) {
 		if err != nil {
 			t.Fatalf("ParseResumed(%x): %v", p, err)
 		}
-		if !bytes.Equal(r.Signed(), p[:49]) || !bytes.Equal(r.Proof[:], p[49:]) {
+		if !bytes.Equal(r.Signed(), p[:57]) || !bytes.Equal(r.Proof[:], p[57:]) {
 			t.Fatalf("Signed/Proof do not split the payload: %+v", r)
 		}
 		checkCanonical(t, frame.TypeResumed, p)

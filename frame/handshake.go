@@ -160,16 +160,23 @@ func ParseResume(p []byte) (*Resume, error) {
 //	received u64   bytes the gateway has received from the client
 //	window   u64   absolute offset the client may send up to
 //	flags    u8    AckFin
+//	resend   u64   offset of the first DATA byte the gateway sends on this
+//	               link: max(RESUME.received, the highest ACK it processed)
 //	proof    [32]  HMAC-SHA256(credential, "lifeline/1 resumed" || RESUME proof || fields above)
+//
+// resend exists because RESUME.received can be stale: during a GOAWAY
+// migration the client keeps receiving and acknowledging on the old link
+// after it sent RESUME, and the gateway may have freed those bytes.
 type Resumed struct {
 	Key      [KeyLen]byte
 	Received uint64
 	Window   uint64
 	Flags    uint8
+	Resend   uint64
 	Proof    [ProofLen]byte
 }
 
-const resumedLen = KeyLen + 8 + 8 + 1 + ProofLen
+const resumedLen = KeyLen + 8 + 8 + 1 + 8 + ProofLen
 
 // Signed returns the bytes of r that its Proof covers (after the RESUME proof).
 func (r *Resumed) Signed() []byte {
@@ -177,7 +184,8 @@ func (r *Resumed) Signed() []byte {
 	b = append(b, r.Key[:]...)
 	b = binary.BigEndian.AppendUint64(b, r.Received)
 	b = binary.BigEndian.AppendUint64(b, r.Window)
-	return append(b, r.Flags)
+	b = append(b, r.Flags)
+	return binary.BigEndian.AppendUint64(b, r.Resend)
 }
 
 // AppendResumed appends a RESUMED frame.
@@ -198,7 +206,8 @@ func ParseResumed(p []byte) (*Resumed, error) {
 	r.Received = binary.BigEndian.Uint64(p)
 	r.Window = binary.BigEndian.Uint64(p[8:])
 	r.Flags = p[16]
-	copy(r.Proof[:], p[17:])
+	r.Resend = binary.BigEndian.Uint64(p[17:])
+	copy(r.Proof[:], p[25:])
 	if r.Flags&^AckFin != 0 {
 		return nil, fmt.Errorf("%w: unknown RESUMED flags 0x%02x", ErrMalformed, r.Flags)
 	}

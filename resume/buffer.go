@@ -1,9 +1,6 @@
 package resume
 
-import (
-	"sync"
-	"sync/atomic"
-)
+import "sync"
 
 // chunkSize is the unit buffers grow and shrink by. Small enough that an
 // almost idle session holds little, large enough that a 64 KiB frame spans
@@ -28,9 +25,9 @@ type ReplayBuffer struct {
 	chunks []*[chunkSize]byte
 	// lent: a Tail is being filled outside the lock; its chunk must stay.
 	lent bool
-	// acct, if set, tracks the bytes of chunks held (a gateway's memory
-	// budget across all sessions).
-	acct *atomic.Int64
+	// acct, if set, is charged for the chunks held (a memory budget
+	// shared by sessions).
+	acct *Budget
 }
 
 // Start is the offset of the oldest byte held.
@@ -42,16 +39,11 @@ func (b *ReplayBuffer) End() uint64 { return b.end }
 // Len is the number of bytes held.
 func (b *ReplayBuffer) Len() int { return int(b.end - b.start) }
 
-// Chunks is the number of chunks allocated (for memory accounting).
-func (b *ReplayBuffer) Chunks() int { return len(b.chunks) }
-
 // Drop empties the buffer without returning its chunks to the pool: a
 // goroutine may still hold a slice of one (a link's reader filling the
 // tail, a WriteTo writing from it). The garbage collector takes them.
 func (b *ReplayBuffer) Drop() {
-	if b.acct != nil {
-		b.acct.Add(-int64(len(b.chunks)) * chunkSize)
-	}
+	b.acct.charge(-int64(len(b.chunks)) * chunkSize)
 	b.chunks = nil
 	b.start = b.end
 	b.base = b.end
@@ -77,21 +69,11 @@ func (b *ReplayBuffer) Tail() []byte {
 	used := int(b.end - b.base)
 	if used == len(b.chunks)*chunkSize {
 		b.chunks = append(b.chunks, chunkPool.Get().(*[chunkSize]byte))
-		if b.acct != nil {
-			b.acct.Add(chunkSize)
-		}
+		b.acct.charge(chunkSize)
 	}
 	c := b.chunks[used/chunkSize]
 	b.lent = true
 	return c[used%chunkSize:]
-}
-
-// TailFree is how much a Tail would offer without allocating a chunk.
-func (b *ReplayBuffer) TailFree() int {
-	if len(b.chunks) == 0 {
-		return 0
-	}
-	return len(b.chunks)*chunkSize - int(b.end-b.base)
 }
 
 // Commit marks n bytes of the last Tail as held (n may be 0) and ends
@@ -152,9 +134,7 @@ func (b *ReplayBuffer) free(n int) {
 		chunkPool.Put(b.chunks[i])
 		b.chunks[i] = nil
 	}
-	if b.acct != nil {
-		b.acct.Add(-int64(n) * chunkSize)
-	}
+	b.acct.charge(-int64(n) * chunkSize)
 	b.chunks = b.chunks[n:]
 	b.base += uint64(n) * chunkSize
 	if len(b.chunks) == 0 {

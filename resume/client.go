@@ -77,10 +77,19 @@ func Dial(ctx context.Context, dial DialFunc, route string, cfg *Config) (*Conn,
 		conn.Close()
 		return nil, err
 	}
+	if w.Buffer < frame.MaxPayload {
+		conn.Close()
+		return nil, fmt.Errorf("resume: %w: WELCOME buffer %d below the minimum of %d", ErrValidation, w.Buffer, frame.MaxPayload)
+	}
 	secret, err := shared(priv, w.Key)
 	if err != nil {
 		conn.Close()
 		return nil, fmt.Errorf("resume: bad gateway key: %w", err)
+	}
+	binding, err := linkBinding(ctx, conn)
+	if err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("resume: %w", err)
 	}
 	stop()
 	conn.SetDeadline(time.Time{})
@@ -90,7 +99,9 @@ func Dial(ctx context.Context, dial DialFunc, route string, cfg *Config) (*Conn,
 	s.route = route
 	s.dial = dial
 	s.log = cfg.logger().With("session", s.id.String(), "side", "client")
-	s.cred = initialCredential(secret, s.id, pub, w.Key)
+	s.cred = initialCredential(secret, s.id, pub, w.Key, binding)
+	s.budget = cfg.Budget
+	s.send.acct, s.recv.acct = cfg.Budget, cfg.Budget
 	s.reconnectTimeout = time.Duration(w.ReconnectTimeout) * time.Millisecond
 	s.window = uint64(cfg.BufferSize)
 	l := newLink(s, conn, fr, 0)
@@ -284,6 +295,10 @@ func (s *session) resumeHandshake(ctx context.Context, ended bool) (net.Conn, fu
 		}
 	}()
 
+	binding, err := linkBinding(ctx, conn)
+	if err != nil {
+		return nil, nil, err
+	}
 	priv, pub, err := newKey()
 	if err != nil {
 		return nil, nil, err
@@ -302,7 +317,7 @@ func (s *session) resumeHandshake(ctx context.Context, ended bool) (net.Conn, fu
 		Received: s.recv.End(), Window: s.window, Flags: fl}
 	cred := s.cred
 	s.mu.Unlock()
-	r.Proof = cred.resumeProof(r)
+	r.Proof = cred.resumeProof(r, binding)
 
 	b := frame.AppendResume(frame.AppendPreamble(nil), r)
 	if _, err := conn.Write(b); err != nil {
@@ -323,7 +338,7 @@ func (s *session) resumeHandshake(ctx context.Context, ended bool) (net.Conn, fu
 	if err != nil {
 		return nil, nil, err
 	}
-	if !verify(cred.resumedProof(r, d), d.Proof) {
+	if !verify(cred.resumedProof(r, d, binding), d.Proof) {
 		// Not the gateway that holds our session: keep trying.
 		return nil, nil, newError(frame.CodeAccessDenied, s.id, "RESUMED proof does not verify")
 	}
@@ -358,8 +373,15 @@ func (s *session) attachResumed(conn net.Conn, fr *frame.Reader, r *frame.Resume
 		return ErrConnClosed
 	}
 	s.cred = cred.rotate(secret, s.id, r.Counter)
-	if perr := s.checkResumePoint(d.Received); perr != nil {
-		l := newLink(s, conn, fr, r.Received)
+	perr := s.checkResumePoint(d.Received)
+	if perr == nil && (d.Resend < r.Received || d.Resend > s.recv.End()) {
+		// It may start above what we asked for (we acknowledged more on
+		// the old link meanwhile), never above what we have.
+		perr = newError(frame.CodeValidation, s.id, "RESUMED resends from %d: we asked from %d and hold up to %d",
+			d.Resend, r.Received, s.recv.End())
+	}
+	if perr != nil {
+		l := newLink(s, conn, fr, d.Resend)
 		s.link = l // so end() sends the RESET on it
 		l.started = true
 		s.wg.Add(1)
@@ -367,7 +389,7 @@ func (s *session) attachResumed(conn net.Conn, fr *frame.Reader, r *frame.Resume
 		s.abort(perr.Code, perr.Reason)
 		return nil
 	}
-	l := newLink(s, conn, fr, r.Received)
+	l := newLink(s, conn, fr, d.Resend)
 	s.redial = false
 	s.attach(l, d.Received, d.Window, d.Flags, r.Window, true)
 	l.start()

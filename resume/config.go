@@ -61,6 +61,11 @@ type Config struct {
 	// the session's Conn.
 	OnEvent func(Event)
 
+	// Budget, if set, is a memory limit shared by the sessions that use
+	// this Config (a client sidecar's); see Budget. A gateway uses its
+	// ServerConfig.MemoryBudget instead.
+	Budget *Budget
+
 	// Logger receives state transitions and session events. nil: discard.
 	Logger *slog.Logger
 }

@@ -51,7 +51,7 @@ func (c *Conn) Read(p []byte) (int, error) {
 			s.mu.Unlock()
 			return 0, err
 		}
-		if err := s.await(s.readWaiter(), s.rdl.wait()); err != nil {
+		if err := s.await(s.readWaiter(), s.rdl.wait(), nil); err != nil {
 			s.mu.Unlock()
 			return 0, err
 		}
@@ -92,14 +92,15 @@ func (c *Conn) Write(p []byte) (int, error) {
 			s.mu.Unlock()
 			return n, errDeadline
 		}
-		if room := s.sendLimit() - s.send.Len(); room > 0 {
+		room, full := s.sendRoom()
+		if room > 0 {
 			k := min(room, len(p))
 			s.send.Write(p[:k])
 			p, n = p[k:], n+k
 			s.kick()
 			continue
 		}
-		if err := s.await(s.writeWaiter(), s.wdl.wait()); err != nil {
+		if err := s.await(s.writeWaiter(), s.wdl.wait(), full); err != nil {
 			s.mu.Unlock()
 			return n, err
 		}
@@ -309,9 +310,9 @@ func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
 			s.mu.Unlock()
 			return total, err
 		}
-		room := s.sendLimit() - s.send.Len()
+		room, full := s.sendRoom()
 		if room <= 0 {
-			if err := s.await(s.writeWaiter(), s.wdl.wait()); err != nil {
+			if err := s.await(s.writeWaiter(), s.wdl.wait(), full); err != nil {
 				s.mu.Unlock()
 				return total, err
 			}
@@ -418,22 +419,43 @@ func (c *Conn) WriteTo(w io.Writer) (int64, error) {
 			s.mu.Unlock()
 			return total, err
 		}
-		if err := s.await(s.readWaiter(), s.rdl.wait()); err != nil {
+		if err := s.await(s.readWaiter(), s.rdl.wait(), nil); err != nil {
 			s.mu.Unlock()
 			return total, err
 		}
 	}
 }
 
-// await waits, with mu released, until wake is closed or the deadline
-// passes. Caller holds mu; it is held again on return.
-func (s *session) await(wake, deadline chan struct{}) error {
+// await waits, with mu released, until wake or also (if not nil) is
+// closed or the deadline passes. Caller holds mu; it is held again on
+// return.
+func (s *session) await(wake, deadline, also chan struct{}) error {
 	s.mu.Unlock()
 	defer s.mu.Lock()
 	select {
 	case <-wake:
 		return nil
+	case <-also:
+		return nil
 	case <-deadline:
 		return errDeadline
 	}
+}
+
+// sendRoom is how many bytes a writer may add to the replay buffer now.
+// When it is 0 because the shared memory budget is exhausted, full is
+// closed once memory is released elsewhere. At the budget a session may
+// still fill one chunk, so that every session makes progress. Caller holds
+// mu.
+func (s *session) sendRoom() (room int, full chan struct{}) {
+	room = s.sendLimit() - s.send.Len()
+	if room <= 0 || s.budget == nil {
+		return room, nil
+	}
+	if full = s.budget.full(); full != nil {
+		if room = min(room, chunkSize-s.send.Len()); room > 0 {
+			return room, nil
+		}
+	}
+	return room, full
 }

@@ -1,12 +1,16 @@
 package resume
 
 import (
+	"context"
 	"crypto/ecdh"
 	"crypto/hkdf"
 	"crypto/hmac"
 	"crypto/rand"
 	"crypto/sha256"
+	"crypto/tls"
 	"encoding/binary"
+	"fmt"
+	"net"
 
 	"github.com/lifeline-proxy/lifeline/frame"
 )
@@ -44,8 +48,46 @@ func shared(priv *ecdh.PrivateKey, peer [frame.KeyLen]byte) ([]byte, error) {
 	return priv.ECDH(pub) // rejects the all-zero (low-order) result
 }
 
-func initialCredential(secret []byte, sid SessionID, clientKey, serverKey [frame.KeyLen]byte) credential {
-	info := append(append([]byte(labelInitial), clientKey[:]...), serverKey[:]...)
+// bindingLabel is the TLS exporter label (RFC 5705, RFC 8446 §7.5) of the
+// link binding.
+const bindingLabel = "EXPORTER-lifeline/1 link binding"
+
+// keyingMaterialExporter is what a link that is not a *tls.Conn (a QUIC
+// stream) implements to have its proofs bound to its TLS session.
+type keyingMaterialExporter interface {
+	ExportKeyingMaterial(label string, context []byte, length int) ([]byte, error)
+}
+
+// linkBinding returns 32 bytes that only the two ends of this TLS (or
+// QUIC) connection can compute, or nil for a link without TLS. Mixed into
+// the credential at HELLO and into every RESUME/RESUMED proof, it makes a
+// recorded proof worthless on any other connection: an attacker who
+// replays a RESUME from its own socket has a different TLS session. A
+// *tls.Conn that has not finished its handshake finishes it first.
+func linkBinding(ctx context.Context, c net.Conn) ([]byte, error) {
+	switch c := c.(type) {
+	case *tls.Conn:
+		if err := c.HandshakeContext(ctx); err != nil {
+			return nil, fmt.Errorf("TLS handshake: %w", err)
+		}
+		cs := c.ConnectionState()
+		b, err := cs.ExportKeyingMaterial(bindingLabel, nil, 32)
+		if err != nil {
+			return nil, fmt.Errorf("link binding: %w", err)
+		}
+		return b, nil
+	case keyingMaterialExporter:
+		b, err := c.ExportKeyingMaterial(bindingLabel, nil, 32)
+		if err != nil {
+			return nil, fmt.Errorf("link binding: %w", err)
+		}
+		return b, nil
+	}
+	return nil, nil
+}
+
+func initialCredential(secret []byte, sid SessionID, clientKey, serverKey [frame.KeyLen]byte, binding []byte) credential {
+	info := append(append(append([]byte(labelInitial), clientKey[:]...), serverKey[:]...), binding...)
 	k, err := hkdf.Key(sha256.New, secret, sid[:], string(info), 32)
 	if err != nil {
 		panic(err) // only for lengths out of range
@@ -71,12 +113,14 @@ func (c credential) mac(label string, parts ...[]byte) [frame.ProofLen]byte {
 	return [frame.ProofLen]byte(m.Sum(nil))
 }
 
-func (c credential) resumeProof(r *frame.Resume) [frame.ProofLen]byte {
-	return c.mac(labelResume, r.Signed())
+// resumeProof covers the RESUME and the link it travels on (binding, nil
+// on a link without TLS).
+func (c credential) resumeProof(r *frame.Resume, binding []byte) [frame.ProofLen]byte {
+	return c.mac(labelResume, r.Signed(), binding)
 }
 
-func (c credential) resumedProof(r *frame.Resume, d *frame.Resumed) [frame.ProofLen]byte {
-	return c.mac(labelResumed, r.Proof[:], d.Signed())
+func (c credential) resumedProof(r *frame.Resume, d *frame.Resumed, binding []byte) [frame.ProofLen]byte {
+	return c.mac(labelResumed, r.Proof[:], d.Signed(), binding)
 }
 
 // verify compares in constant time.

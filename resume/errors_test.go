@@ -92,7 +92,7 @@ func signedResume(c *Conn, counter, received uint64) []byte {
 	s.mu.Unlock()
 	_, pub, _ := newKey()
 	r := &frame.Resume{SessionID: s.id, Counter: counter, Key: pub, Received: received, Window: received + 1<<20}
-	r.Proof = cred.resumeProof(r)
+	r.Proof = cred.resumeProof(r, nil)
 	return frame.AppendResume(frame.AppendPreamble(nil), r)
 }
 
@@ -250,13 +250,19 @@ func TestOutOfWindowResume(t *testing.T) {
 	}
 }
 
-func TestBufferLost(t *testing.T) {
+// A RESUME below what the client has acknowledged is stale, not a loss:
+// in a GOAWAY migration the client acknowledges on the old link after it
+// sent RESUME, and the gateway may free those bytes before the RESUME
+// arrives. The gateway resends from what was acknowledged and says so.
+func TestStaleResumePointResendsFromAcked(t *testing.T) {
 	srv, addr := tcpGateway(t, serverConfig(testConfig()))
 	c, err := Dial(context.Background(), dialTo(addr, nil), "r", testConfig())
 	if err != nil {
 		t.Fatal(err)
 	}
+	defer c.Close()
 	s, _ := srv.Accept()
+	defer s.Close()
 	msg := bytes.Repeat([]byte("x"), 100<<10)
 	if _, err := s.Write(msg); err != nil {
 		t.Fatal(err)
@@ -271,17 +277,68 @@ func TestBufferLost(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	// A peer that lost its state asks for bytes from 0 again.
 	h, p := rawExchange(t, addr, signedResume(c, 1000, 0))
-	wantReject(t, h, p, frame.CodeBufferLost)
-	if _, err := s.Read(make([]byte, 1)); !errors.Is(err, ErrBufferLost) {
-		t.Fatalf("gateway side: %v, want BUFFER_LOST", err)
+	if h.Type != frame.TypeResumed {
+		t.Fatalf("got %v, want RESUMED", h.Type)
 	}
-	// The real client learns it on its next resume: an abortive close,
-	// never a silent gap.
+	d, err := frame.ParseResumed(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.Resend != uint64(len(msg)) {
+		t.Fatalf("RESUMED resend %d, want %d (what the client acknowledged)", d.Resend, len(msg))
+	}
+}
+
+// When the bytes a peer needs are gone, both sides get BUFFER_LOST: an
+// abortive close, never a silent gap. (A gateway frees only acknowledged
+// bytes, so this takes a side that lost its state; here the gateway's
+// replay buffer is emptied behind its back.)
+func TestBufferLost(t *testing.T) {
+	srv, addr := tcpGateway(t, serverConfig(testConfig()))
+	var down sync.Mutex
+	dial := dialTo(addr, nil)
+	gated := func(ctx context.Context) (net.Conn, error) {
+		down.Lock()
+		defer down.Unlock()
+		return dial(ctx)
+	}
+	c, err := Dial(context.Background(), gated, "r", testConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, _ := srv.Accept()
+	// Confirm the session, then cut the link so that what the gateway
+	// writes next stays unacknowledged.
+	if _, err := c.Write([]byte("hi")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.ReadFull(s, make([]byte, 2)); err != nil {
+		t.Fatal(err)
+	}
+	down.Lock()
 	c.Kill()
+	for i := 0; s.State() != StateDisconnected; i++ {
+		if i > 500 {
+			t.Fatal("gateway never parked")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if _, err := s.Write(bytes.Repeat([]byte("x"), 100<<10)); err != nil {
+		t.Fatal(err)
+	}
+	g := s.s
+	g.mu.Lock()
+	g.sentMax = g.send.End() // as if sent before the loss
+	g.sent = g.send.End()
+	g.send.Discard(g.send.End())
+	g.mu.Unlock()
+	down.Unlock()
 	if _, err := c.Read(make([]byte, 1)); !errors.Is(err, ErrBufferLost) {
 		t.Fatalf("client side: %v, want BUFFER_LOST", err)
+	}
+	if _, err := s.Read(make([]byte, 1)); !errors.Is(err, ErrBufferLost) {
+		t.Fatalf("gateway side: %v, want BUFFER_LOST", err)
 	}
 	c.Close()
 }

@@ -59,14 +59,19 @@ type link struct {
 	awaitClose *frame.CodeReason
 	failErr    error // why the link was closed
 
-	// Writer-owned.
+	// Writer-owned: the batch being put together or written.
 	scratch  []byte
 	segs     [][]byte
 	vectored bool
-	dataMap  []dataSpan
-	// confirmedSeen: this link's reader has received a frame.
-	confirmedSeen bool
-	discard       []byte // reader-owned: bytes skipped as duplicates
+	// pinned: the batch holds replay-buffer bytes from pinAt on, so the
+	// session keeps them until the write returns (set and cleared under
+	// s.mu).
+	pinned bool
+	pinAt  uint64
+
+	// Reader-owned.
+	confirmedSeen bool   // this link's reader has received a frame
+	discard       []byte // bytes skipped as duplicates
 }
 
 func newLink(s *session, conn net.Conn, fr *frame.Reader, rxStart uint64) *link {
@@ -261,9 +266,7 @@ func (l *link) readLoop(prev *link) {
 		if !l.confirmedSeen {
 			l.confirmedSeen = true
 			s.mu.Lock()
-			if !isClosed(s.confirmed) {
-				close(s.confirmed)
-			}
+			s.confirm()
 			s.mu.Unlock()
 		}
 		if h.Type == frame.TypeData {
@@ -303,16 +306,18 @@ func (l *link) readData(n int) error {
 			s.mu.Unlock()
 			return errStale
 		}
-		if s.peerFin {
-			s.mu.Unlock()
-			return newError(frame.CodeValidation, s.id, "DATA after CLOSE_WRITE")
-		}
 		if l.rxOff+uint64(n) > s.window {
 			s.mu.Unlock()
 			return newError(frame.CodeValidation, s.id, "DATA to offset %d beyond window %d", l.rxOff+uint64(n), s.window)
 		}
 		var dst []byte
 		dup := s.recv.End() > l.rxOff
+		if s.peerFin && !dup {
+			// Duplicates of bytes before the CLOSE_WRITE are fine: a
+			// migration replays what the old link already delivered.
+			s.mu.Unlock()
+			return newError(frame.CodeValidation, s.id, "DATA after CLOSE_WRITE")
+		}
 		switch {
 		case dup: // already held (overlapping migration): skip
 			if l.discard == nil {
@@ -447,13 +452,12 @@ func (l *link) writeLoop(prev *link) {
 				break
 			}
 			if n > 0 {
-				w, err := l.flush()
-				if to := l.flushedTo(w); to > 0 {
+				_, err := l.flush()
+				if l.pinned {
 					s.mu.Lock()
-					if to > s.flushed {
-						s.flushed = to
-						s.releaseSent()
-					}
+					s.unpin(l.pinAt)
+					l.pinned = false
+					s.releaseSent()
 					s.mu.Unlock()
 				}
 				if err != nil {
@@ -486,7 +490,6 @@ func (l *link) collect() int {
 	type piece struct {
 		from, to int    // in scratch
 		data     []byte // or payload
-		off      uint64 // stream offset of data
 	}
 	var pieces [32]piece
 	np := 0
@@ -529,21 +532,26 @@ func (l *link) collect() int {
 	} else {
 		limit := min(s.send.End(), s.peerWindow)
 		budget := writeBatch
+		from := s.sent
 		for s.sent < limit && budget > 0 && np < len(pieces)-6 {
 			n := int(min(limit-s.sent, uint64(frame.MaxPayload), uint64(budget)))
 			l.scratch = frame.AppendDataHeader(l.scratch, n)
 			cut()
 			start := len(l.segs)
 			l.segs = s.send.Slices(l.segs, s.sent, n)
-			off := s.sent
 			for _, seg := range l.segs[start:] {
-				pieces[np] = piece{data: seg, off: off}
-				off += uint64(len(seg))
+				pieces[np] = piece{data: seg}
 				np++
 			}
 			l.segs = l.segs[:start]
 			s.sent += uint64(n)
 			budget -= n
+		}
+		if s.sent > from {
+			// The writev reads these bytes after we unlock: keep them.
+			s.pin(from)
+			l.pinned, l.pinAt = true, from
+			s.sentMax = max(s.sentMax, s.sent)
 		}
 		if s.writeShut && !s.finSent && s.sent == s.send.End() {
 			l.scratch = frame.AppendU64(l.scratch, frame.TypeCloseWrite, s.send.End())
@@ -552,13 +560,10 @@ func (l *link) collect() int {
 	}
 	cut()
 	total := 0
-	l.dataMap = l.dataMap[:0]
 	for _, p := range pieces[:np] {
 		b := p.data
 		if b == nil {
 			b = l.scratch[p.from:p.to]
-		} else {
-			l.dataMap = append(l.dataMap, dataSpan{at: total, n: len(b), off: p.off})
 		}
 		l.segs = append(l.segs, b)
 		total += len(b)
@@ -566,28 +571,7 @@ func (l *link) collect() int {
 	return total
 }
 
-// dataSpan maps bytes of a batch to stream offsets.
-type dataSpan struct {
-	at, n int // position and length in the batch
-	off   uint64
-}
-
-// flushedTo is the stream offset below which the first n bytes of the
-// batch carried all data (0 if they carried none).
-func (l *link) flushedTo(n int) uint64 {
-	var reached uint64
-	for _, d := range l.dataMap {
-		if d.at >= n {
-			break
-		}
-		reached = d.off + uint64(min(d.n, n-d.at))
-	}
-	return reached
-}
-
 // flush writes l.segs: one writev on TCP, one buffered write otherwise.
-// It returns how many bytes left the batch (into the socket or the bufio
-// buffer): those no longer need the replay buffer's memory.
 func (l *link) flush() (int, error) {
 	if l.vectored {
 		bufs := net.Buffers(l.segs)

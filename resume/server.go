@@ -15,6 +15,7 @@ import (
 	"golang.org/x/time/rate"
 
 	"github.com/lifeline-proxy/lifeline/frame"
+	"github.com/lifeline-proxy/lifeline/internal/acceptloop"
 )
 
 // ServerConfig configures the gateway side.
@@ -32,29 +33,78 @@ type ServerConfig struct {
 	// MaxSessions caps live sessions (0: no cap). HELLOs beyond it get
 	// REJECT LIMIT; resumes are never refused for it.
 	MaxSessions int
-	// MemoryBudget caps the bytes held in all sessions' buffers (0: no cap).
-	// When it is reached new sessions are refused with LIMIT; existing
-	// sessions keep their data (their own limits bound them).
+	// MemoryBudget caps the bytes held in all sessions' buffers (0: no
+	// cap). Growth is charged as it happens: at the budget, sessions stop
+	// taking bytes from their upstream (backpressure) instead of growing,
+	// and new sessions are refused with LIMIT. See Budget.
 	MemoryBudget int64
-	// MaxHandshakes bounds handshakes in progress, so a burst of resumes
-	// after an outage queues instead of overwhelming the gateway.
+	// MaxHandshakes bounds handshakes doing their cryptography and
+	// bookkeeping at once (a burst of resumes after an outage queues). A
+	// slot is held only for that: not while waiting for the first frame,
+	// not while a new session waits for its confirmation.
 	MaxHandshakes int
+	// MaxPendingLinks bounds links that have not yet sent their first
+	// handshake frame, in total and per source address. Past a cap the
+	// oldest such link is closed, so that silent sockets cannot keep out a
+	// client that speaks at once.
+	MaxPendingLinks     int
+	MaxPendingPerSource int
+	// MaxUnconfirmed bounds sessions that got WELCOME but whose client has
+	// not yet sent a frame, in total and per source address; HELLOs past
+	// a cap get REJECT THROTTLED. An unconfirmed session is ended after
+	// HandshakeTimeout.
+	MaxUnconfirmed          int
+	MaxUnconfirmedPerSource int
 	// FailureRate and FailureBurst throttle failed resumes per source IP:
-	// past the burst, a source gets REJECT THROTTLED until tokens return.
+	// past the burst, a source's failing resumes get REJECT THROTTLED
+	// until tokens return. A resume with a valid proof is never throttled.
 	FailureRate  rate.Limit
 	FailureBurst int
 	// AcceptBacklog is how many new sessions may wait for Accept.
 	AcceptBacklog int
+	// OnRefuse, if set, is called for every link or handshake refused,
+	// with a short fixed label (see the Refuse* constants) and the REJECT
+	// code sent (CodeNone when the link was closed without one). It is
+	// called without locks held and must not block.
+	OnRefuse func(reason string, code frame.Code)
+	// AcceptState, if set, records accept failures of Serve (descriptor
+	// exhaustion) for a health check; nil: Serve keeps its own.
+	AcceptState *acceptloop.State
 }
+
+// Refusal labels passed to ServerConfig.OnRefuse.
+const (
+	RefusePendingFlood     = "pending_flood"      // a link's source (or all sources) had too many links that had not spoken yet
+	RefuseHandshakeBusy    = "handshake_busy"     // no handshake slot within the handshake timeout
+	RefuseBadPreamble      = "bad_preamble"       // not a lifeline link, or silent until the handshake timeout
+	RefuseBadVersion       = "bad_version"        // a protocol version this gateway does not speak
+	RefuseBadHandshake     = "bad_handshake"      // a malformed or unexpected handshake frame
+	RefuseDraining         = "draining"           // new sessions refused while draining
+	RefuseMaxSessions      = "max_sessions"       // MaxSessions reached
+	RefuseMemoryBudget     = "memory_budget"      // MemoryBudget reached
+	RefuseUnconfirmed      = "unconfirmed_limit"  // too many unconfirmed sessions (per source or in total)
+	RefuseUnconfirmedTimer = "unconfirmed_expiry" // a session not confirmed within the handshake timeout was ended
+	RefuseAdmit            = "admit"              // the Admit hook refused (unknown route, ...)
+	RefuseResumeNotFound   = "resume_not_found"   // a resume for an unknown, expired or ended session
+	RefuseResumeProof      = "resume_proof"       // a resume whose proof does not verify
+	RefuseResumeReplay     = "resume_replay"      // a resume with a counter already used (a replay, or two racing)
+	RefuseResumeThrottled  = "resume_throttled"   // a failing resume from a source over its failure budget
+	RefuseResumePoint      = "resume_point"       // a resume point the gateway cannot serve (BUFFER_LOST) or that is a lie (VALIDATION)
+	RefuseInternal         = "internal"           // key generation or a write failed
+)
 
 // DefaultServerConfig returns the gateway defaults.
 func DefaultServerConfig() *ServerConfig {
 	return &ServerConfig{
-		Session:       DefaultConfig(),
-		MaxHandshakes: 256,
-		FailureRate:   rate.Every(time.Second),
-		FailureBurst:  10,
-		AcceptBacklog: 128,
+		Session:                 DefaultConfig(),
+		MaxHandshakes:           256,
+		MaxPendingLinks:         4096,
+		MaxPendingPerSource:     256,
+		MaxUnconfirmed:          1024,
+		MaxUnconfirmedPerSource: 64,
+		FailureRate:             rate.Every(time.Second),
+		FailureBurst:            10,
+		AcceptBacklog:           128,
 	}
 }
 
@@ -71,6 +121,10 @@ func (c *ServerConfig) Validate() error {
 		return errors.New("resume: MaxSessions and MemoryBudget must not be negative")
 	case c.MaxHandshakes <= 0:
 		return fmt.Errorf("resume: MaxHandshakes %d must be positive", c.MaxHandshakes)
+	case c.MaxPendingLinks <= 0 || c.MaxPendingPerSource <= 0:
+		return errors.New("resume: MaxPendingLinks and MaxPendingPerSource must be positive")
+	case c.MaxUnconfirmed <= 0 || c.MaxUnconfirmedPerSource <= 0:
+		return errors.New("resume: MaxUnconfirmed and MaxUnconfirmedPerSource must be positive")
 	case c.FailureRate <= 0 || c.FailureBurst <= 0:
 		return errors.New("resume: FailureRate and FailureBurst must be positive")
 	case c.AcceptBacklog < 0:
@@ -79,8 +133,12 @@ func (c *ServerConfig) Validate() error {
 	return nil
 }
 
-// maxSources bounds the per-source throttle table.
-const maxSources = 16384
+// maxSources bounds the per-source throttle table; maxTombs the table of
+// ended sessions kept for their clients.
+const (
+	maxSources = 16384
+	maxTombs   = 65536
+)
 
 // Server is the gateway side: it accepts links from any source, opens a
 // session for each HELLO and splices resumed links into their sessions.
@@ -95,14 +153,21 @@ type Server struct {
 	listeners map[net.Listener]struct{}
 	draining  bool
 	isClosed  bool
+	// unconfirmed sessions, in total and by source address.
+	unconfirmed   int
+	unconfirmedBy map[string]int
+
+	pending  pendingLinks
+	refusals refusalLog
 
 	accept chan *Conn
 	closed chan struct{}
 	// closedCtx is cancelled with closed, for waits that take a context.
 	closedCtx    context.Context
 	cancelClosed context.CancelFunc
-	handshk      *semaphore.Weighted // handshakes in progress
-	mem          atomic.Int64
+	handshk      *semaphore.Weighted // handshakes doing their work
+	budget       *Budget
+	acceptState  *acceptloop.State
 	wg           sync.WaitGroup // serve loops and handshakes
 	sessWG       sync.WaitGroup // sessions until their goroutines exit
 	emptied      chan struct{}  // signalled when the last session ends
@@ -126,17 +191,28 @@ func NewServer(cfg *ServerConfig) (*Server, error) {
 		return nil, err
 	}
 	srv := &Server{
-		cfg:       *cfg,
-		log:       cfg.Session.logger().With("side", "gateway"),
-		sessions:  make(map[SessionID]*session),
-		tombs:     make(map[SessionID]*tomb),
-		sources:   make(map[string]*rate.Limiter),
-		listeners: make(map[net.Listener]struct{}),
-		accept:    make(chan *Conn, cfg.AcceptBacklog),
-		closed:    make(chan struct{}),
-		handshk:   semaphore.NewWeighted(int64(cfg.MaxHandshakes)),
-		emptied:   make(chan struct{}, 1),
+		cfg:           *cfg,
+		log:           cfg.Session.logger().With("side", "gateway"),
+		sessions:      make(map[SessionID]*session),
+		tombs:         make(map[SessionID]*tomb),
+		sources:       make(map[string]*rate.Limiter),
+		listeners:     make(map[net.Listener]struct{}),
+		unconfirmedBy: make(map[string]int),
+		accept:        make(chan *Conn, cfg.AcceptBacklog),
+		closed:        make(chan struct{}),
+		handshk:       semaphore.NewWeighted(int64(cfg.MaxHandshakes)),
+		budget:        NewBudget(cfg.MemoryBudget),
+		acceptState:   cfg.AcceptState,
+		emptied:       make(chan struct{}, 1),
 	}
+	if srv.acceptState == nil {
+		srv.acceptState = &acceptloop.State{}
+	}
+	if srv.acceptState.Log == nil {
+		srv.acceptState.Log = srv.log
+	}
+	srv.pending.init(cfg.MaxPendingLinks, cfg.MaxPendingPerSource)
+	srv.refusals.log = srv.log
 	srv.closedCtx, srv.cancelClosed = context.WithCancel(context.Background())
 	return srv, nil
 }
@@ -151,7 +227,10 @@ func (srv *Server) Accept() (*Conn, error) {
 	}
 }
 
-// Serve accepts links from l until the server or l is closed.
+// Serve accepts links from l until the server or l is closed. A
+// temporary accept failure (descriptor exhaustion) is retried with a
+// backoff, logged at most once a second and reported by AcceptErr; any
+// other failure is returned (the listener is dead: do not ignore it).
 func (srv *Server) Serve(l net.Listener) error {
 	srv.mu.Lock()
 	if srv.isClosed {
@@ -163,16 +242,12 @@ func (srv *Server) Serve(l net.Listener) error {
 	srv.mu.Unlock()
 	defer srv.wg.Done()
 	for {
-		c, err := l.Accept()
+		c, err := acceptloop.Accept(l, srv.acceptState, srv.closed)
 		if err != nil {
 			select {
 			case <-srv.closed:
 				return ErrServerClosed
 			default:
-			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				continue
 			}
 			return err
 		}
@@ -183,6 +258,10 @@ func (srv *Server) Serve(l net.Listener) error {
 		}()
 	}
 }
+
+// AcceptErr is non-nil while Serve's accepts are failing (for example
+// with too many open files), for a health check.
+func (srv *Server) AcceptErr() error { return srv.acceptState.Err() }
 
 // ServeLink runs the handshake on one link from any transport and returns
 // when the link is attached to a session or refused. It takes ownership of
@@ -201,16 +280,29 @@ func (srv *Server) ServeLink(c net.Conn) {
 }
 
 // MemoryInUse is the bytes held in all sessions' buffers.
-func (srv *Server) MemoryInUse() int64 { return srv.mem.Load() }
+func (srv *Server) MemoryInUse() int64 { return srv.budget.InUse() }
 
-// NumSessions is the number of live sessions.
+// NumSessions is the number of live sessions, confirmed or not.
 func (srv *Server) NumSessions() int {
 	srv.mu.Lock()
 	defer srv.mu.Unlock()
 	return len(srv.sessions)
 }
 
-// Sessions returns the live sessions.
+// Unconfirmed is the number of sessions whose client has not yet shown it
+// got WELCOME.
+func (srv *Server) Unconfirmed() int {
+	srv.mu.Lock()
+	defer srv.mu.Unlock()
+	return srv.unconfirmed
+}
+
+// PendingLinks is the number of links that have not sent a handshake
+// frame yet.
+func (srv *Server) PendingLinks() int { return srv.pending.len() }
+
+// Sessions returns the live sessions, unconfirmed ones included (their
+// Confirmed is false).
 func (srv *Server) Sessions() []*Conn {
 	srv.mu.Lock()
 	defer srv.mu.Unlock()
@@ -224,52 +316,85 @@ func (srv *Server) Sessions() []*Conn {
 // ResumeFailures counts refused resumes (all codes).
 func (srv *Server) ResumeFailures() int64 { return srv.failures.Load() }
 
+// refused counts and logs (rate-limited) one refusal.
+func (srv *Server) refused(reason string, code Code, remote net.Addr, msg string, args ...any) {
+	if srv.cfg.OnRefuse != nil {
+		srv.cfg.OnRefuse(reason, code)
+	}
+	srv.refusals.warn(reason, msg, append([]any{"remote", remote, "code", code}, args...)...)
+}
+
 func (srv *Server) handshake(c net.Conn) {
 	ctx, cancel := context.WithTimeout(context.Background(), srv.cfg.Session.HandshakeTimeout)
 	defer cancel()
 	closing := context.AfterFunc(srv.closedCtx, cancel)
 	defer closing()
-	if err := srv.handshk.Acquire(ctx, 1); err != nil {
-		if srv.closedCtx.Err() != nil {
-			c.Close()
-			return
-		}
-		srv.refuse(c, frame.CodeThrottled, "too many handshakes in progress")
-		return
-	}
-	defer srv.handshk.Release(1)
-	c.SetDeadline(time.Now().Add(srv.cfg.Session.HandshakeTimeout))
 	remote := c.RemoteAddr()
+	source := sourceOf(remote)
+
+	// Until its first frame, a link holds no handshake slot (a silent
+	// socket must not delay anyone), only a place among the pending links.
+	pl, evicted := srv.pending.add(c, source)
+	for _, e := range evicted {
+		e.Close()
+		srv.refused(RefusePendingFlood, frame.CodeNone, e.RemoteAddr(), "link closed: too many links that have not spoken",
+			"source", sourceOf(e.RemoteAddr()))
+	}
+	c.SetDeadline(time.Now().Add(srv.cfg.Session.HandshakeTimeout))
+	stopDeadline := context.AfterFunc(ctx, func() { c.SetDeadline(time.Unix(1, 0)) })
+	defer stopDeadline()
 	fr := frame.NewReader(c, linkReadBuffer)
 	v, err := fr.ReadPreamble()
 	if err != nil {
-		srv.log.Warn("link refused", "remote", remote, "err", err)
+		srv.pending.done(pl)
 		if errors.Is(err, frame.ErrBadMagic) {
+			srv.refused(RefuseBadPreamble, frame.CodeValidation, remote, "link refused", "err", err)
 			srv.refuse(c, frame.CodeValidation, "not a lifeline link")
 		} else {
+			srv.refused(RefuseBadPreamble, frame.CodeNone, remote, "link refused", "err", err)
 			c.Close()
 		}
 		return
 	}
 	if v != frame.Version {
-		srv.log.Warn("link refused", "remote", remote, "version", v)
+		srv.pending.done(pl)
+		srv.refused(RefuseBadVersion, frame.CodeVersion, remote, "link refused", "version", v)
 		srv.refuse(c, frame.CodeVersion, fmt.Sprintf("version %d not supported, this gateway speaks %d", v, frame.Version))
 		return
 	}
 	h, p, err := readHandshake(fr)
+	srv.pending.done(pl)
 	if err != nil {
-		srv.log.Warn("link refused", "remote", remote, "err", err)
+		srv.refused(RefuseBadHandshake, frame.CodeValidation, remote, "link refused", "err", err)
 		srv.refuse(c, frame.CodeValidation, err.Error())
 		return
 	}
-	switch h.Type {
-	case frame.TypeHello:
-		srv.hello(c, fr, p)
-	case frame.TypeResume:
-		srv.resume(c, fr, p)
-	default:
+	if h.Type != frame.TypeHello && h.Type != frame.TypeResume {
+		srv.refused(RefuseBadHandshake, frame.CodeValidation, remote, "link refused", "frame", h.Type)
 		srv.refuse(c, frame.CodeValidation, h.Type.String()+" instead of HELLO or RESUME")
+		return
 	}
+	binding, err := linkBinding(ctx, c)
+	if err != nil {
+		srv.refused(RefuseBadHandshake, frame.CodeValidation, remote, "link refused", "err", err)
+		srv.refuse(c, frame.CodeValidation, err.Error())
+		return
+	}
+	if err := srv.handshk.Acquire(ctx, 1); err != nil {
+		if srv.closedCtx.Err() != nil {
+			c.Close()
+			return
+		}
+		srv.refused(RefuseHandshakeBusy, frame.CodeThrottled, remote, "link refused: too many handshakes in progress")
+		srv.refuse(c, frame.CodeThrottled, "too many handshakes in progress")
+		return
+	}
+	if h.Type == frame.TypeHello {
+		srv.hello(ctx, c, fr, p, binding) // releases the slot itself
+		return
+	}
+	srv.resume(c, fr, p, binding)
+	srv.handshk.Release(1)
 }
 
 // refuse sends REJECT and closes the link.
@@ -279,11 +404,26 @@ func (srv *Server) refuse(c net.Conn, code Code, reason string) {
 	c.Close()
 }
 
-func (srv *Server) hello(c net.Conn, fr *frame.Reader, p []byte) {
+// hello opens a session. The caller's handshake slot is released as soon
+// as WELCOME is out; the wait for the client's confirmation holds only
+// the session's place among the unconfirmed ones.
+func (srv *Server) hello(ctx context.Context, c net.Conn, fr *frame.Reader, p []byte, binding []byte) {
+	release := sync.OnceFunc(func() { srv.handshk.Release(1) })
+	defer release()
 	remote := c.RemoteAddr()
+	source := sourceOf(remote)
 	hello, err := frame.ParseHello(p)
 	if err != nil {
+		srv.refused(RefuseBadHandshake, frame.CodeValidation, remote, "session refused", "err", err)
 		srv.refuse(c, frame.CodeValidation, err.Error())
+		return
+	}
+	if hello.Buffer < frame.MaxPayload {
+		// The peer must accept at least one whole DATA frame, or neither
+		// side could ever send one.
+		reason := fmt.Sprintf("HELLO buffer %d below the minimum of %d", hello.Buffer, frame.MaxPayload)
+		srv.refused(RefuseBadHandshake, frame.CodeValidation, remote, "session refused", "reason", reason)
+		srv.refuse(c, frame.CodeValidation, reason)
 		return
 	}
 	cfg := srv.cfg.Session
@@ -294,18 +434,30 @@ func (srv *Server) hello(c net.Conn, fr *frame.Reader, p []byte) {
 	}
 	srv.mu.Lock()
 	n, draining := len(srv.sessions), srv.draining
+	unconf, unconfSrc := srv.unconfirmed, srv.unconfirmedBy[source]
 	srv.mu.Unlock()
 	switch {
 	case draining:
+		srv.refused(RefuseDraining, frame.CodeShuttingDown, remote, "session refused: draining")
 		srv.refuse(c, frame.CodeShuttingDown, "gateway is draining")
 		return
 	case srv.cfg.MaxSessions > 0 && n >= srv.cfg.MaxSessions:
-		srv.log.Warn("session refused", "remote", remote, "reason", "max sessions", "max", srv.cfg.MaxSessions)
+		srv.refused(RefuseMaxSessions, frame.CodeLimit, remote, "session refused: max sessions", "max", srv.cfg.MaxSessions)
 		srv.refuse(c, frame.CodeLimit, fmt.Sprintf("gateway holds its maximum of %d sessions", srv.cfg.MaxSessions))
 		return
-	case srv.cfg.MemoryBudget > 0 && srv.mem.Load() >= srv.cfg.MemoryBudget:
-		srv.log.Warn("session refused", "remote", remote, "reason", "memory budget", "budget", srv.cfg.MemoryBudget)
+	case srv.budget.Exhausted():
+		srv.refused(RefuseMemoryBudget, frame.CodeLimit, remote, "session refused: memory budget", "budget", srv.cfg.MemoryBudget)
 		srv.refuse(c, frame.CodeLimit, "gateway memory budget exhausted")
+		return
+	case unconfSrc >= srv.cfg.MaxUnconfirmedPerSource:
+		srv.refused(RefuseUnconfirmed, frame.CodeThrottled, remote, "session refused: too many unconfirmed sessions from this source",
+			"max", srv.cfg.MaxUnconfirmedPerSource)
+		srv.refuse(c, frame.CodeThrottled, "too many unconfirmed sessions from this source")
+		return
+	case unconf >= srv.cfg.MaxUnconfirmed:
+		srv.refused(RefuseUnconfirmed, frame.CodeThrottled, remote, "session refused: too many unconfirmed sessions",
+			"max", srv.cfg.MaxUnconfirmed)
+		srv.refuse(c, frame.CodeThrottled, "too many unconfirmed sessions")
 		return
 	}
 	if srv.cfg.Admit != nil {
@@ -315,18 +467,20 @@ func (srv *Server) hello(c net.Conn, fr *frame.Reader, p []byte) {
 			if errors.As(err, &e) {
 				code, reason = e.Code, e.Reason
 			}
-			srv.log.Warn("session refused", "remote", remote, "route", hello.Route, "code", code, "reason", reason)
+			srv.refused(RefuseAdmit, code, remote, "session refused", "route", hello.Route, "reason", reason)
 			srv.refuse(c, code, reason)
 			return
 		}
 	}
 	priv, pub, err := newKey()
 	if err != nil {
+		srv.refused(RefuseInternal, frame.CodeInternal, remote, "session refused: key generation failed", "err", err)
 		srv.refuse(c, frame.CodeInternal, "key generation failed")
 		return
 	}
 	secret, err := shared(priv, hello.Key)
 	if err != nil {
+		srv.refused(RefuseBadHandshake, frame.CodeValidation, remote, "session refused: bad key share", "err", err)
 		srv.refuse(c, frame.CodeValidation, "bad key share")
 		return
 	}
@@ -335,10 +489,12 @@ func (srv *Server) hello(c net.Conn, fr *frame.Reader, p []byte) {
 	s.srv = srv
 	s.route = hello.Route
 	s.log = cfg.logger().With("session", s.id.String(), "side", "gateway", "route", hello.Route)
-	s.credCur = initialCredential(secret, s.id, hello.Key, pub)
+	s.credCur = initialCredential(secret, s.id, hello.Key, pub, binding)
 	s.reconnectTimeout = min(cfg.ReconnectTimeout, time.Duration(hello.ReconnectTimeout)*time.Millisecond)
 	s.window = uint64(cfg.BufferSize)
-	s.send.acct, s.recv.acct = &srv.mem, &srv.mem
+	s.budget = srv.budget
+	s.send.acct, s.recv.acct = srv.budget, srv.budget
+	s.source = source
 
 	w := &frame.Welcome{SessionID: s.id, Key: pub,
 		ReconnectTimeout: uint32(s.reconnectTimeout / time.Millisecond), Buffer: uint32(cfg.BufferSize)}
@@ -354,6 +510,9 @@ func (srv *Server) hello(c net.Conn, fr *frame.Reader, p []byte) {
 		return
 	}
 	srv.sessions[s.id] = s
+	srv.unconfirmed++
+	srv.unconfirmedBy[source]++
+	s.unconfirmed = true
 	srv.sessWG.Add(1)
 	srv.mu.Unlock()
 
@@ -364,6 +523,7 @@ func (srv *Server) hello(c net.Conn, fr *frame.Reader, p []byte) {
 		c.Close()
 		return
 	}
+	release()
 	c.SetDeadline(time.Time{})
 	s.log.Info("session start", "remote", remote, "reconnect_timeout", s.reconnectTimeout)
 	s.mu.Lock()
@@ -373,23 +533,36 @@ func (srv *Server) hello(c net.Conn, fr *frame.Reader, p []byte) {
 	s.mu.Unlock()
 
 	conn := &Conn{s: s}
-	t := time.NewTimer(cfg.HandshakeTimeout)
-	defer t.Stop()
 	// Hand the session out only once the client has shown it got WELCOME
 	// (its first frame, or a resume), so that no upstream is dialed for a
-	// session nobody holds. Until then it costs only its own state; if the
-	// first link fails it parks like any other session, because a client
-	// whose network dropped right after WELCOME will come back.
+	// session nobody holds. Until then it costs only its own state, and
+	// only until the handshake deadline: a client whose link dropped right
+	// after WELCOME may resume within it, later it starts over.
 	select {
 	case <-s.confirmed:
 	case <-s.done:
 		return
-	case <-srv.closed:
+	case <-ctx.Done():
+		if srv.closedCtx.Err() != nil {
+			s.mu.Lock()
+			s.abort(frame.CodeShuttingDown, "gateway closed")
+			s.mu.Unlock()
+			return
+		}
 		s.mu.Lock()
-		s.abort(frame.CodeShuttingDown, "gateway closed")
+		if isClosed(s.confirmed) { // confirmed at the deadline
+			s.mu.Unlock()
+			break
+		}
+		s.noTomb = true
+		s.abort(frame.CodeTimeout, "session not confirmed within the handshake timeout")
 		s.mu.Unlock()
+		srv.refused(RefuseUnconfirmedTimer, frame.CodeTimeout, remote, "session ended: not confirmed within the handshake timeout",
+			"session", s.id.String())
 		return
 	}
+	t := time.NewTimer(cfg.HandshakeTimeout)
+	defer t.Stop()
 	select {
 	case srv.accept <- conn:
 	case <-t.C:
@@ -403,15 +576,34 @@ func (srv *Server) hello(c net.Conn, fr *frame.Reader, p []byte) {
 	}
 }
 
-func (srv *Server) limiter(remote net.Addr) *rate.Limiter {
-	key := remote.String()
-	if ta, ok := remote.(*net.TCPAddr); ok {
-		key = ta.IP.String()
-	} else if ua, ok := remote.(*net.UDPAddr); ok {
-		key = ua.IP.String()
-	} else if h, _, err := net.SplitHostPort(key); err == nil {
-		key = h
+// confirm marks s confirmed: its client has shown it holds the session.
+// Caller holds s.mu.
+func (s *session) confirm() {
+	if isClosed(s.confirmed) {
+		return
 	}
+	close(s.confirmed)
+	if s.srv != nil {
+		s.srv.settle(s)
+	}
+}
+
+// settle takes s off the unconfirmed count, once. Caller holds s.mu.
+func (srv *Server) settle(s *session) {
+	srv.mu.Lock()
+	defer srv.mu.Unlock()
+	if !s.unconfirmed {
+		return
+	}
+	s.unconfirmed = false
+	srv.unconfirmed--
+	if srv.unconfirmedBy[s.source]--; srv.unconfirmedBy[s.source] <= 0 {
+		delete(srv.unconfirmedBy, s.source)
+	}
+}
+
+func (srv *Server) limiter(remote net.Addr) *rate.Limiter {
+	key := sourceOf(remote)
 	srv.mu.Lock()
 	defer srv.mu.Unlock()
 	l := srv.sources[key]
@@ -428,25 +620,25 @@ func (srv *Server) limiter(remote net.Addr) *rate.Limiter {
 	return l
 }
 
-func (srv *Server) resume(c net.Conn, fr *frame.Reader, p []byte) {
+// resume splices a link into the session its RESUME names. Failures spend
+// the source's failure budget; once it is empty, failing resumes from that
+// source are answered THROTTLED. A resume whose proof verifies never
+// consults the budget: other peers behind the same address (a NAT, a load
+// balancer) cannot lock an owner out of its session.
+func (srv *Server) resume(c net.Conn, fr *frame.Reader, p []byte, binding []byte) {
 	remote := c.RemoteAddr()
-	lim := srv.limiter(remote)
-	fail := func(code Code, format string, args ...any) {
+	fail := func(label string, code Code, format string, args ...any) {
 		reason := fmt.Sprintf(format, args...)
 		srv.failures.Add(1)
-		lim.Allow() // spend a token
-		srv.log.Warn("resume refused", "remote", remote, "code", code, "reason", reason)
+		if !srv.limiter(remote).Allow() {
+			label, code, reason = RefuseResumeThrottled, frame.CodeThrottled, "too many failed resumes from this source"
+		}
+		srv.refused(label, code, remote, "resume refused", "reason", reason)
 		srv.refuse(c, code, reason)
-	}
-	if lim.Tokens() < 1 {
-		srv.failures.Add(1)
-		srv.log.Warn("resume refused", "remote", remote, "code", frame.CodeThrottled)
-		srv.refuse(c, frame.CodeThrottled, "too many failed resumes from this source")
-		return
 	}
 	r, err := frame.ParseResume(p)
 	if err != nil {
-		fail(frame.CodeValidation, "%v", err)
+		fail(RefuseBadHandshake, frame.CodeValidation, "%v", err)
 		return
 	}
 	sid := SessionID(r.SessionID)
@@ -457,38 +649,47 @@ func (srv *Server) resume(c net.Conn, fr *frame.Reader, p []byte) {
 	if s == nil {
 		if tb != nil {
 			srv.log.Info("resume of an ended session", "session", sid.String(), "code", tb.code)
+			if srv.cfg.OnRefuse != nil {
+				srv.cfg.OnRefuse(RefuseResumeNotFound, tb.code)
+			}
 			srv.refuse(c, tb.code, tb.reason)
 			return
 		}
-		fail(frame.CodeNotFound, "no session %v (unknown or expired)", sid)
+		fail(RefuseResumeNotFound, frame.CodeNotFound, "no session %v (unknown or expired)", sid)
 		return
 	}
 
 	s.mu.Lock()
 	if s.state == StateClosed {
 		s.mu.Unlock()
-		fail(frame.CodeNotFound, "session %v has ended", sid)
+		fail(RefuseResumeNotFound, frame.CodeNotFound, "session %v has ended", sid)
 		return
 	}
 	used := s.credCur
-	if !verify(used.resumeProof(r), r.Proof) {
+	if !verify(used.resumeProof(r, binding), r.Proof) {
 		used = s.credPrev
-		if !s.hasPrev || !verify(used.resumeProof(r), r.Proof) {
+		if !s.hasPrev || !verify(used.resumeProof(r, binding), r.Proof) {
 			s.mu.Unlock()
-			fail(frame.CodeAccessDenied, "resume proof for session %v does not verify", sid)
+			fail(RefuseResumeProof, frame.CodeAccessDenied, "resume proof for session %v does not verify", sid)
 			return
 		}
 	}
 	if r.Counter <= s.lastCtr {
 		last := s.lastCtr
 		s.mu.Unlock()
-		fail(frame.CodeConflict, "resume counter %d not above %d (replayed or raced)", r.Counter, last)
+		fail(RefuseResumeReplay, frame.CodeConflict, "resume counter %d not above %d (replayed or raced)", r.Counter, last)
 		return
 	}
-	if perr := s.checkResumePoint(r.Received); perr != nil {
+	// RESUME.received may be stale: in a GOAWAY migration the client goes
+	// on acknowledging on the old link after it sent RESUME, and those
+	// bytes may be freed by now. It has at least what it acknowledged.
+	from := max(r.Received, s.peerAcked)
+	if perr := s.checkResumePoint(from); perr != nil {
 		s.abort(perr.Code, perr.Reason)
 		s.mu.Unlock()
-		fail(perr.Code, "%s", perr.Reason)
+		srv.failures.Add(1)
+		srv.refused(RefuseResumePoint, perr.Code, remote, "resume refused", "reason", perr.Reason)
+		srv.refuse(c, perr.Code, perr.Reason)
 		return
 	}
 	priv, pub, err := newKey()
@@ -498,7 +699,7 @@ func (srv *Server) resume(c net.Conn, fr *frame.Reader, p []byte) {
 	}
 	if err != nil {
 		s.mu.Unlock()
-		fail(frame.CodeValidation, "bad key share: %v", err)
+		fail(RefuseBadHandshake, frame.CodeValidation, "bad key share: %v", err)
 		return
 	}
 	s.lastCtr = r.Counter
@@ -512,22 +713,21 @@ func (srv *Server) resume(c net.Conn, fr *frame.Reader, p []byte) {
 		s.downAt = time.Now()
 		old.retire()
 	}
-	d := &frame.Resumed{Key: pub, Received: s.recv.End(), Window: s.window}
+	d := &frame.Resumed{Key: pub, Received: s.recv.End(), Window: s.window, Resend: from}
 	if s.peerFin {
 		d.Flags = frame.AckFin
 	}
-	d.Proof = used.resumedProof(r, d)
+	d.Proof = used.resumedProof(r, d, binding)
 	s.credPrev, s.hasPrev = used, true
 	s.credCur = used.rotate(secret, sid, r.Counter)
-	if !isClosed(s.confirmed) {
-		close(s.confirmed) // a valid resume proves the client has the session
-	}
+	s.confirm() // a valid resume proves the client has the session
 	s.setState(StateReconnecting, "resume accepted", "remote", remote)
 	l := newLink(s, c, fr, d.Received)
-	s.attach(l, r.Received, r.Window, r.Flags, d.Window, true)
+	s.attach(l, from, r.Window, r.Flags, d.Window, true)
 	stats := s.stats
 	s.mu.Unlock()
 
+	c.SetWriteDeadline(time.Now().Add(srv.cfg.Session.HandshakeTimeout))
 	if _, err := c.Write(frame.AppendResumed(nil, d)); err != nil {
 		s.linkFailed(l, err)
 		return
@@ -557,6 +757,13 @@ func (srv *Server) ended(s *session) {
 		return
 	}
 	delete(srv.sessions, s.id)
+	if s.unconfirmed {
+		s.unconfirmed = false
+		srv.unconfirmed--
+		if srv.unconfirmedBy[s.source]--; srv.unconfirmedBy[s.source] <= 0 {
+			delete(srv.unconfirmedBy, s.source)
+		}
+	}
 	go func() { s.wg.Wait(); srv.sessWG.Done() }()
 	if len(srv.sessions) == 0 {
 		select {
@@ -564,7 +771,14 @@ func (srv *Server) ended(s *session) {
 		default:
 		}
 	}
-	if s.reconnectTimeout > 0 && !srv.isClosed && !s.expiredOut {
+	if s.reconnectTimeout > 0 && !srv.isClosed && !s.expiredOut && !s.noTomb {
+		if len(srv.tombs) >= maxTombs {
+			for id, t := range srv.tombs { // evict one at random
+				t.timer.Stop()
+				delete(srv.tombs, id)
+				break
+			}
+		}
 		t := &tomb{code: code, reason: reason}
 		id := s.id
 		t.timer = time.AfterFunc(s.reconnectTimeout, func() {

@@ -34,13 +34,23 @@ type session struct {
 	// instead of draining the receive buffer.
 	aborted bool
 
-	// Send direction: send holds [min(peerAcked, flushed), written).
-	// Chunks below both marks are acknowledged and no writer is reading
-	// them, so they can go back to the pool.
-	send       ReplayBuffer
-	sent       uint64 // next offset to put on the current link
-	peerAcked  uint64 // highest Received the peer stated
-	flushed    uint64 // bytes below this were handed to a link's socket
+	// Send direction: send holds [min(peerAcked, sent, pins), written).
+	// A chunk goes back to the pool (where any session may take it) only
+	// when it is acknowledged, the current link has moved past it, and no
+	// writer is sending from it; see releaseSent.
+	send      ReplayBuffer
+	sent      uint64 // next offset to put on the current link
+	peerAcked uint64 // highest Received the peer stated
+	// sentMax is the highest offset any link's writer has taken for
+	// sending. The peer cannot have received more: an ACK or a resume
+	// point above it is a lie (VALIDATION). It never goes down, because a
+	// migrating peer legitimately acknowledges on a new link what the old
+	// one delivered after its RESUME.
+	sentMax uint64
+	// pins are the first offsets of batches that writers are sending
+	// without the lock (at most one per link). Bytes from the lowest pin
+	// up are being read by a writev and must not be freed.
+	pins       []uint64
 	peerWindow uint64 // the peer accepts up to this offset
 	elevated   bool   // the disconnected limit applies
 	writeShut  bool   // CloseWrite called: CLOSE_WRITE at send.End()
@@ -103,6 +113,10 @@ type session struct {
 	stats  Stats
 	downAt time.Time // when the last link failed
 
+	// budget, if set, is charged for both buffers; at its limit writers
+	// wait (see Budget).
+	budget *Budget
+
 	// client side
 	dial    DialFunc
 	cred    credential
@@ -112,7 +126,14 @@ type session struct {
 	redial  bool // a reconnect loop is running
 
 	// server side
-	srv      *Server
+	srv    *Server
+	source string // the client's address, for per-source limits
+	// unconfirmed: counted among the server's unconfirmed sessions
+	// (guarded by srv.mu).
+	unconfirmed bool
+	// noTomb: ended before the client showed it had the session; nobody
+	// will come back for its end code.
+	noTomb   bool
 	credCur  credential
 	credPrev credential
 	hasPrev  bool
@@ -248,8 +269,8 @@ func (s *session) ackFired() {
 
 // onAck applies an ACK from the current link.
 func (s *session) onAck(a frame.Ack) error {
-	if a.Received > s.sent {
-		return newError(frame.CodeValidation, s.id, "ACK for %d bytes, only %d sent", a.Received, s.sent)
+	if a.Received > s.sentMax {
+		return newError(frame.CodeValidation, s.id, "ACK for %d bytes, only %d ever sent", a.Received, s.sentMax)
 	}
 	s.peerAcked = max(s.peerAcked, a.Received)
 	if a.Flags&frame.AckFin != 0 {
@@ -268,15 +289,39 @@ func (s *session) onAck(a frame.Ack) error {
 	return nil
 }
 
-// releaseSent frees acknowledged bytes and applies the 80% rule.
+// releaseSent frees acknowledged bytes and applies the 80% rule. Bytes
+// are kept, even when acknowledged, while a writer may still read them (a
+// pin) and while the current link has yet to pass them: a link's stream
+// is contiguous from its resume point, and a peer may acknowledge bytes an
+// earlier link delivered before this link resends them.
 func (s *session) releaseSent() {
-	if upto := min(s.peerAcked, s.flushed); upto > s.send.Start() {
+	upto := min(s.peerAcked, s.sent)
+	for _, p := range s.pins {
+		upto = min(upto, p)
+	}
+	if upto > s.send.Start() {
 		s.send.Discard(upto)
 		s.wakeWriters()
 	}
 	if s.elevated && s.link != nil && s.send.Len() <= s.cfg.BufferSize*8/10 {
 		s.elevated = false
 		s.log.Debug("replay limit back to normal", "buffered", s.send.Len())
+	}
+}
+
+// pin records that a writer sends from offset from without the lock.
+func (s *session) pin(from uint64) { s.pins = append(s.pins, from) }
+
+// unpin removes one pin at from (the writer is done with its batch).
+func (s *session) unpin(from uint64) {
+	for i, p := range s.pins {
+		if p == from {
+			s.pins = append(s.pins[:i], s.pins[i+1:]...)
+			break
+		}
+	}
+	if len(s.pins) == 0 {
+		s.pins = nil
 	}
 }
 
@@ -422,11 +467,11 @@ func (s *session) expired() {
 }
 
 // checkResumePoint validates the peer's Received from a handshake against
-// what we hold: above what we wrote is a lie, below what we still hold
+// what we hold: above what we ever sent is a lie, below what we still hold
 // means the bytes are gone.
 func (s *session) checkResumePoint(peerReceived uint64) *Error {
-	if peerReceived > s.send.End() {
-		return newError(frame.CodeValidation, s.id, "peer claims %d bytes received, only %d written", peerReceived, s.send.End())
+	if peerReceived > s.sentMax {
+		return newError(frame.CodeValidation, s.id, "peer claims %d bytes received, only %d ever sent", peerReceived, s.sentMax)
 	}
 	if peerReceived < s.send.Start() {
 		return newError(frame.CodeBufferLost, s.id, "peer needs bytes from %d, replay buffer starts at %d", peerReceived, s.send.Start())
