@@ -9,6 +9,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/lifeline-proxy/lifeline/internal/acceptloop"
 	"github.com/lifeline-proxy/lifeline/resume"
 )
 
@@ -36,11 +37,14 @@ type Client struct {
 
 	mu          sync.Mutex
 	listeners   map[net.Listener]struct{}
+	accepts     map[net.Listener]*acceptloop.State
 	dialers     []LinkDialer
 	draining    bool
 	closed      bool
 	abort       context.Context // cancelled to force-close splices
 	abortCancel context.CancelFunc
+	stop        chan struct{} // closed by Shutdown or Close: ends accept backoffs
+	stopOnce    sync.Once
 	wg          sync.WaitGroup // accept loops
 	connWG      sync.WaitGroup // one per application connection
 }
@@ -52,6 +56,8 @@ func NewClient(cfg ClientConfig) *Client {
 		metrics:   cfg.Metrics,
 		tracker:   newTracker(),
 		listeners: map[net.Listener]struct{}{},
+		accepts:   map[net.Listener]*acceptloop.State{},
+		stop:      make(chan struct{}),
 	}
 	if c.log == nil {
 		c.log = slog.New(slog.DiscardHandler)
@@ -93,31 +99,28 @@ func (c *Client) Serve(ln net.Listener, r ClientRoute) error {
 		return net.ErrClosed
 	}
 	c.listeners[ln] = struct{}{}
+	st := &acceptloop.State{Log: c.log.With("side", "client"), Name: ln.Addr().String()}
+	c.accepts[ln] = st
 	c.dialers = append(c.dialers, r.Dialer)
 	c.wg.Add(1)
 	c.mu.Unlock()
 	defer c.wg.Done()
-	var delay time.Duration
 	for {
-		a, err := ln.Accept()
+		a, err := acceptloop.Accept(ln, st, c.stop)
 		if err != nil {
 			c.mu.Lock()
 			stopping := c.closed || c.draining
+			if stopping || errors.Is(err, net.ErrClosed) {
+				delete(c.accepts, ln)
+			}
 			c.mu.Unlock()
 			if stopping || errors.Is(err, net.ErrClosed) {
 				return nil
 			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() || isTemporaryAccept(err) {
-				// EMFILE and friends: back off instead of spinning.
-				delay = min(max(2*delay, 5*time.Millisecond), time.Second)
-				c.log.Warn("accept failed", "listen", ln.Addr(), "err", err, "retry_in", delay)
-				time.Sleep(delay)
-				continue
-			}
+			// The listener is broken for good; its State keeps reporting
+			// it (AcceptErr) and the caller decides what to do.
 			return err
 		}
-		delay = 0
 		app, ok := a.(*net.TCPConn)
 		if !ok {
 			a.Close()
@@ -131,9 +134,23 @@ func (c *Client) Serve(ln net.Listener, r ClientRoute) error {
 	}
 }
 
-func isTemporaryAccept(err error) bool {
-	var te interface{ Temporary() bool }
-	return errors.As(err, &te) && te.Temporary()
+// AcceptErr is non-nil while accepting application connections fails on
+// any listener (descriptor exhaustion, retried with a backoff) or a
+// listener has failed for good; /healthz reports it.
+func (c *Client) AcceptErr() error {
+	c.mu.Lock()
+	states := make([]*acceptloop.State, 0, len(c.accepts))
+	for _, st := range c.accepts {
+		states = append(states, st)
+	}
+	c.mu.Unlock()
+	var errs []error
+	for _, st := range states {
+		if err := st.Err(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
 }
 
 func (c *Client) handle(app *net.TCPConn, r ClientRoute, cfg *resume.Config) {
@@ -200,6 +217,7 @@ func (c *Client) open(app *net.TCPConn, r ClientRoute, cfg *resume.Config) (*res
 func (c *Client) Shutdown(ctx context.Context) error {
 	c.mu.Lock()
 	c.draining = true
+	c.stopOnce.Do(func() { close(c.stop) })
 	for ln := range c.listeners {
 		ln.Close()
 	}
@@ -221,6 +239,7 @@ func (c *Client) Shutdown(ctx context.Context) error {
 func (c *Client) Close() error {
 	c.mu.Lock()
 	c.closed = true
+	c.stopOnce.Do(func() { close(c.stop) })
 	for ln := range c.listeners {
 		ln.Close()
 	}

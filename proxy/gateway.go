@@ -110,6 +110,13 @@ func NewGateway(cfg GatewayConfig) (*Gateway, error) {
 		sc.Session = resume.DefaultConfig()
 	}
 	sc.SessionFor = func(route string) *resume.Config { return g.routes[route].Session }
+	onRefuse := sc.OnRefuse
+	sc.OnRefuse = func(reason string, code frame.Code) {
+		g.metrics.Refused(reason)
+		if onRefuse != nil {
+			onRefuse(reason, code)
+		}
+	}
 	sc.Admit = func(route string, remote net.Addr) error {
 		if _, ok := g.routes[route]; !ok {
 			return &resume.Error{Code: frame.CodeNotFound, Reason: fmt.Sprintf("no route %q on this gateway", route)}
@@ -122,6 +129,7 @@ func NewGateway(cfg GatewayConfig) (*Gateway, error) {
 	}
 	g.srv = srv
 	g.tracker.failures = srv.ResumeFailures
+	g.tracker.unconfirmed = srv.Unconfirmed
 	g.abort, g.abortCancel = context.WithCancel(context.Background())
 	g.metrics.Track("gateway", g.tracker)
 	g.wg.Add(1)
@@ -155,6 +163,11 @@ func ValidateHostPort(addr string) error {
 // Server is the underlying session server.
 func (g *Gateway) Server() *resume.Server { return g.srv }
 
+// AcceptErr is non-nil while accepting links fails (descriptor
+// exhaustion, retried with a backoff) or a link listener has failed for
+// good; /healthz reports it.
+func (g *Gateway) AcceptErr() error { return g.srv.AcceptErr() }
+
 // Tracker is the set of live sessions.
 func (g *Gateway) Tracker() *Tracker { return g.tracker }
 
@@ -162,7 +175,10 @@ func (g *Gateway) Tracker() *Tracker { return g.tracker }
 func (g *Gateway) Sessions() []SessionInfo { return g.tracker.Sessions("gateway") }
 
 // Serve feeds links from l into the gateway until l or the gateway is
-// closed. The gateway closes l when it closes.
+// closed. The gateway closes l when it closes. Accept failures that can
+// pass (descriptor exhaustion) are retried with a backoff and reported by
+// AcceptErr; Serve returns nil once the gateway is closed, or the error
+// that broke l for good.
 func (g *Gateway) Serve(l LinkListener) error {
 	g.mu.Lock()
 	g.listeners = append(g.listeners, l)

@@ -24,6 +24,9 @@ type Metrics interface {
 	// Track registers the live sessions of one proxy, for the gauges and
 	// the per-session counters (bytes, resumes, link failures, replays).
 	Track(side string, t *Tracker)
+	// Refused counts a link or handshake the gateway refused, by a short
+	// fixed reason (resume.ServerConfig.OnRefuse's labels).
+	Refused(reason string)
 }
 
 // NopMetrics discards everything.
@@ -33,6 +36,7 @@ func (NopMetrics) SessionStarted(string, string)       {}
 func (NopMetrics) SessionEnded(string, string, string) {}
 func (NopMetrics) DialFailed(string, string)           {}
 func (NopMetrics) Track(string, *Tracker)              {}
+func (NopMetrics) Refused(string)                      {}
 
 // Tracker is the set of live sessions of a Client or Gateway, plus totals
 // of the ones that ended, so that counters never go backwards.
@@ -42,6 +46,9 @@ type Tracker struct {
 	totals Totals
 	// failures, if set, counts refused resumes (the gateway's server).
 	failures func() int64
+	// unconfirmed, if set, counts sessions that got WELCOME but were not
+	// yet confirmed by their client (the gateway's server).
+	unconfirmed func() int
 }
 
 type tracked struct {
@@ -61,6 +68,7 @@ type Totals struct {
 	LinkFailures   uint64
 	BytesReplayed  uint64
 	ResumeFailures uint64
+	Unconfirmed    int // gauge: gateway sessions not yet confirmed
 }
 
 func newTracker() *Tracker { return &Tracker{live: map[*tracked]struct{}{}} }
@@ -93,6 +101,9 @@ func (t *Tracker) Totals() Totals {
 	tt := t.totals
 	if t.failures != nil {
 		tt.ResumeFailures = uint64(t.failures())
+	}
+	if t.unconfirmed != nil {
+		tt.Unconfirmed = t.unconfirmed()
 	}
 	for x := range t.live {
 		st := x.conn.Stats()
@@ -167,6 +178,7 @@ type PromMetrics struct {
 	starts  *prometheus.CounterVec
 	ends    *prometheus.CounterVec
 	dialErr *prometheus.CounterVec
+	refused *prometheus.CounterVec
 
 	mu       sync.Mutex
 	trackers map[string][]*Tracker
@@ -185,9 +197,12 @@ func NewPromMetrics() *PromMetrics {
 		dialErr: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "lifeline_dial_failures_total", Help: "Failures to reach the gateway (client) or the upstream (gateway).",
 		}, []string{"side", "route"}),
+		refused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "lifeline_refusals_total", Help: "Links and handshakes the gateway refused, by reason (pending_flood, unconfirmed_limit, max_sessions, memory_budget, draining, bad_preamble, resume_proof, ...).",
+		}, []string{"reason"}),
 		trackers: map[string][]*Tracker{},
 	}
-	m.reg.MustRegister(m.starts, m.ends, m.dialErr, collector{m},
+	m.reg.MustRegister(m.starts, m.ends, m.dialErr, m.refused, collector{m},
 		prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
 	return m
 }
@@ -205,6 +220,8 @@ func (m *PromMetrics) SessionEnded(side, route, cause string) {
 
 func (m *PromMetrics) DialFailed(side, route string) { m.dialErr.WithLabelValues(side, route).Inc() }
 
+func (m *PromMetrics) Refused(reason string) { m.refused.WithLabelValues(reason).Inc() }
+
 func (m *PromMetrics) Track(side string, t *Tracker) {
 	m.mu.Lock()
 	m.trackers[side] = append(m.trackers[side], t)
@@ -219,12 +236,13 @@ var (
 	descLinkFail = prometheus.NewDesc("lifeline_link_failures_total", "Links lost under live sessions.", []string{"side"}, nil)
 	descResFail  = prometheus.NewDesc("lifeline_resume_failures_total", "Resumes refused by the gateway.", []string{"side"}, nil)
 	descReplayed = prometheus.NewDesc("lifeline_replayed_bytes_total", "Bytes sent again after resumes.", []string{"side"}, nil)
+	descUnconf   = prometheus.NewDesc("lifeline_sessions_unconfirmed", "Gateway sessions that got WELCOME but whose client has not yet confirmed them.", nil, nil)
 )
 
 type collector struct{ m *PromMetrics }
 
 func (c collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descActive, descParked, descBytes, descResumes, descLinkFail, descReplayed, descResFail} {
+	for _, d := range []*prometheus.Desc{descActive, descParked, descBytes, descResumes, descLinkFail, descReplayed, descResFail, descUnconf} {
 		ch <- d
 	}
 }
@@ -248,6 +266,7 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 			t.LinkFailures += x.LinkFailures
 			t.BytesReplayed += x.BytesReplayed
 			t.ResumeFailures += x.ResumeFailures
+			t.Unconfirmed += x.Unconfirmed
 		}
 		ch <- prometheus.MustNewConstMetric(descActive, prometheus.GaugeValue, float64(t.Active), side)
 		ch <- prometheus.MustNewConstMetric(descParked, prometheus.GaugeValue, float64(t.Parked), side)
@@ -258,6 +277,7 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descReplayed, prometheus.CounterValue, float64(t.BytesReplayed), side)
 		if side == "gateway" {
 			ch <- prometheus.MustNewConstMetric(descResFail, prometheus.CounterValue, float64(t.ResumeFailures), side)
+			ch <- prometheus.MustNewConstMetric(descUnconf, prometheus.GaugeValue, float64(t.Unconfirmed))
 		}
 	}
 }
