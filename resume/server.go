@@ -341,8 +341,11 @@ func (srv *Server) handshake(c net.Conn) {
 			"source", sourceOf(e.RemoteAddr()))
 	}
 	c.SetDeadline(time.Now().Add(srv.cfg.Session.HandshakeTimeout))
-	stopDeadline := context.AfterFunc(ctx, func() { c.SetDeadline(time.Unix(1, 0)) })
-	defer stopDeadline()
+	// Server close ends a handshake at once. Stopped (by endHandshake)
+	// before the link's deadline is cleared for the session's use: the
+	// context lives on while a new session waits for its confirmation.
+	endHandshake := context.AfterFunc(ctx, func() { c.SetDeadline(time.Unix(1, 0)) })
+	defer endHandshake()
 	fr := frame.NewReader(c, linkReadBuffer)
 	v, err := fr.ReadPreamble()
 	if err != nil {
@@ -390,10 +393,10 @@ func (srv *Server) handshake(c net.Conn) {
 		return
 	}
 	if h.Type == frame.TypeHello {
-		srv.hello(ctx, c, fr, p, binding) // releases the slot itself
+		srv.hello(ctx, c, fr, p, binding, endHandshake) // releases the slot itself
 		return
 	}
-	srv.resume(c, fr, p, binding)
+	srv.resume(c, fr, p, binding, endHandshake)
 	srv.handshk.Release(1)
 }
 
@@ -407,7 +410,7 @@ func (srv *Server) refuse(c net.Conn, code Code, reason string) {
 // hello opens a session. The caller's handshake slot is released as soon
 // as WELCOME is out; the wait for the client's confirmation holds only
 // the session's place among the unconfirmed ones.
-func (srv *Server) hello(ctx context.Context, c net.Conn, fr *frame.Reader, p []byte, binding []byte) {
+func (srv *Server) hello(ctx context.Context, c net.Conn, fr *frame.Reader, p []byte, binding []byte, endHandshake func() bool) {
 	release := sync.OnceFunc(func() { srv.handshk.Release(1) })
 	defer release()
 	remote := c.RemoteAddr()
@@ -524,6 +527,7 @@ func (srv *Server) hello(ctx context.Context, c net.Conn, fr *frame.Reader, p []
 		return
 	}
 	release()
+	endHandshake()
 	c.SetDeadline(time.Time{})
 	s.log.Info("session start", "remote", remote, "reconnect_timeout", s.reconnectTimeout)
 	s.mu.Lock()
@@ -625,7 +629,7 @@ func (srv *Server) limiter(remote net.Addr) *rate.Limiter {
 // source are answered THROTTLED. A resume whose proof verifies never
 // consults the budget: other peers behind the same address (a NAT, a load
 // balancer) cannot lock an owner out of its session.
-func (srv *Server) resume(c net.Conn, fr *frame.Reader, p []byte, binding []byte) {
+func (srv *Server) resume(c net.Conn, fr *frame.Reader, p []byte, binding []byte, endHandshake func() bool) {
 	remote := c.RemoteAddr()
 	fail := func(label string, code Code, format string, args ...any) {
 		reason := fmt.Sprintf(format, args...)
@@ -727,11 +731,11 @@ func (srv *Server) resume(c net.Conn, fr *frame.Reader, p []byte, binding []byte
 	stats := s.stats
 	s.mu.Unlock()
 
-	c.SetWriteDeadline(time.Now().Add(srv.cfg.Session.HandshakeTimeout))
 	if _, err := c.Write(frame.AppendResumed(nil, d)); err != nil {
 		s.linkFailed(l, err)
 		return
 	}
+	endHandshake()
 	c.SetDeadline(time.Time{})
 	s.mu.Lock()
 	if s.link == l {
