@@ -241,6 +241,17 @@ func (c *Conn) State() State {
 	return c.s.state
 }
 
+// Confirmed reports whether the client has shown it holds the session (a
+// frame after WELCOME, or a valid resume). A gateway hands out only
+// confirmed sessions; Server.Sessions also lists the others. Always true
+// on the client side.
+func (c *Conn) Confirmed() bool {
+	if c.s.client {
+		return true
+	}
+	return isClosed(c.s.confirmed)
+}
+
 // ReconnectTimeout is the negotiated reconnect timeout (0: resumption off).
 func (c *Conn) ReconnectTimeout() time.Duration { return c.s.reconnectTimeout }
 
