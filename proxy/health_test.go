@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/ecdh"
 	"crypto/rand"
+	"errors"
 	"io"
 	"net"
 	"net/http"
@@ -76,7 +77,9 @@ func TestClientSurvivesAcceptExhaustion(t *testing.T) {
 		t.Fatal(err)
 	}
 	served := make(chan error, 1)
-	go func() { served <- cl.Serve(ln, ClientRoute{Route: "default", Dialer: d, Session: fastConfig(), Gateway: s.gwAddr}) }()
+	go func() {
+		served <- cl.Serve(ln, ClientRoute{Route: "default", Dialer: d, Session: fastConfig(), Gateway: s.gwAddr})
+	}()
 	h := ClientStatusHandler(nil, cl)
 
 	body := waitHealthz(t, h, http.StatusServiceUnavailable)
@@ -223,4 +226,39 @@ func TestRefusalsAndUnconfirmedInMetrics(t *testing.T) {
 	waitFor(t, "unconfirmed session in the gauge", 5*time.Second, func() bool {
 		return metric("lifeline_sessions_unconfirmed") == "1"
 	})
+}
+
+// A QUIC listener whose quic-go listener stops (not by Close) makes Accept
+// fail, so that the gateway's Serve returns and the process can end,
+// instead of blocking for ever: a gateway that takes no new links.
+func TestQUICListenerDeathNotSilent(t *testing.T) {
+	tc, _, err := SelfSignedTLS()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ll, err := ListenQUIC("127.0.0.1:0", tc, DefaultQUICConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ll.Close()
+	ll.(*quicListener).ln.Close()
+	res := make(chan error, 1)
+	go func() {
+		c, err := ll.Accept()
+		if c != nil {
+			c.Close()
+		}
+		res <- err
+	}()
+	select {
+	case err := <-res:
+		if err == nil || errors.Is(err, net.ErrClosed) {
+			t.Fatalf("Accept after the listener died: %v, want an error that is not a Close", err)
+		}
+		t.Logf("Accept: %v", err)
+	case <-time.After(10 * time.Second):
+		ll.Close() // unblocks the Accept for goleak
+		<-res
+		t.Fatal("Accept still blocked 10s after the QUIC listener died")
+	}
 }

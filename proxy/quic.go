@@ -323,6 +323,12 @@ type quicListener struct {
 	cancel  context.CancelFunc
 	streams chan net.Conn
 	wg      sync.WaitGroup
+	// dead is closed when the QUIC listener stopped accepting connections
+	// for a reason other than Close; deadErr says why. Accept then
+	// returns it, so that the gateway does not live on unable to take new
+	// links.
+	dead    chan struct{}
+	deadErr error
 
 	mu    sync.Mutex
 	conns map[*quic.Conn]struct{}
@@ -366,6 +372,7 @@ func ListenQUIC(addr string, tlsConf *tls.Config, cfg QUICConfig) (LinkListener,
 	l := &quicListener{
 		udp: udp, tr: tr, ln: ln, log: log,
 		streams: make(chan net.Conn),
+		dead:    make(chan struct{}),
 		conns:   make(map[*quic.Conn]struct{}),
 	}
 	l.ctx, l.cancel = context.WithCancel(context.Background())
@@ -380,7 +387,11 @@ func (l *quicListener) acceptConns() {
 		qc, err := l.ln.Accept(l.ctx)
 		if err != nil {
 			if l.ctx.Err() == nil {
-				l.log.Warn("quic: listener stopped", "err", err)
+				l.log.Error("quic: listener stopped", "err", err)
+				// Not wrapped: quic-go's errors here wrap net.ErrClosed,
+				// and this is no Close of ours but a listener that died.
+				l.deadErr = fmt.Errorf("quic listener stopped: %v", err)
+				close(l.dead)
 			}
 			return
 		}
@@ -438,6 +449,8 @@ func (l *quicListener) Accept() (net.Conn, error) {
 		return c, nil
 	case <-l.ctx.Done():
 		return nil, &net.OpError{Op: "accept", Net: "quic", Addr: l.udp.LocalAddr(), Err: net.ErrClosed}
+	case <-l.dead:
+		return nil, &net.OpError{Op: "accept", Net: "quic", Addr: l.udp.LocalAddr(), Err: l.deadErr}
 	}
 }
 
