@@ -496,8 +496,8 @@ func (s *session) attach(l *link, peerReceived, peerWindow uint64, peerFlags uin
 	}
 	// Trust the handshake over older ACKs: what the peer lacks is resent.
 	s.peerAcked = peerReceived
-	s.releaseSent()
 	s.sent = peerReceived
+	s.releaseSent()
 	s.peerWindow = max(s.peerWindow, peerWindow)
 	s.finSent = false
 	if peerFlags&frame.AckFin != 0 && s.writeShut && peerReceived == s.send.End() {
