@@ -47,6 +47,7 @@ type Client struct {
 	stopOnce    sync.Once
 	wg          sync.WaitGroup // accept loops
 	connWG      sync.WaitGroup // one per application connection
+	certLog     certLog        // certificate failures, logged per listener
 }
 
 // NewClient returns a Client; call Serve for each local listener.
@@ -175,7 +176,8 @@ func (c *Client) handle(app *net.TCPConn, r ClientRoute, cfg *resume.Config) {
 // are retried with the route's strategy for up to the reconnect timeout,
 // as a link failure of a live session would be: the application's connect
 // has already succeeded and it waits as it would during an outage. A
-// refusal by the gateway (unknown route, limits, draining) fails at once.
+// refusal by the gateway (unknown route, limits, draining) and a gateway
+// certificate that fails verification fail at once.
 func (c *Client) open(app *net.TCPConn, r ClientRoute, cfg *resume.Config) (*resume.Conn, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -188,12 +190,17 @@ func (c *Client) open(app *net.TCPConn, r ClientRoute, cfg *resume.Config) (*res
 	}()
 	deadline := time.Now().Add(cfg.ReconnectTimeout)
 	for attempt := 0; ; attempt++ {
-		sess, err := resume.Dial(ctx, r.Dialer.Dial, r.Route, cfg)
+		sess, err := resume.Dial(ctx, c.linkDial(r), r.Route, cfg)
 		if err == nil {
 			return sess, nil
 		}
 		var re *resume.Error
 		if errors.As(err, &re) && re.Remote || ctx.Err() != nil {
+			return nil, err
+		}
+		if _, bad := CertVerifyFailure(err); bad {
+			// The gateway's certificate will not verify on the next
+			// attempt either: the application gets its reset now.
 			return nil, err
 		}
 		d := max(cfg.Strategy.Delay(attempt+1), 10*time.Millisecond)

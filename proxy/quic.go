@@ -769,15 +769,27 @@ func statelessResetKey(tc *tls.Config) *quic.StatelessResetKey {
 // P-256 certificate, and the certificate's SHA-256 fingerprint in hex for
 // clients to pin (PinnedTLS, --tls-pin). The fingerprint is logged. A new
 // certificate, hence a new fingerprint, is made on every call: a gateway
-// that must keep its pin across restarts needs a persisted certificate.
+// that must keep its pin across restarts uses LoadOrCreateGatewayCert.
 func SelfSignedTLS() (*tls.Config, string, error) {
-	priv, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	cert, err := newSelfSignedCert()
 	if err != nil {
 		return nil, "", err
 	}
+	fp := CertFingerprint(cert.Leaf.Raw)
+	slog.Info("generated a self-signed gateway certificate; clients must pin it", "sha256", fp, "flag", "--tls-pin "+fp)
+	return SelfSignedServerTLS(cert), fp, nil
+}
+
+// newSelfSignedCert makes a self-signed ECDSA P-256 gateway certificate,
+// valid for ten years.
+func newSelfSignedCert() (tls.Certificate, error) {
+	priv, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return tls.Certificate{}, err
+	}
 	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
 	if err != nil {
-		return nil, "", err
+		return tls.Certificate{}, err
 	}
 	now := time.Now()
 	tmpl := &x509.Certificate{
@@ -792,19 +804,23 @@ func SelfSignedTLS() (*tls.Config, string, error) {
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &priv.PublicKey, priv)
 	if err != nil {
-		return nil, "", err
+		return tls.Certificate{}, err
 	}
 	leaf, err := x509.ParseCertificate(der)
 	if err != nil {
-		return nil, "", err
+		return tls.Certificate{}, err
 	}
-	fp := CertFingerprint(der)
-	slog.Info("generated a self-signed gateway certificate; clients must pin it", "sha256", fp, "flag", "--tls-pin "+fp)
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: priv, Leaf: leaf}, nil
+}
+
+// SelfSignedServerTLS is a gateway TLS config serving cert (a self-signed
+// certificate that clients pin), for the tls and quic transports.
+func SelfSignedServerTLS(cert tls.Certificate) *tls.Config {
 	return &tls.Config{
-		Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: priv, Leaf: leaf}},
+		Certificates: []tls.Certificate{cert},
 		MinVersion:   tls.VersionTLS13,
 		NextProtos:   []string{QUICALPN},
-	}, fp, nil
+	}
 }
 
 // CertFingerprint is the lowercase hex SHA-256 of a DER certificate, the
@@ -834,13 +850,13 @@ func ParseFingerprint(s string) ([]byte, error) {
 // SNI (may be empty).
 func PinnedTLS(fingerprintHex, serverName string) *tls.Config {
 	want, perr := ParseFingerprint(fingerprintHex)
-	check := func(leaf []byte) error {
+	check := func(certs []*x509.Certificate) error {
 		if perr != nil {
 			return perr
 		}
-		sum := sha256.Sum256(leaf)
+		sum := sha256.Sum256(certs[0].Raw)
 		if subtle.ConstantTimeCompare(sum[:], want) != 1 {
-			return fmt.Errorf("tls: gateway certificate sha256 %x does not match the pin %x", sum, want)
+			return certVerifyError(certs, fmt.Errorf("gateway certificate sha256 %x does not match the pin %x", sum, want))
 		}
 		return nil
 	}
@@ -855,7 +871,11 @@ func PinnedTLS(fingerprintHex, serverName string) *tls.Config {
 			if len(raw) == 0 {
 				return errors.New("tls: gateway sent no certificate")
 			}
-			return check(raw[0])
+			leaf, err := x509.ParseCertificate(raw[0])
+			if err != nil {
+				return fmt.Errorf("tls: gateway certificate: %w", err)
+			}
+			return check([]*x509.Certificate{leaf})
 		},
 		// VerifyPeerCertificate is skipped on resumed sessions;
 		// VerifyConnection is not.
@@ -863,7 +883,7 @@ func PinnedTLS(fingerprintHex, serverName string) *tls.Config {
 			if len(cs.PeerCertificates) == 0 {
 				return errors.New("tls: gateway sent no certificate")
 			}
-			return check(cs.PeerCertificates[0].Raw)
+			return check(cs.PeerCertificates)
 		},
 	}
 }

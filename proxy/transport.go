@@ -307,8 +307,10 @@ func (s *CertStore) ServerConfig() (*tls.Config, error) {
 }
 
 // ClientConfig is a client sidecar's TLS config: the gateway's certificate
-// must chain to the CA (system roots if none), and the client certificate,
-// if any, is presented for mTLS.
+// must match the pin, if one is set, or else chain to the CA (the system
+// roots if none is set), and the client certificate, if any, is presented
+// for mTLS. Verification is never skipped. A failure is a
+// *tls.CertificateVerificationError (see CertVerifyFailure).
 func (s *CertStore) ClientConfig() *tls.Config {
 	c := &tls.Config{MinVersion: tls.VersionTLS12, ServerName: s.files.ServerName}
 	if s.files.Pin != "" {
@@ -326,8 +328,10 @@ func (s *CertStore) ClientConfig() *tls.Config {
 			for _, ic := range cs.PeerCertificates[1:] {
 				opts.Intermediates.AddCert(ic)
 			}
-			_, err := cs.PeerCertificates[0].Verify(opts)
-			return err
+			if _, err := cs.PeerCertificates[0].Verify(opts); err != nil {
+				return certVerifyError(cs.PeerCertificates, err)
+			}
+			return nil
 		}
 	}
 	c.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {

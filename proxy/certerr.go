@@ -1,0 +1,120 @@
+package proxy
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"log/slog"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/lifeline-proxy/lifeline/resume"
+)
+
+// CertVerifyFailure reports whether err (from a LinkDialer's Dial, or
+// anything wrapping it) is the gateway's certificate failing this client's
+// verification: not chaining to the system roots or --tls-ca, a name
+// mismatch, or a --tls-pin mismatch. It returns the certificate the
+// gateway presented. Such a failure does not heal by retrying: the client
+// is configured for another gateway, or the gateway for another
+// certificate.
+func CertVerifyFailure(err error) (*x509.Certificate, bool) {
+	var cve *tls.CertificateVerificationError
+	if !errors.As(err, &cve) {
+		return nil, false
+	}
+	if len(cve.UnverifiedCertificates) == 0 {
+		return nil, true
+	}
+	return cve.UnverifiedCertificates[0], true
+}
+
+// certVerifyError is what our own verification callbacks (pin, CA pool)
+// return: the same type crypto/tls returns when the system roots or
+// RootCAs reject a chain, so that CertVerifyFailure finds every case.
+func certVerifyError(certs []*x509.Certificate, err error) error {
+	return &tls.CertificateVerificationError{UnverifiedCertificates: certs, Err: err}
+}
+
+// certFixHint says what to do about a certificate verification failure.
+func certFixHint(leaf *x509.Certificate, err error) string {
+	if leaf == nil {
+		return "the gateway sent no certificate; check --gateway and --transport"
+	}
+	fp := CertFingerprint(leaf.Raw)
+	hint := "if " + fp + " is the fingerprint the gateway logs at start (a gateway without --tls-cert), pin it: " +
+		"--tls-pin " + fp + " (tls: {pin: ...} in a config file); if the gateway's certificate is issued by a CA, " +
+		"give that CA with --tls-ca FILE"
+	var he x509.HostnameError
+	var hep *x509.HostnameError
+	if errors.As(err, &he) || errors.As(err, &hep) {
+		hint += "; if it is issued by a CA you trust but for another name, set --tls-server-name to a name it holds"
+	}
+	return hint
+}
+
+// certLogEvery rate-limits the certificate failure log line per listener.
+const certLogEvery = time.Minute
+
+// certLog logs certificate verification failures of a client's dials: the
+// first one of a listener at once, then at most one per certLogEvery.
+type certLog struct {
+	mu   sync.Mutex
+	seen map[LinkDialer]*certLogState
+}
+
+type certLogState struct {
+	last       time.Time
+	suppressed int
+}
+
+// report logs err if it is a certificate verification failure and the
+// listener's last such line is older than certLogEvery.
+func (l *certLog) report(log *slog.Logger, r ClientRoute, err error) {
+	leaf, ok := CertVerifyFailure(err)
+	if !ok {
+		return
+	}
+	now := time.Now()
+	l.mu.Lock()
+	if l.seen == nil {
+		l.seen = map[LinkDialer]*certLogState{}
+	}
+	st := l.seen[r.Dialer]
+	if st == nil {
+		st = &certLogState{}
+		l.seen[r.Dialer] = st
+	}
+	if !st.last.IsZero() && now.Sub(st.last) < certLogEvery {
+		st.suppressed++
+		l.mu.Unlock()
+		return
+	}
+	suppressed := st.suppressed
+	st.last, st.suppressed = now, 0
+	l.mu.Unlock()
+	args := []any{"side", "client", "route", r.Route, "gateway", r.Gateway, "err", err}
+	if leaf != nil {
+		args = append(args, "gateway_sha256", CertFingerprint(leaf.Raw), "gateway_subject", leaf.Subject.String())
+	}
+	args = append(args, "fix", certFixHint(leaf, err))
+	if suppressed > 0 {
+		args = append(args, "repeats_since_last_line", suppressed)
+	}
+	log.Error("gateway certificate verification failed; no link to this gateway until it is fixed", args...)
+}
+
+// linkDial is r's dialer as the session engine calls it, for the first
+// link of a session and for every redial: a certificate failure is logged
+// at once (rate-limited), not after the reconnect timeout.
+func (c *Client) linkDial(r ClientRoute) resume.DialFunc {
+	return func(ctx context.Context) (net.Conn, error) {
+		conn, err := r.Dialer.Dial(ctx)
+		if err != nil {
+			c.certLog.report(c.log, r, err)
+		}
+		return conn, err
+	}
+}
