@@ -792,6 +792,9 @@ func hostileRounds(g *hgw, ms []*hmarker, r *rand.Rand, seed uint64, rounds *ato
 				}
 				l, st.off, upSent = nl, from, d.Received
 				peerWin = max(peerWin, d.Window)
+				// RESUME.received acknowledges like an ACK (the gateway may
+				// free below it): a later resume may not start below it.
+				lastAck = max(lastAck, from)
 				hi := st.high
 				if r.IntN(4) != 0 {
 					hi = min(hi, from+writeBatch)
