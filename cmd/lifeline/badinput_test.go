@@ -41,7 +41,7 @@ func TestGatewayBadInput(t *testing.T) {
 	if testing.Short() {
 		t.Skip("runs the binary")
 	}
-	gw := startProc(t, "gateway", "--listen", "127.0.0.1:0", "--upstream", testnet.EchoServer(t), "--handshake-timeout", "500ms")
+	gw := startProc(t, "gateway", "--transport", "tcp", "--listen", "127.0.0.1:0", "--upstream", testnet.EchoServer(t), "--handshake-timeout", "500ms")
 	gwAddr := gw.waitLog("gateway listening", 30*time.Second)["addr"].(string)
 	dial := func() net.Conn {
 		c, err := net.Dial("tcp", gwAddr)
@@ -88,7 +88,7 @@ func TestGatewayBadInput(t *testing.T) {
 	})
 	t.Run("still_serves", func(t *testing.T) {
 		appAddr := freeAddr(t)
-		cl := startProc(t, append([]string{"client", "--listen", appAddr, "--gateway", gwAddr}, fast...)...)
+		cl := startProc(t, append([]string{"client", "--transport", "tcp", "--listen", appAddr, "--gateway", gwAddr}, fast...)...)
 		cl.waitLog("client listening", 30*time.Second)
 		if err := echoCheck(appAddr, randomData(100000, 5), 5); err != nil {
 			t.Fatal(err)
@@ -103,10 +103,10 @@ func TestUpstreamUnreachable(t *testing.T) {
 		t.Skip("runs the binary")
 	}
 	dead := freeAddr(t)
-	gw := startProc(t, "gateway", "--listen", "127.0.0.1:0", "--upstream", dead, "--connect-timeout", "1s")
+	gw := startProc(t, "gateway", "--transport", "tcp", "--listen", "127.0.0.1:0", "--upstream", dead, "--connect-timeout", "1s")
 	gwAddr := gw.waitLog("gateway listening", 30*time.Second)["addr"].(string)
 	appAddr := freeAddr(t)
-	cl := startProc(t, "client", "--listen", appAddr, "--gateway", gwAddr)
+	cl := startProc(t, "client", "--transport", "tcp", "--listen", appAddr, "--gateway", gwAddr)
 	cl.waitLog("client listening", 30*time.Second)
 	start := time.Now()
 	c, err := net.Dial("tcp", appAddr)
@@ -131,10 +131,10 @@ func TestDrainOnSIGTERM(t *testing.T) {
 	if testing.Short() {
 		t.Skip("runs the binary")
 	}
-	gw := startProc(t, append([]string{"gateway", "--listen", "127.0.0.1:0", "--upstream", testnet.EchoServer(t), "--drain-timeout", "20s"}, fast...)...)
+	gw := startProc(t, append([]string{"gateway", "--transport", "tcp", "--listen", "127.0.0.1:0", "--upstream", testnet.EchoServer(t), "--drain-timeout", "20s"}, fast...)...)
 	gwAddr := gw.waitLog("gateway listening", 30*time.Second)["addr"].(string)
 	appAddr := freeAddr(t)
-	cl := startProc(t, append([]string{"client", "--listen", appAddr, "--gateway", gwAddr}, fast...)...)
+	cl := startProc(t, append([]string{"client", "--transport", "tcp", "--listen", appAddr, "--gateway", gwAddr}, fast...)...)
 	cl.waitLog("client listening", 30*time.Second)
 
 	c, err := net.Dial("tcp", appAddr)

@@ -145,8 +145,11 @@ type gatewayFile struct {
 	MemoryBudget   size           `yaml:"memory_budget"`
 	MaxHandshakes  int            `yaml:"max_handshakes"`
 	ConnectTimeout duration       `yaml:"connect_timeout"`
-	sessionFile    `yaml:",inline"`
-	Routes         []routeFile `yaml:"routes"`
+	// StateDir keeps the key pair a tls or quic gateway without a
+	// certificate generates (--state-dir).
+	StateDir    string `yaml:"state_dir"`
+	sessionFile `yaml:",inline"`
+	Routes      []routeFile `yaml:"routes"`
 }
 
 type listenerFile struct {
@@ -316,7 +319,7 @@ func validateGateway(g *gatewayFile) error {
 		return fmt.Errorf("gateway listen: %v", err)
 	}
 	if g.Transport == "" {
-		g.Transport = "tcp"
+		g.Transport = "tls"
 	}
 	if err := checkTransport(g.Transport, g.TLS, true); err != nil {
 		return fmt.Errorf("gateway: %v", err)
@@ -389,7 +392,7 @@ func validateClient(c *clientFile) error {
 			return fmt.Errorf("%s: %v", name, err)
 		}
 		if l.Transport == "" {
-			l.Transport = "tcp"
+			l.Transport = "tls"
 		}
 		if err := checkTransport(l.Transport, l.TLS, false); err != nil {
 			return fmt.Errorf("%s: %v", name, err)

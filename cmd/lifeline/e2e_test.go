@@ -29,7 +29,7 @@ type e2e struct {
 // client listener per route, all from one config file each.
 func startE2E(t *testing.T, routes map[string]string, extra ...string) *e2e {
 	var gcfg bytes.Buffer
-	fmt.Fprintf(&gcfg, "gateway:\n  listen: 127.0.0.1:0\n  ping_interval: 100ms\n  liveness_timeout: 600ms\n  handshake_timeout: 2s\n  connect_timeout: 1s\n  routes:\n")
+	fmt.Fprintf(&gcfg, "gateway:\n  listen: 127.0.0.1:0\n  transport: tcp\n  ping_interval: 100ms\n  liveness_timeout: 600ms\n  handshake_timeout: 2s\n  connect_timeout: 1s\n  routes:\n")
 	for name, up := range routes {
 		fmt.Fprintf(&gcfg, "    - name: %s\n      upstream: %s\n", name, up)
 	}
@@ -46,7 +46,7 @@ func startE2E(t *testing.T, routes map[string]string, extra ...string) *e2e {
 	for name := range routes {
 		a := freeAddr(t)
 		e.appAddr[name] = a
-		fmt.Fprintf(&ccfg, "    - listen: %s\n      gateway: %s\n      route: %s\n      ping_interval: 100ms\n      liveness_timeout: 600ms\n      handshake_timeout: 2s\n      reconnect_timeout: 30s\n", a, relay.Addr(), name)
+		fmt.Fprintf(&ccfg, "    - listen: %s\n      gateway: %s\n      route: %s\n      transport: tcp\n      ping_interval: 100ms\n      liveness_timeout: 600ms\n      handshake_timeout: 2s\n      reconnect_timeout: 30s\n", a, relay.Addr(), name)
 	}
 	e.cl = startProc(t, "client", "--config", writeFile(t, "cl.yaml", ccfg.String()))
 	for range routes {

@@ -31,6 +31,9 @@ func TestMain(m *testing.M) {
 		panic(err)
 	}
 	binDir = dir
+	// A tls or quic gateway without --tls-cert keeps its key pair in the
+	// state directory: never the user's or /var/lib/lifeline in tests.
+	os.Setenv("LIFELINE_STATE_DIR", filepath.Join(dir, "state"))
 	goleak.VerifyTestMain(m, goleak.Cleanup(func(int) { os.RemoveAll(dir) }))
 }
 
@@ -63,7 +66,16 @@ type proc struct {
 
 func startProc(t testing.TB, args ...string) *proc {
 	t.Helper()
+	return startProcEnv(t, nil, args...)
+}
+
+// startProcEnv is startProc with env added to the test's environment.
+func startProcEnv(t testing.TB, env []string, args ...string) *proc {
+	t.Helper()
 	cmd := exec.Command(binary(t), append(args, "--log-format", "json")...)
+	if env != nil {
+		cmd.Env = append(os.Environ(), env...)
+	}
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)

@@ -16,7 +16,7 @@ import (
 func TestBinaryQUICSelfSignedPinned(t *testing.T) {
 	up := testnet.EchoServer(t)
 	gw := startProc(t, "gateway", "--transport", "quic", "--listen", "127.0.0.1:0", "--upstream", up)
-	fp, _ := gw.waitLog("no --tls-cert: generated a self-signed gateway certificate; clients must pin it", 30*time.Second)["sha256"].(string)
+	fp, _ := gw.waitLog(gatewayPinMsg, 30*time.Second)["sha256"].(string)
 	gwAddr := gw.waitLog("gateway listening", 30*time.Second)["addr"].(string)
 	if len(fp) != 64 {
 		t.Fatalf("fingerprint %q", fp)
@@ -62,7 +62,7 @@ func TestBinaryQUICFaults(t *testing.T) {
 	cfgs := "  ping_interval: 200ms\n  liveness_timeout: 800ms\n  handshake_timeout: 2s\n"
 	gw := startProc(t, "gateway", "--config", writeFile(t, "gw.yaml",
 		"gateway:\n  listen: 127.0.0.1:0\n  transport: quic\n"+cfgs+"  routes:\n    - {name: echo, upstream: "+up+"}\n"))
-	fp, _ := gw.waitLog("no --tls-cert: generated a self-signed gateway certificate; clients must pin it", 30*time.Second)["sha256"].(string)
+	fp, _ := gw.waitLog(gatewayPinMsg, 30*time.Second)["sha256"].(string)
 	gwAddr := gw.waitLog("gateway listening", 30*time.Second)["addr"].(string)
 	relay, err := proxy.NewUDPFaultRelay(gwAddr)
 	if err != nil {

@@ -49,7 +49,7 @@ func TestRedisThroughBrokenLink(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 	}
 
-	gw := startProc(t, append([]string{"gateway", "--listen", "127.0.0.1:0", "--upstream", redisAddr}, fast...)...)
+	gw := startProc(t, append([]string{"gateway", "--transport", "tcp", "--listen", "127.0.0.1:0", "--upstream", redisAddr}, fast...)...)
 	gwAddr := gw.waitLog("gateway listening", 30*time.Second)["addr"].(string)
 	relay, err := proxy.NewFaultRelay("127.0.0.1:0", gwAddr)
 	if err != nil {
@@ -57,7 +57,7 @@ func TestRedisThroughBrokenLink(t *testing.T) {
 	}
 	defer relay.Close()
 	appAddr := freeAddr(t)
-	cl := startProc(t, append([]string{"client", "--listen", appAddr, "--gateway", relay.Addr()}, fast...)...)
+	cl := startProc(t, append([]string{"client", "--transport", "tcp", "--listen", appAddr, "--gateway", relay.Addr()}, fast...)...)
 	cl.waitLog("client listening", 30*time.Second)
 
 	c, err := net.Dial("tcp", appAddr)

@@ -115,6 +115,7 @@ type options struct {
 	memoryBudget   size
 	connectTimeout duration
 	proxyProtocol  int
+	stateDir       string // gateway
 }
 
 func newFlagSet(cmd string, o *options, stdout io.Writer) *flag.FlagSet {
@@ -138,13 +139,14 @@ func newFlagSet(cmd string, o *options, stdout io.Writer) *flag.FlagSet {
 		fs.IntVar(&o.maxSessions, "max-sessions", 0, "maximum live sessions, new ones refused beyond (0: no limit)")
 		fs.Var(sizeFlag{&o.memoryBudget}, "memory-budget", "`bytes` of buffers for all sessions; new sessions refused beyond (0: no limit)")
 		fs.Var(durationFlag{&o.connectTimeout}, "connect-timeout", "upstream connect timeout; the application gets a reset past it")
+		fs.StringVar(&o.stateDir, "state-dir", "", "`directory` where a tls or quic gateway without --tls-cert keeps the key pair it generates once (default: "+stateDirHelp+"; here "+processStateDir()+")")
 		fs.IntVar(&o.proxyProtocol, "proxy-protocol", 0, "send a PROXY protocol header of this `version` (1 or 2) to the upstream, naming the client sidecar's address (0: off)")
 	} else {
 		fs.StringVar(&o.listen, "listen", "", "local `address` applications connect to, e.g. 127.0.0.1:6380")
 		fs.StringVar(&o.gateway, "gateway", "", "gateway `address`, e.g. gw.example.net:7000")
 	}
 	fs.StringVar(&o.route, "route", "default", "route `name` (the gateway maps it to an upstream)")
-	fs.StringVar(&o.transport, "transport", "tcp", "link transport: tcp, tls or quic")
+	fs.StringVar(&o.transport, "transport", "tls", "link transport: tls, quic, or tcp (unauthenticated and unencrypted: for trusted networks only)")
 	fs.Var(durationFlag{&o.session.ReconnectTimeout}, "reconnect-timeout", "how long a session waits for a new link (0 disables resumption)")
 	fs.StringVar(&o.session.ReconnectStrategy, "reconnect-strategy", "backoff", "client redial strategy: backoff (at once, then 50ms doubling to 1s, jittered) or fixed")
 	fs.Var(durationFlag{&o.session.ReconnectInterval}, "reconnect-interval", "redial interval of the fixed strategy")
@@ -207,7 +209,7 @@ func parseOptions(cmd string, args []string, stdout io.Writer) (*settings, error
 	if o.config != "" {
 		for name := range set {
 			switch name {
-			case "config", "log-format", "log-level", "status-addr", "drain-timeout":
+			case "config", "log-format", "log-level", "status-addr", "drain-timeout", "state-dir":
 			default:
 				return nil, usagef("--%s cannot be combined with --config; set it in the file", name)
 			}
@@ -227,6 +229,9 @@ func parseOptions(cmd string, args []string, stdout io.Writer) (*settings, error
 		}
 		if !set["drain-timeout"] && fc.DrainTimeout.Set {
 			st.drainTimeout = fc.DrainTimeout.D
+		}
+		if set["state-dir"] && fc.Gateway != nil {
+			fc.Gateway.StateDir = o.stateDir
 		}
 		st.fc = fc
 	} else {
@@ -248,7 +253,7 @@ func parseOptions(cmd string, args []string, stdout io.Writer) (*settings, error
 				return nil, usagef("--listen and --upstream are required (or --config FILE)")
 			}
 			g := &gatewayFile{Listen: o.listen, Transport: o.transport, TLS: o.tls, MaxSessions: o.maxSessions,
-				MemoryBudget: o.memoryBudget, ConnectTimeout: o.connectTimeout, sessionFile: sess,
+				MemoryBudget: o.memoryBudget, StateDir: o.stateDir, ConnectTimeout: o.connectTimeout, sessionFile: sess,
 				Routes: []routeFile{{Name: o.route, Upstream: o.upstream, ConnectTimeout: o.connectTimeout, ProxyProtocol: o.proxyProtocol}}}
 			st.fc = &fileConfig{Gateway: g}
 		} else {
@@ -445,16 +450,15 @@ func startGateway(g *gatewayFile, log *slog.Logger, metrics proxy.Metrics) (*pro
 			ProxyProtocol: r.ProxyProtocol, Session: rs})
 	}
 	var store *proxy.CertStore
+	var id *proxy.GatewayIdentity
 	var tc = (*tlsConfig)(nil)
 	if proxy.TransportUsesTLS(g.Transport) && g.TLS.Cert == "" {
-		// No certificate: a throwaway self-signed one, whose fingerprint
-		// clients pin (--tls-pin). Clients never skip verification.
-		c, fp, err := proxy.SelfSignedTLS()
-		if err != nil {
+		// No certificate: a self-signed one, made once and kept in the
+		// state directory, whose fingerprint clients pin (--tls-pin).
+		// Clients never skip verification.
+		if tc, id, err = gatewayIdentity(g); err != nil {
 			return nil, nil, err
 		}
-		tc = c
-		log.Warn("no --tls-cert: generated a self-signed gateway certificate; clients must pin it", "sha256", fp, "client_flag", "--tls-pin "+fp)
 	} else if store, err = tlsStore(g.Transport, g.TLS); err != nil {
 		return nil, nil, err
 	} else if store != nil {
@@ -480,6 +484,10 @@ func startGateway(g *gatewayFile, log *slog.Logger, metrics proxy.Metrics) (*pro
 	}
 	log.Info("gateway listening", "addr", ll.Addr().String(), "transport", g.Transport, "routes", strings.Join(names, ","),
 		"reconnect_timeout", sess.ReconnectTimeout, "mtls", g.TLS.CA != "")
+	if id != nil {
+		logGatewayPin(log, id, g.Transport, ll.Addr())
+	}
+	warnPlaintext(log, g.Transport, "listen", g.Listen)
 	var stores []*proxy.CertStore
 	if store != nil {
 		stores = append(stores, store)
@@ -510,6 +518,7 @@ func startClient(c *clientFile, log *slog.Logger, metrics proxy.Metrics) (*proxy
 		}
 		sess.Logger = log
 		warnQUICIdle(log, l.Transport, sess.LivenessTimeout)
+		warnPlaintext(log, l.Transport, "gateway", l.Gateway)
 		store, err := tlsStore(l.Transport, l.TLS)
 		if err != nil {
 			return fail(err)
