@@ -141,8 +141,8 @@ type gatewayFile struct {
 	Listen         string         `yaml:"listen"`
 	Transport      string         `yaml:"transport"`
 	TLS            proxy.TLSFiles `yaml:"tls"`
-	MaxSessions    int            `yaml:"max_sessions"`
-	MemoryBudget   size           `yaml:"memory_budget"`
+	MaxSessions    autoInt        `yaml:"max_sessions"`
+	MemoryBudget   autoSize       `yaml:"memory_budget"`
 	MaxHandshakes  int            `yaml:"max_handshakes"`
 	ConnectTimeout duration       `yaml:"connect_timeout"`
 	// StateDir keeps the key pair a tls or quic gateway without a
@@ -324,7 +324,7 @@ func validateGateway(g *gatewayFile) error {
 	if err := checkTransport(g.Transport, g.TLS, true); err != nil {
 		return fmt.Errorf("gateway: %v", err)
 	}
-	if g.MaxSessions < 0 || g.MaxHandshakes < 0 {
+	if g.MaxSessions.N < 0 || g.MaxHandshakes < 0 {
 		return errors.New("gateway: max_sessions and max_handshakes must not be negative")
 	}
 	if len(g.Routes) == 0 {

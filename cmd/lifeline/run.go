@@ -110,9 +110,9 @@ type options struct {
 	logLevel     string
 	statusAddr   string
 	drainTimeout duration
-	// gateway limits
-	maxSessions    int
-	memoryBudget   size
+	// gateway limits ("auto" unless set)
+	maxSessions    autoInt
+	memoryBudget   autoSize
 	connectTimeout duration
 	proxyProtocol  int
 	stateDir       string // gateway
@@ -136,8 +136,8 @@ func newFlagSet(cmd string, o *options, stdout io.Writer) *flag.FlagSet {
 	if cmd == "gateway" {
 		fs.StringVar(&o.listen, "listen", "", "`address` to accept links from client sidecars on, e.g. 0.0.0.0:7000")
 		fs.StringVar(&o.upstream, "upstream", "", "`address` of the service behind the gateway, e.g. 127.0.0.1:6379")
-		fs.IntVar(&o.maxSessions, "max-sessions", 0, "maximum live sessions, new ones refused beyond (0: no limit)")
-		fs.Var(sizeFlag{&o.memoryBudget}, "memory-budget", "`bytes` of buffers for all sessions; new sessions refused beyond (0: no limit)")
+		fs.Var(autoIntFlag{&o.maxSessions}, "max-sessions", "maximum live sessions, new ones refused beyond (default auto: (soft RLIMIT_NOFILE - 64) / 2; 0: no limit)")
+		fs.Var(autoSizeFlag{&o.memoryBudget}, "memory-budget", "`bytes` of buffers for all sessions, new sessions refused beyond (default auto: a quarter of the machine's memory or of its cgroup's limit; 0: no limit)")
 		fs.Var(durationFlag{&o.connectTimeout}, "connect-timeout", "upstream connect timeout; the application gets a reset past it")
 		fs.StringVar(&o.stateDir, "state-dir", "", "`directory` where a tls or quic gateway without --tls-cert keeps the key pair it generates once (default: "+stateDirHelp+"; here "+processStateDir()+")")
 		fs.IntVar(&o.proxyProtocol, "proxy-protocol", 0, "send a PROXY protocol header of this `version` (1 or 2) to the upstream, naming the client sidecar's address (0: off)")
@@ -430,8 +430,8 @@ func startGateway(g *gatewayFile, log *slog.Logger, metrics proxy.Metrics) (*pro
 	warnQUICIdle(log, g.Transport, sess.LivenessTimeout)
 	sc := resume.DefaultServerConfig()
 	sc.Session = sess
-	sc.MaxSessions = g.MaxSessions
-	sc.MemoryBudget = g.MemoryBudget.N
+	var logLimits func()
+	sc.MaxSessions, sc.MemoryBudget, logLimits = gatewayLimits(g, log)
 	if g.MaxHandshakes > 0 {
 		sc.MaxHandshakes = g.MaxHandshakes
 	}
@@ -484,6 +484,7 @@ func startGateway(g *gatewayFile, log *slog.Logger, metrics proxy.Metrics) (*pro
 	}
 	log.Info("gateway listening", "addr", ll.Addr().String(), "transport", g.Transport, "routes", strings.Join(names, ","),
 		"reconnect_timeout", sess.ReconnectTimeout, "mtls", g.TLS.CA != "")
+	logLimits()
 	if id != nil {
 		logGatewayPin(log, id, g.Transport, ll.Addr())
 	}
