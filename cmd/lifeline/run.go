@@ -136,7 +136,7 @@ func newFlagSet(cmd string, o *options, stdout io.Writer) *flag.FlagSet {
 	if cmd == "gateway" {
 		fs.StringVar(&o.listen, "listen", "", "`address` to accept links from client sidecars on, e.g. 0.0.0.0:7000")
 		fs.StringVar(&o.upstream, "upstream", "", "`address` of the service behind the gateway, e.g. 127.0.0.1:6379")
-		fs.Var(autoIntFlag{&o.maxSessions}, "max-sessions", "maximum live sessions, new ones refused beyond (default auto: (soft RLIMIT_NOFILE - 64) / 2; 0: no limit)")
+		fs.Var(autoIntFlag{&o.maxSessions}, "max-sessions", "maximum `number` of live sessions, new ones refused beyond (default auto: (soft RLIMIT_NOFILE - 64) / 2; 0: no limit)")
 		fs.Var(autoSizeFlag{&o.memoryBudget}, "memory-budget", "`bytes` of buffers for all sessions, new sessions refused beyond (default auto: a quarter of the machine's memory or of its cgroup's limit; 0: no limit)")
 		fs.Var(durationFlag{&o.connectTimeout}, "connect-timeout", "upstream connect timeout; the application gets a reset past it")
 		fs.StringVar(&o.stateDir, "state-dir", "", "`directory` where a tls or quic gateway without --tls-cert keeps the key pair it generates once (default: "+stateDirHelp+"; here "+processStateDir()+")")
