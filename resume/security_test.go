@@ -322,3 +322,58 @@ func TestMemoryBudgetBoundsSessionsThatNeverAck(t *testing.T) {
 		time.Sleep(5 * time.Millisecond)
 	}
 }
+
+// Concurrent HELLOs cannot all pass a cap together: the check and the
+// reservation are one step. (Before, up to MaxHandshakes HELLOs could read
+// the count at once and all be admitted.)
+func TestConcurrentHellosCannotOvershootUnconfirmedCap(t *testing.T) {
+	const perSource = 4
+	sc := serverConfig(testConfig())
+	sc.MaxUnconfirmedPerSource = perSource
+	_, addr := tcpGateway(t, sc)
+	const n = 64
+	var welcomes, throttled atomic.Int32
+	var wg sync.WaitGroup
+	start := make(chan struct{})
+	for i := 0; i < n; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c, err := net.Dial("tcp", addr)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			defer c.Close()
+			_, pub, _ := newKey()
+			b, _ := frame.AppendHello(frame.AppendPreamble(nil), &frame.Hello{Key: pub, ReconnectTimeout: 10000, Buffer: 1 << 20, Route: "r"})
+			<-start
+			c.SetDeadline(time.Now().Add(5 * time.Second))
+			if _, err := c.Write(b); err != nil {
+				t.Error(err)
+				return
+			}
+			h, p, err := readHandshake(frame.NewReader(c, 4096))
+			switch {
+			case err != nil:
+				t.Error(err)
+			case h.Type == frame.TypeWelcome:
+				// Never confirmed: it stays counted until the handshake
+				// timeout, whatever happens to its link.
+				welcomes.Add(1)
+			case h.Type == frame.TypeReject:
+				if cr, _ := frame.ParseCodeReason(p); cr.Code == frame.CodeThrottled {
+					throttled.Add(1)
+				}
+			}
+		}()
+	}
+	close(start)
+	wg.Wait()
+	if w := welcomes.Load(); w > perSource || w == 0 {
+		t.Fatalf("%d of %d concurrent HELLOs from one source got WELCOME, cap %d", w, n, perSource)
+	}
+	if got := welcomes.Load() + throttled.Load(); got != n {
+		t.Fatalf("%d WELCOME + %d THROTTLED of %d HELLOs", welcomes.Load(), throttled.Load(), n)
+	}
+}

@@ -153,9 +153,11 @@ type Server struct {
 	listeners map[net.Listener]struct{}
 	draining  bool
 	isClosed  bool
-	// unconfirmed sessions, in total and by source address.
+	// unconfirmed sessions, in total and by source address; reserved:
+	// HELLOs admitted but not yet registered as sessions.
 	unconfirmed   int
 	unconfirmedBy map[string]int
+	reserved      int
 
 	pending  pendingLinks
 	refusals refusalLog
@@ -435,32 +437,62 @@ func (srv *Server) hello(ctx context.Context, c net.Conn, fr *frame.Reader, p []
 			cfg = c
 		}
 	}
+	// Checked and reserved in one step, so that concurrent HELLOs cannot
+	// all pass a cap together. The reservation counts as a session and as
+	// an unconfirmed one until the session is registered or refused.
 	srv.mu.Lock()
-	n, draining := len(srv.sessions), srv.draining
+	n, draining := len(srv.sessions)+srv.reserved, srv.draining
 	unconf, unconfSrc := srv.unconfirmed, srv.unconfirmedBy[source]
+	admitted := !draining && (srv.cfg.MaxSessions == 0 || n < srv.cfg.MaxSessions) &&
+		unconfSrc < srv.cfg.MaxUnconfirmedPerSource && unconf < srv.cfg.MaxUnconfirmed
+	if admitted {
+		srv.reserved++
+		srv.unconfirmed++
+		srv.unconfirmedBy[source]++
+	}
 	srv.mu.Unlock()
+	registered := false
+	unreserve := sync.OnceFunc(func() {
+		if !admitted || registered {
+			return
+		}
+		srv.mu.Lock()
+		srv.reserved--
+		srv.unconfirmedDone(source)
+		srv.mu.Unlock()
+	})
+	defer unreserve()
+	// deny frees the reservation before the REJECT goes out: the client
+	// may try again the moment it reads it.
+	deny := func(code Code, reason string) {
+		unreserve()
+		srv.refuse(c, code, reason)
+	}
 	switch {
 	case draining:
 		srv.refused(RefuseDraining, frame.CodeShuttingDown, remote, "session refused: draining")
-		srv.refuse(c, frame.CodeShuttingDown, "gateway is draining")
+		deny(frame.CodeShuttingDown, "gateway is draining")
 		return
 	case srv.cfg.MaxSessions > 0 && n >= srv.cfg.MaxSessions:
 		srv.refused(RefuseMaxSessions, frame.CodeLimit, remote, "session refused: max sessions", "max", srv.cfg.MaxSessions)
-		srv.refuse(c, frame.CodeLimit, fmt.Sprintf("gateway holds its maximum of %d sessions", srv.cfg.MaxSessions))
+		deny(frame.CodeLimit, fmt.Sprintf("gateway holds its maximum of %d sessions", srv.cfg.MaxSessions))
 		return
 	case srv.budget.Exhausted():
 		srv.refused(RefuseMemoryBudget, frame.CodeLimit, remote, "session refused: memory budget", "budget", srv.cfg.MemoryBudget)
-		srv.refuse(c, frame.CodeLimit, "gateway memory budget exhausted")
+		deny(frame.CodeLimit, "gateway memory budget exhausted")
 		return
 	case unconfSrc >= srv.cfg.MaxUnconfirmedPerSource:
 		srv.refused(RefuseUnconfirmed, frame.CodeThrottled, remote, "session refused: too many unconfirmed sessions from this source",
 			"max", srv.cfg.MaxUnconfirmedPerSource)
-		srv.refuse(c, frame.CodeThrottled, "too many unconfirmed sessions from this source")
+		deny(frame.CodeThrottled, "too many unconfirmed sessions from this source")
 		return
 	case unconf >= srv.cfg.MaxUnconfirmed:
 		srv.refused(RefuseUnconfirmed, frame.CodeThrottled, remote, "session refused: too many unconfirmed sessions",
 			"max", srv.cfg.MaxUnconfirmed)
-		srv.refuse(c, frame.CodeThrottled, "too many unconfirmed sessions")
+		deny(frame.CodeThrottled, "too many unconfirmed sessions")
+		return
+	case !admitted: // unreachable: the cases above cover every refusal
+		deny(frame.CodeInternal, "not admitted")
 		return
 	}
 	if srv.cfg.Admit != nil {
@@ -471,20 +503,20 @@ func (srv *Server) hello(ctx context.Context, c net.Conn, fr *frame.Reader, p []
 				code, reason = e.Code, e.Reason
 			}
 			srv.refused(RefuseAdmit, code, remote, "session refused", "route", hello.Route, "reason", reason)
-			srv.refuse(c, code, reason)
+			deny(code, reason)
 			return
 		}
 	}
 	priv, pub, err := newKey()
 	if err != nil {
 		srv.refused(RefuseInternal, frame.CodeInternal, remote, "session refused: key generation failed", "err", err)
-		srv.refuse(c, frame.CodeInternal, "key generation failed")
+		deny(frame.CodeInternal, "key generation failed")
 		return
 	}
 	secret, err := shared(priv, hello.Key)
 	if err != nil {
 		srv.refused(RefuseBadHandshake, frame.CodeValidation, remote, "session refused: bad key share", "err", err)
-		srv.refuse(c, frame.CodeValidation, "bad key share")
+		deny(frame.CodeValidation, "bad key share")
 		return
 	}
 	s := newSession(cfg, false)
@@ -513,9 +545,9 @@ func (srv *Server) hello(ctx context.Context, c net.Conn, fr *frame.Reader, p []
 		return
 	}
 	srv.sessions[s.id] = s
-	srv.unconfirmed++
-	srv.unconfirmedBy[source]++
-	s.unconfirmed = true
+	srv.reserved--
+	registered = true
+	s.unconfirmed = true // the reservation's count is now the session's
 	srv.sessWG.Add(1)
 	srv.mu.Unlock()
 
@@ -600,9 +632,15 @@ func (srv *Server) settle(s *session) {
 		return
 	}
 	s.unconfirmed = false
+	srv.unconfirmedDone(s.source)
+}
+
+// unconfirmedDone takes one session of source off the unconfirmed counts.
+// Caller holds srv.mu.
+func (srv *Server) unconfirmedDone(source string) {
 	srv.unconfirmed--
-	if srv.unconfirmedBy[s.source]--; srv.unconfirmedBy[s.source] <= 0 {
-		delete(srv.unconfirmedBy, s.source)
+	if srv.unconfirmedBy[source]--; srv.unconfirmedBy[source] <= 0 {
+		delete(srv.unconfirmedBy, source)
 	}
 }
 
@@ -763,10 +801,7 @@ func (srv *Server) ended(s *session) {
 	delete(srv.sessions, s.id)
 	if s.unconfirmed {
 		s.unconfirmed = false
-		srv.unconfirmed--
-		if srv.unconfirmedBy[s.source]--; srv.unconfirmedBy[s.source] <= 0 {
-			delete(srv.unconfirmedBy, s.source)
-		}
+		srv.unconfirmedDone(s.source)
 	}
 	go func() { s.wg.Wait(); srv.sessWG.Done() }()
 	if len(srv.sessions) == 0 {
