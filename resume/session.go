@@ -223,9 +223,15 @@ func (s *session) kick() {
 	}
 }
 
-// advertise recomputes the receive window after consumption.
+// advertise recomputes the receive window after consumption. At an
+// exhausted memory budget the window grows by at most one chunk past what
+// is held, so the peer cannot make the receive buffer grow much either,
+// and each session still makes progress a chunk at a time.
 func (s *session) advertise() {
 	w := s.recv.Start() + uint64(s.cfg.BufferSize)
+	if s.budget.Exhausted() {
+		w = min(w, s.recv.End()+chunkSize)
+	}
 	if w > s.window {
 		s.window = w
 	}
