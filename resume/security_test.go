@@ -377,3 +377,18 @@ func TestConcurrentHellosCannotOvershootUnconfirmedCap(t *testing.T) {
 		t.Fatalf("%d WELCOME + %d THROTTLED of %d HELLOs", welcomes.Load(), throttled.Load(), n)
 	}
 }
+
+// A HELLO whose receive window is below one DATA frame is refused: the
+// gateway could never send it a full frame (the spec's minimum is 64 KiB).
+func TestHelloBufferBelowMinimumIsValidation(t *testing.T) {
+	srv, addr := tcpGateway(t, serverConfig(testConfig()))
+	_, pub, _ := newKey()
+	b, _ := frame.AppendHello(frame.AppendPreamble(nil), &frame.Hello{Key: pub, ReconnectTimeout: 1000, Buffer: frame.MaxPayload - 1, Route: "r"})
+	h, p := rawExchange(t, addr, b)
+	if reason := wantReject(t, h, p, frame.CodeValidation); reason == "" {
+		t.Fatal("REJECT without a reason")
+	}
+	if n := srv.NumSessions(); n != 0 {
+		t.Fatalf("%d sessions after a refused HELLO", n)
+	}
+}
