@@ -31,6 +31,15 @@ func CertVerifyFailure(err error) (*x509.Certificate, bool) {
 	return cve.UnverifiedCertificates[0], true
 }
 
+// NotTLS reports whether err is a TLS client's handshake meeting a peer
+// that does not speak TLS: typically a gateway run with --transport tcp
+// dialed by a client with tls (the default). Retrying does not heal it.
+func NotTLS(err error) bool {
+	var rhe tls.RecordHeaderError
+	var rhep *tls.RecordHeaderError
+	return errors.As(err, &rhe) || errors.As(err, &rhep)
+}
+
 // certVerifyError is what our own verification callbacks (pin, CA pool)
 // return: the same type crypto/tls returns when the system roots or
 // RootCAs reject a chain, so that CertVerifyFailure finds every case.
@@ -55,14 +64,25 @@ func certFixHint(leaf *x509.Certificate, err error) string {
 	return hint
 }
 
+// notTLSFix says what to do when the gateway does not answer TLS.
+const notTLSFix = "give the client and the gateway the same --transport: tls on both (the default; a gateway " +
+	"started with an older lifeline used tcp by default), or tcp on both on a trusted network"
+
 // certLogEvery rate-limits the certificate failure log line per listener.
 const certLogEvery = time.Minute
 
-// certLog logs certificate verification failures of a client's dials: the
-// first one of a listener at once, then at most one per certLogEvery.
+// certLog logs the dial failures of a client that retrying does not heal
+// (a certificate that fails verification, a gateway that does not speak
+// TLS): the first one of a listener at once, then at most one of each
+// kind per certLogEvery.
 type certLog struct {
 	mu   sync.Mutex
-	seen map[LinkDialer]*certLogState
+	seen map[certLogKey]*certLogState
+}
+
+type certLogKey struct {
+	d      LinkDialer
+	notTLS bool
 }
 
 type certLogState struct {
@@ -70,22 +90,25 @@ type certLogState struct {
 	suppressed int
 }
 
-// report logs err if it is a certificate verification failure and the
-// listener's last such line is older than certLogEvery.
+// report logs err if it is a certificate verification failure (or a
+// gateway not speaking TLS) and the listener's last such line is older
+// than certLogEvery.
 func (l *certLog) report(log *slog.Logger, r ClientRoute, err error) {
 	leaf, ok := CertVerifyFailure(err)
-	if !ok {
+	notTLS := !ok && NotTLS(err)
+	if !ok && !notTLS {
 		return
 	}
 	now := time.Now()
+	key := certLogKey{r.Dialer, notTLS}
 	l.mu.Lock()
 	if l.seen == nil {
-		l.seen = map[LinkDialer]*certLogState{}
+		l.seen = map[certLogKey]*certLogState{}
 	}
-	st := l.seen[r.Dialer]
+	st := l.seen[key]
 	if st == nil {
 		st = &certLogState{}
-		l.seen[r.Dialer] = st
+		l.seen[key] = st
 	}
 	if !st.last.IsZero() && now.Sub(st.last) < certLogEvery {
 		st.suppressed++
@@ -96,6 +119,14 @@ func (l *certLog) report(log *slog.Logger, r ClientRoute, err error) {
 	st.last, st.suppressed = now, 0
 	l.mu.Unlock()
 	args := []any{"side", "client", "route", r.Route, "gateway", r.Gateway, "err", err}
+	if notTLS {
+		args = append(args, "fix", notTLSFix)
+		if suppressed > 0 {
+			args = append(args, "repeats_since_last_line", suppressed)
+		}
+		log.Error("the gateway does not speak TLS; no link to this gateway until both sides use the same --transport", args...)
+		return
+	}
 	if leaf != nil {
 		args = append(args, "gateway_sha256", CertFingerprint(leaf.Raw), "gateway_subject", leaf.Subject.String())
 	}

@@ -292,3 +292,53 @@ func TestCertVerifyFailureFindsThePresentedCertificate(t *testing.T) {
 		t.Error("a plain dial error taken for a certificate failure")
 	}
 }
+
+// A client with tls (the default) in front of a gateway that runs tcp (the
+// default of older versions) does not retry for the reconnect timeout
+// while the application hangs: the application is reset at once, and one
+// ERROR line says that both sides need the same --transport.
+func TestPlaintextGatewayResetsTLSClientAtOnce(t *testing.T) {
+	sink := &logSink{}
+	gw, err := NewGateway(GatewayConfig{Routes: []Route{{Name: "default", Upstream: testnet.EchoServer(t)}},
+		Server: defaultServerForTest(), Logger: testLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer gw.Close()
+	ll, err := Listen("tcp", "127.0.0.1:0", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go gw.Serve(ll)
+	d, err := NewDialer("tls", ll.Addr().String(), PinnedTLS(strings.Repeat("ab", 32), ""))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cl := NewClient(ClientConfig{Logger: sink.logger()})
+	defer cl.Close()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := fastConfig() // ReconnectTimeout 20 s
+	go cl.Serve(ln, ClientRoute{Route: "default", Dialer: d, Session: cfg, Gateway: ll.Addr().String()})
+	const msg = "the gateway does not speak TLS; no link to this gateway until both sides use the same --transport"
+	for i := range 2 {
+		start := time.Now()
+		c, err := net.Dial("tcp", ln.Addr().String())
+		if err == nil {
+			c.Write([]byte("hello"))
+			testnet.ExpectReset(t, c, cfg.ReconnectTimeout/2)
+			c.Close()
+		} else if !errors.Is(err, syscall.ECONNRESET) {
+			t.Fatal(err)
+		}
+		if d := time.Since(start); d > 5*time.Second {
+			t.Fatalf("connection %d reset after %v (reconnect timeout %v)", i, d, cfg.ReconnectTimeout)
+		}
+		lines := sink.lines(msg)
+		if len(lines) != 1 || lines[0]["level"] != "ERROR" || !strings.Contains(lines[0]["fix"].(string), "--transport") {
+			t.Fatalf("after %d failures: %v, want one ERROR line with a --transport fix", i+1, lines)
+		}
+	}
+}

@@ -176,8 +176,9 @@ func (c *Client) handle(app *net.TCPConn, r ClientRoute, cfg *resume.Config) {
 // are retried with the route's strategy for up to the reconnect timeout,
 // as a link failure of a live session would be: the application's connect
 // has already succeeded and it waits as it would during an outage. A
-// refusal by the gateway (unknown route, limits, draining) and a gateway
-// certificate that fails verification fail at once.
+// refusal by the gateway (unknown route, limits, draining), a gateway
+// certificate that fails verification and a gateway that does not speak
+// TLS fail at once.
 func (c *Client) open(app *net.TCPConn, r ClientRoute, cfg *resume.Config) (*resume.Conn, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -198,9 +199,10 @@ func (c *Client) open(app *net.TCPConn, r ClientRoute, cfg *resume.Config) (*res
 		if errors.As(err, &re) && re.Remote || ctx.Err() != nil {
 			return nil, err
 		}
-		if _, bad := CertVerifyFailure(err); bad {
+		if _, bad := CertVerifyFailure(err); bad || NotTLS(err) {
 			// The gateway's certificate will not verify on the next
-			// attempt either: the application gets its reset now.
+			// attempt either (nor will a gateway that does not speak
+			// TLS start to): the application gets its reset now.
 			return nil, err
 		}
 		d := max(cfg.Strategy.Delay(attempt+1), 10*time.Millisecond)
