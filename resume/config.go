@@ -56,11 +56,6 @@ type Config struct {
 	// Strategy decides when a client retries after a link failure.
 	Strategy ReconnectStrategy
 
-	// OnEvent, if set, is called on every park, resume and end (for
-	// metrics). It runs with the session locked: it must not block or call
-	// the session's Conn.
-	OnEvent func(Event)
-
 	// Budget, if set, is a memory limit shared by the sessions that use
 	// this Config (a client sidecar's); see Budget. A gateway uses its
 	// ServerConfig.MemoryBudget instead.
@@ -71,7 +66,7 @@ type Config struct {
 }
 
 // Defaults. Why these numbers:
-//   - 60 s reconnect timeout: the seeds' default; covers a Wi-Fi roam, a
+//   - 60 s reconnect timeout: Diffusion's default (protocol.md §9); covers a Wi-Fi roam, a
 //     laptop lid, a router restart.
 //   - 2 MiB buffer: enough to keep a 1 Gbit/s, 15 ms path full (Teleport
 //     measured the same), and free when idle because buffers are chunked.
@@ -157,7 +152,7 @@ type ReconnectStrategy interface {
 	Delay(attempt int) time.Duration
 }
 
-// FixedInterval retries every Interval; the seeds' default is 5 s. The
+// FixedInterval retries every Interval; Diffusion's default is 5 s. The
 // first attempt after a failure waits too.
 type FixedInterval struct{ Interval time.Duration }
 
@@ -187,7 +182,7 @@ func (b Backoff) Delay(attempt int) time.Duration {
 	return max(d, 0)
 }
 
-// DefaultStrategy is Backoff{50ms, 1s, 0.2}. Why not the seeds' fixed 5 s:
+// DefaultStrategy is Backoff{50ms, 1s, 0.2}. Why not Diffusion's fixed 5 s:
 // most outages are short (a roam, a NAT rebinding, a flapping port), and
 // with a 5 s interval the application would wait 2.5 s on average after the
 // network came back. Starting at once and capping at 1 s keeps the pause

@@ -273,7 +273,7 @@ func (c *Conn) Err() error {
 	return c.s.err
 }
 
-// GoAway asks the client to move the session to a new link (the seeds'
+// GoAway asks the client to move the session to a new link (GameLift's
 // backend-initiated reconnection). Only the gateway side may call it; the
 // old link keeps carrying data until the new one is attached.
 func (c *Conn) GoAway(reason string) error {
@@ -333,7 +333,7 @@ func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
 			// Wait for data before lending out the buffer's tail: an idle
 			// session (the request sent, acked, the next one not yet
 			// written) must not keep a chunk for bytes that may never
-			// come. One MSG_PEEK per read: cheap next to the copy.
+			// come. One poll(2) per read: cheap next to the copy.
 			s.mu.Unlock()
 			err := waitReadable(rc)
 			s.mu.Lock()

@@ -34,7 +34,8 @@
 //	}
 //	conn, err := resume.Dial(ctx, dial, "redis", resume.DefaultConfig())
 //
-// States follow the seeds: CONNECTING, ACTIVE, DISCONNECTED (the seeds'
-// PENDING_CLIENT_RECONNECTION), RECONNECTING, CLOSED. Every transition goes
-// through one function and is logged with its cause.
+// States are those of docs/protocol.md §5.4: CONNECTING, ACTIVE,
+// DISCONNECTED (GameLift Streams' PENDING_CLIENT_RECONNECTION, see §9),
+// RECONNECTING, CLOSED. Every transition goes through one function and is
+// logged with its cause.
 package resume

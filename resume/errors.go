@@ -68,7 +68,6 @@ var (
 	ErrServerClosed  = errors.New("resume: server closed")
 	ErrWriteClosed   = errors.New("resume: write after CloseWrite")
 	ErrConnClosed    = errors.New("resume: use of closed connection")
-	errLinkReplaced  = errors.New("link replaced by a newer resume")
 	errLivenessTimer = errors.New("no frame received within the liveness timeout")
 )
 

@@ -57,7 +57,6 @@ type link struct {
 	// awaitClose: the RESET sent as final frame, kept until the peer
 	// closes the link in answer.
 	awaitClose *frame.CodeReason
-	failErr    error // why the link was closed
 
 	// Writer-owned: the batch being put together or written.
 	scratch  []byte
@@ -98,11 +97,8 @@ func (l *link) kick() {
 }
 
 // close shuts the connection; both goroutines see it and exit.
-func (l *link) close() { l.closeWith(nil) }
-
-func (l *link) closeWith(err error) {
+func (l *link) close() {
 	l.closeOnce.Do(func() {
-		l.failErr = err
 		close(l.closed)
 		closeRaw(l.conn)
 		l.liveMu.Lock()
@@ -159,12 +155,12 @@ func (l *link) awaitingClose() *frame.CodeReason {
 func (l *link) retire() {
 	if !l.started {
 		// Replaced before it ran (two resumes racing): nobody uses it.
-		l.closeWith(errLinkReplaced)
+		l.close()
 		return
 	}
 	l.conn.SetDeadline(time.Unix(1, 0))
 	l.kick()
-	time.AfterFunc(finalWriteTimeout, func() { l.closeWith(errLinkReplaced) })
+	time.AfterFunc(finalWriteTimeout, func() { l.close() })
 }
 
 // markDone releases a later link waiting on this one that never ran its

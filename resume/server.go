@@ -22,9 +22,9 @@ import (
 type ServerConfig struct {
 	// Session settings. Its ReconnectTimeout caps what clients ask for.
 	Session *Config
-	// SessionFor, if set, returns the settings for sessions on route (the
-	// seeds' per-connector configuration); nil means Session. Each must
-	// have passed Validate.
+	// SessionFor, if set, returns the settings for sessions on route
+	// (Diffusion's per-connector settings, protocol.md §9); nil means
+	// Session. Each must have passed Validate.
 	SessionFor func(route string) *Config
 	// Admit decides whether a HELLO may open a session on route. Return an
 	// *Error to choose the REJECT code (NOT_FOUND for an unknown route);

@@ -389,7 +389,6 @@ func (s *session) end(err error, reset *frame.CodeReason, cause string) {
 	s.wakeReaders()
 	s.wakeWriters()
 	close(s.done)
-	s.event(EventEnd, err)
 	if s.srv != nil {
 		s.srv.ended(s)
 	}
@@ -440,7 +439,6 @@ func (s *session) detach(cause error) {
 		l.close()
 	}
 	s.stats.LinkFailures++
-	s.event(EventPark, cause)
 	if s.reconnectTimeout == 0 {
 		s.end(newError(frame.CodeTimeout, s.id, "link lost and resumption is disabled: %v", cause), nil, "link lost")
 		return
@@ -491,7 +489,7 @@ func (s *session) checkResumePoint(peerReceived uint64) *Error {
 func (s *session) attach(l *link, peerReceived, peerWindow uint64, peerFlags uint8, ourWindow uint64, resumed bool) {
 	if old := s.link; old != nil {
 		s.link = nil
-		old.closeWith(errLinkReplaced)
+		old.close()
 	}
 	if resumed {
 		s.stats.Resumes++
@@ -520,112 +518,14 @@ func (s *session) attach(l *link, peerReceived, peerWindow uint64, peerFlags uin
 	if s.send.Len() <= s.cfg.BufferSize*8/10 {
 		s.elevated = false
 	}
-	if resumed {
-		s.event(EventResume, nil)
-	}
 	s.setState(StateActive, map[bool]string{true: "resumed", false: "connected"}[resumed],
 		"replay", s.send.End()-peerReceived, "outage", s.stats.LastOutage)
 	s.maybeFinish()
 }
 
-// deadline is a settable point in time with a channel closed when it
-// passes, in the manner of net.Pipe.
-type deadline struct {
-	mu     sync.Mutex
-	timer  *time.Timer
-	cancel chan struct{}
-}
-
-func (d *deadline) init() { d.cancel = make(chan struct{}) }
-
-func (d *deadline) set(t time.Time) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if d.timer != nil && !d.timer.Stop() {
-		<-d.cancel // the timer fired: wait for its close
-	}
-	d.timer = nil
-	closed := isClosed(d.cancel)
-	if t.IsZero() {
-		if closed {
-			d.cancel = make(chan struct{})
-		}
-		return
-	}
-	if dur := time.Until(t); dur > 0 {
-		if closed {
-			d.cancel = make(chan struct{})
-		}
-		c := d.cancel
-		d.timer = time.AfterFunc(dur, func() { close(c) })
-		return
-	}
-	if !closed {
-		close(d.cancel)
-	}
-}
-
-func (d *deadline) wait() chan struct{} {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.cancel
-}
-
-func (d *deadline) stop() {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if d.timer != nil {
-		d.timer.Stop()
-		d.timer = nil
-	}
-}
-
-func isClosed(c chan struct{}) bool {
-	select {
-	case <-c:
-		return true
-	default:
-		return false
-	}
-}
-
 func (s *session) String() string { return fmt.Sprintf("session %v", s.id) }
 
 var _ net.Conn = (*Conn)(nil)
-
-// EventKind is what an Event reports.
-type EventKind int
-
-const (
-	EventPark   EventKind = iota // the link was lost; the session waits for a resume
-	EventResume                  // a new link is attached
-	EventEnd                     // the session is CLOSED
-)
-
-func (k EventKind) String() string {
-	return [...]string{"park", "resume", "end"}[k]
-}
-
-// Event is passed to Config.OnEvent.
-type Event struct {
-	Kind     EventKind
-	Session  SessionID
-	Client   bool
-	Err      error         // park: the link's error; end: why (nil: orderly)
-	Outage   time.Duration // resume: from link loss to resume
-	Replayed uint64        // resume: bytes resent, all resumes so far
-	Stats    Stats
-}
-
-// event calls Config.OnEvent. Caller holds mu.
-func (s *session) event(k EventKind, err error) {
-	if s.cfg.OnEvent == nil {
-		return
-	}
-	st := s.snapshot()
-	s.cfg.OnEvent(Event{Kind: k, Session: s.id, Client: s.client, Err: err,
-		Outage: st.LastOutage, Replayed: st.BytesReplayed, Stats: st})
-}
 
 // snapshot is the session's counters, the byte counts derived from the
 // buffers' offsets. Caller holds mu.

@@ -2,7 +2,8 @@ package resume
 
 import "fmt"
 
-// State is where a session is in its life. The names follow the seeds.
+// State is where a session is in its life (docs/protocol.md §5.4; §9 maps
+// them to GameLift Streams' and Diffusion's states).
 type State int
 
 const (
@@ -10,7 +11,7 @@ const (
 	StateConnecting State = iota
 	// StateActive: a link is attached and carries data.
 	StateActive
-	// StateDisconnected: no link (the seeds' PENDING_CLIENT_RECONNECTION
+	// StateDisconnected: no link (GameLift's PENDING_CLIENT_RECONNECTION
 	// and DISCONNECTED). Data is still accepted into the replay buffer, up
 	// to the disconnected limit, and no pings are sent. The session waits
 	// for a resume until its reconnect timeout passes.

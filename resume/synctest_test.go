@@ -227,7 +227,7 @@ func TestReconnectTimeoutExpires(t *testing.T) {
 	})
 }
 
-// TestDisconnectedQueueLimit checks the seeds' queue rule: while
+// TestDisconnectedQueueLimit checks the queue rule of protocol.md §9: while
 // disconnected the larger limit applies; after the resume, the normal limit
 // returns once the buffered data has drained to 80% of it.
 func TestDisconnectedQueueLimit(t *testing.T) {
