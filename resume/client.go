@@ -103,10 +103,10 @@ func Dial(ctx context.Context, dial DialFunc, route string, cfg *Config) (*Conn,
 	s.budget = cfg.Budget
 	s.send.acct, s.recv.acct = cfg.Budget, cfg.Budget
 	s.reconnectTimeout = time.Duration(w.ReconnectTimeout) * time.Millisecond
-	s.window = uint64(cfg.BufferSize)
+	s.recv.window = uint64(cfg.BufferSize)
 	l := newLink(s, conn, fr, 0)
 	s.mu.Lock()
-	s.attach(l, 0, uint64(w.Buffer), 0, s.window, false)
+	s.attach(l, 0, uint64(w.Buffer), 0, s.recv.window, false)
 	// A first PING tells the gateway we have the session (it parks only
 	// confirmed sessions) and measures the RTT.
 	l.pingDue = true
@@ -310,11 +310,11 @@ func (s *session) resumeHandshake(ctx context.Context, ended bool) (net.Conn, fu
 	}
 	s.counter++
 	fl := uint8(0)
-	if s.peerFin {
+	if s.recv.fin {
 		fl = frame.AckFin
 	}
 	r := &frame.Resume{SessionID: s.id, Counter: s.counter, Key: pub,
-		Received: s.recv.End(), Window: s.window, Flags: fl}
+		Received: s.recv.End(), Window: s.recv.window, Flags: fl}
 	cred := s.cred
 	s.mu.Unlock()
 	r.Proof = cred.resumeProof(r, binding)

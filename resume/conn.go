@@ -40,7 +40,7 @@ func (c *Conn) Read(p []byte) (int, error) {
 			s.advertise()
 			s.mu.Unlock()
 			return n, nil
-		case s.peerFin && s.recv.End() == s.peerFinOff:
+		case s.recv.fin && s.recv.End() == s.recv.finOff:
 			s.mu.Unlock()
 			return 0, io.EOF
 		case s.state == StateClosed:
@@ -73,7 +73,7 @@ func (c *Conn) Write(p []byte) (int, error) {
 		case s.localClosed:
 			s.mu.Unlock()
 			return n, ErrConnClosed
-		case s.writeShut:
+		case s.send.shut:
 			s.mu.Unlock()
 			return n, ErrWriteClosed
 		case s.state == StateClosed:
@@ -119,8 +119,8 @@ func (c *Conn) CloseWrite() error {
 	if s.state == StateClosed {
 		return s.errOrClosed()
 	}
-	if !s.writeShut {
-		s.writeShut = true
+	if !s.send.shut {
+		s.send.shut = true
 		s.wakeWriters()
 		s.kick()
 	}
@@ -144,8 +144,8 @@ func (c *Conn) Close() error {
 	s.wdl.stop()
 	if s.state != StateClosed {
 		s.closeRequested = true
-		s.writeShut = true
-		s.readShut = true
+		s.send.shut = true
+		s.recv.shut = true
 		s.recv.Drop() // not Discard: a WriteTo may be writing from it
 		s.advertise()
 		s.kick()
@@ -379,7 +379,7 @@ func (s *session) writeErr() error {
 	switch {
 	case s.localClosed:
 		return ErrConnClosed
-	case s.writeShut:
+	case s.send.shut:
 		return ErrWriteClosed
 	case s.state == StateClosed:
 		return s.errOrClosed()
@@ -422,7 +422,7 @@ func (c *Conn) WriteTo(w io.Writer) (int64, error) {
 				return total, err
 			}
 			continue
-		case s.peerFin && s.recv.End() == s.peerFinOff:
+		case s.recv.fin && s.recv.End() == s.recv.finOff:
 			s.mu.Unlock()
 			return total, nil
 		case s.state == StateClosed:

@@ -329,8 +329,8 @@ func TestBufferLost(t *testing.T) {
 	}
 	g := s.s
 	g.mu.Lock()
-	g.sentMax = g.send.End() // as if sent before the loss
-	g.sent = g.send.End()
+	g.send.highest = g.send.End() // as if sent before the loss
+	g.send.next = g.send.End()
 	g.send.Discard(g.send.End())
 	g.mu.Unlock()
 	down.Unlock()

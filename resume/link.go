@@ -302,13 +302,13 @@ func (l *link) readData(n int) error {
 			s.mu.Unlock()
 			return errStale
 		}
-		if l.rxOff+uint64(n) > s.window {
+		if l.rxOff+uint64(n) > s.recv.window {
 			s.mu.Unlock()
-			return newError(frame.CodeValidation, s.id, "DATA to offset %d beyond window %d", l.rxOff+uint64(n), s.window)
+			return newError(frame.CodeValidation, s.id, "DATA to offset %d beyond window %d", l.rxOff+uint64(n), s.recv.window)
 		}
 		var dst []byte
 		dup := s.recv.End() > l.rxOff
-		if s.peerFin && !dup {
+		if s.recv.fin && !dup {
 			// Duplicates of bytes before the CLOSE_WRITE are fine: a
 			// migration replays what the old link already delivered.
 			s.mu.Unlock()
@@ -339,7 +339,7 @@ func (l *link) readData(n int) error {
 		}
 		l.rxOff += uint64(k)
 		if !dup {
-			if s.readShut {
+			if s.recv.shut {
 				s.recv.Commit(k)
 				s.recv.Discard(s.recv.End())
 				s.advertise()
@@ -347,7 +347,7 @@ func (l *link) readData(n int) error {
 				s.recv.Commit(k)
 				s.wakeReaders()
 			}
-			if s.recv.End()-s.ackedRecv >= s.ackThreshold() {
+			if s.recv.End()-s.recv.ackedTo >= s.ackThreshold() {
 				s.kick()
 			} else {
 				s.armAck()
@@ -390,13 +390,13 @@ func (l *link) readControl(h frame.Header) error {
 		}
 	case frame.TypeCloseWrite:
 		off, _ := frame.ParseU64(p)
-		if off != l.rxOff && !(s.peerFin && off == s.peerFinOff) {
+		if off != l.rxOff && !(s.recv.fin && off == s.recv.finOff) {
 			return newError(frame.CodeValidation, s.id, "CLOSE_WRITE at %d, stream is at %d", off, l.rxOff)
 		}
 		if off < s.recv.End() {
 			return newError(frame.CodeValidation, s.id, "CLOSE_WRITE at %d below received %d", off, s.recv.End())
 		}
-		s.peerFin, s.peerFinOff = true, off
+		s.recv.fin, s.recv.finOff = true, off
 		s.wakeReaders()
 		l.kick() // ACK with AckFin at once
 	case frame.TypeReset:
@@ -404,7 +404,7 @@ func (l *link) readControl(h frame.Header) error {
 		if err != nil {
 			return err
 		}
-		if cr.Code == frame.CodeNone && s.peerFin {
+		if cr.Code == frame.CodeNone && s.recv.fin {
 			s.end(nil, nil, "peer closed")
 			return errStale
 		}
@@ -451,7 +451,7 @@ func (l *link) writeLoop(prev *link) {
 				_, err := l.flush()
 				if l.pinned {
 					s.mu.Lock()
-					s.unpin(l.pinAt)
+					s.send.unpin(l.pinAt)
 					l.pinned = false
 					s.releaseSent()
 					s.mu.Unlock()
@@ -507,12 +507,12 @@ func (l *link) collect() int {
 	}
 	if !s.aborted && s.ackNeeded() {
 		fl := uint8(0)
-		if s.peerFin {
+		if s.recv.fin {
 			fl = frame.AckFin
 		}
-		l.scratch = frame.AppendAck(l.scratch, frame.Ack{Received: s.recv.End(), Window: s.window, Flags: fl})
-		s.ackedRecv, s.ackedWin, s.ackedFin, s.ackDue = s.recv.End(), s.window, s.peerFin, false
-		if s.ackedFin {
+		l.scratch = frame.AppendAck(l.scratch, frame.Ack{Received: s.recv.End(), Window: s.recv.window, Flags: fl})
+		s.recv.ackedTo, s.recv.ackedWin, s.recv.ackedFin, s.recv.ackDue = s.recv.End(), s.recv.window, s.recv.fin, false
+		if s.recv.ackedFin {
 			defer s.maybeFinish()
 		}
 	}
@@ -526,32 +526,32 @@ func (l *link) collect() int {
 			l.reset = nil
 		}
 	} else {
-		limit := min(s.send.End(), s.peerWindow)
+		limit := min(s.send.End(), s.send.window)
 		budget := writeBatch
-		from := s.sent
-		for s.sent < limit && budget > 0 && np < len(pieces)-6 {
-			n := int(min(limit-s.sent, uint64(frame.MaxPayload), uint64(budget)))
+		from := s.send.next
+		for s.send.next < limit && budget > 0 && np < len(pieces)-6 {
+			n := int(min(limit-s.send.next, uint64(frame.MaxPayload), uint64(budget)))
 			l.scratch = frame.AppendDataHeader(l.scratch, n)
 			cut()
 			start := len(l.segs)
-			l.segs = s.send.Slices(l.segs, s.sent, n)
+			l.segs = s.send.Slices(l.segs, s.send.next, n)
 			for _, seg := range l.segs[start:] {
 				pieces[np] = piece{data: seg}
 				np++
 			}
 			l.segs = l.segs[:start]
-			s.sent += uint64(n)
+			s.send.next += uint64(n)
 			budget -= n
 		}
-		if s.sent > from {
+		if s.send.next > from {
 			// The writev reads these bytes after we unlock: keep them.
-			s.pin(from)
+			s.send.pin(from)
 			l.pinned, l.pinAt = true, from
-			s.sentMax = max(s.sentMax, s.sent)
+			s.send.highest = max(s.send.highest, s.send.next)
 		}
-		if s.writeShut && !s.finSent && s.sent == s.send.End() {
+		if s.send.shut && !s.send.finSent && s.send.next == s.send.End() {
 			l.scratch = frame.AppendU64(l.scratch, frame.TypeCloseWrite, s.send.End())
-			s.finSent = true
+			s.send.finSent = true
 		}
 	}
 	cut()

@@ -526,7 +526,7 @@ func (srv *Server) hello(ctx context.Context, c net.Conn, fr *frame.Reader, p []
 	s.log = cfg.logger().With("session", s.id.String(), "side", "gateway", "route", hello.Route)
 	s.credCur = initialCredential(secret, s.id, hello.Key, pub, binding)
 	s.reconnectTimeout = min(cfg.ReconnectTimeout, time.Duration(hello.ReconnectTimeout)*time.Millisecond)
-	s.window = uint64(cfg.BufferSize)
+	s.recv.window = uint64(cfg.BufferSize)
 	s.budget = srv.budget
 	s.send.acct, s.recv.acct = srv.budget, srv.budget
 	s.source = source
@@ -535,7 +535,7 @@ func (srv *Server) hello(ctx context.Context, c net.Conn, fr *frame.Reader, p []
 		ReconnectTimeout: uint32(s.reconnectTimeout / time.Millisecond), Buffer: uint32(cfg.BufferSize)}
 	l := newLink(s, c, fr, 0)
 	s.mu.Lock()
-	s.attach(l, 0, uint64(hello.Buffer), 0, s.window, false)
+	s.attach(l, 0, uint64(hello.Buffer), 0, s.recv.window, false)
 	s.mu.Unlock()
 
 	srv.mu.Lock()
@@ -725,7 +725,7 @@ func (srv *Server) resume(c net.Conn, fr *frame.Reader, p []byte, binding []byte
 	// RESUME.received may be stale: in a GOAWAY migration the client goes
 	// on acknowledging on the old link after it sent RESUME, and those
 	// bytes may be freed by now. It has at least what it acknowledged.
-	from := max(r.Received, s.peerAcked)
+	from := max(r.Received, s.send.acked)
 	if perr := s.checkResumePoint(from); perr != nil {
 		s.abort(perr.Code, perr.Reason)
 		s.mu.Unlock()
@@ -755,8 +755,8 @@ func (srv *Server) resume(c net.Conn, fr *frame.Reader, p []byte, binding []byte
 		s.downAt = time.Now()
 		old.retire()
 	}
-	d := &frame.Resumed{Key: pub, Received: s.recv.End(), Window: s.window, Resend: from}
-	if s.peerFin {
+	d := &frame.Resumed{Key: pub, Received: s.recv.End(), Window: s.recv.window, Resend: from}
+	if s.recv.fin {
 		d.Flags = frame.AckFin
 	}
 	d.Proof = used.resumedProof(r, d, binding)

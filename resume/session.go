@@ -34,41 +34,9 @@ type session struct {
 	// instead of draining the receive buffer.
 	aborted bool
 
-	// Send direction: send holds [min(peerAcked, sent, pins), written).
-	// A chunk goes back to the pool (where any session may take it) only
-	// when it is acknowledged, the current link has moved past it, and no
-	// writer is sending from it; see releaseSent.
-	send      ReplayBuffer
-	sent      uint64 // next offset to put on the current link
-	peerAcked uint64 // highest Received the peer stated
-	// sentMax is the highest offset any link's writer has taken for
-	// sending. The peer cannot have received more: an ACK or a resume
-	// point above it is a lie (VALIDATION). It never goes down, because a
-	// migrating peer legitimately acknowledges on a new link what the old
-	// one delivered after its RESUME.
-	sentMax uint64
-	// pins are the first offsets of batches that writers are sending
-	// without the lock (at most one per link). Bytes from the lowest pin
-	// up are being read by a writev and must not be freed.
-	pins       []uint64
-	peerWindow uint64 // the peer accepts up to this offset
-	elevated   bool   // the disconnected limit applies
-	writeShut  bool   // CloseWrite called: CLOSE_WRITE at send.End()
-	finSent    bool   // CLOSE_WRITE written on the current link
-	finAcked   bool   // the peer acked our CLOSE_WRITE
-
-	// Receive direction: recv holds [consumed, received).
-	recv       ReplayBuffer
-	peerFin    bool   // CLOSE_WRITE received and all bytes before it
-	peerFinOff uint64 // its offset
-	readShut   bool   // Close called: incoming data is discarded
-	window     uint64 // highest window we advertised
-	ackedRecv  uint64 // Received in our last ACK
-	ackedWin   uint64 // Window in our last ACK
-	ackedFin   bool   // our ACK carried AckFin
-	ackDue     bool   // AckDelay passed with something unacked
-	ackTimer   *time.Timer
-	ackArmed   bool
+	// The two directions of the stream; see stream.go.
+	send sendSide
+	recv recvSide
 
 	link *link // attached link, nil while DISCONNECTED
 	last *link // most recent link, for addresses and to chain goroutine exits
@@ -179,7 +147,7 @@ func (s *session) setState(to State, cause string, args ...any) {
 
 // sendLimit is the replay buffer limit in force.
 func (s *session) sendLimit() int {
-	if s.elevated {
+	if s.send.elevated {
 		return s.cfg.disconnectedLimit()
 	}
 	return s.cfg.BufferSize
@@ -232,120 +200,86 @@ func (s *session) advertise() {
 	if s.budget.Exhausted() {
 		w = min(w, s.recv.End()+chunkSize)
 	}
-	if w > s.window {
-		s.window = w
+	if w > s.recv.window {
+		s.recv.window = w
 	}
-	if s.window-s.ackedWin >= s.ackThreshold() {
+	if s.recv.window-s.recv.ackedWin >= s.ackThreshold() {
 		s.kick()
 	}
 }
 
 // ackNeeded is evaluated by the writer under mu.
-func (s *session) ackNeeded() bool {
-	if s.peerFin && !s.ackedFin {
-		return true
-	}
-	newData := s.recv.End() - s.ackedRecv
-	newWin := s.window - s.ackedWin
-	if newData >= s.ackThreshold() || newWin >= s.ackThreshold() {
-		return true
-	}
-	return s.ackDue && (newData > 0 || newWin > 0)
-}
+func (s *session) ackNeeded() bool { return s.recv.ackNeeded(s.ackThreshold()) }
 
 func (s *session) armAck() {
-	if s.ackArmed || s.state == StateClosed {
+	if s.recv.ackArmed || s.state == StateClosed {
 		return
 	}
-	s.ackArmed = true
-	if s.ackTimer == nil {
-		s.ackTimer = time.AfterFunc(s.cfg.AckDelay, s.ackFired)
+	s.recv.ackArmed = true
+	if s.recv.ackTimer == nil {
+		s.recv.ackTimer = time.AfterFunc(s.cfg.AckDelay, s.ackFired)
 	} else {
-		s.ackTimer.Reset(s.cfg.AckDelay)
+		s.recv.ackTimer.Reset(s.cfg.AckDelay)
 	}
 }
 
 func (s *session) ackFired() {
 	s.mu.Lock()
-	s.ackArmed = false
-	s.ackDue = true
+	s.recv.ackArmed = false
+	s.recv.ackDue = true
 	s.kick()
 	s.mu.Unlock()
 }
 
 // onAck applies an ACK from the current link.
 func (s *session) onAck(a frame.Ack) error {
-	if a.Received > s.sentMax {
-		return newError(frame.CodeValidation, s.id, "ACK for %d bytes, only %d ever sent", a.Received, s.sentMax)
+	if a.Received > s.send.highest {
+		return newError(frame.CodeValidation, s.id, "ACK for %d bytes, only %d ever sent", a.Received, s.send.highest)
 	}
-	s.peerAcked = max(s.peerAcked, a.Received)
+	s.send.acked = max(s.send.acked, a.Received)
 	if a.Flags&frame.AckFin != 0 {
 		// The CLOSE_WRITE may have gone out on an earlier link.
-		if !s.writeShut || a.Received != s.send.End() {
+		if !s.send.shut || a.Received != s.send.End() {
 			return newError(frame.CodeValidation, s.id, "ACK of a CLOSE_WRITE that was not sent")
 		}
-		s.finAcked = true
+		s.send.finAcked = true
 	}
 	s.releaseSent()
-	if a.Window > s.peerWindow {
-		s.peerWindow = a.Window
+	if a.Window > s.send.window {
+		s.send.window = a.Window
 		s.kick()
 	}
 	s.maybeFinish()
 	return nil
 }
 
-// releaseSent frees acknowledged bytes and applies the 80% rule. Bytes
-// are kept, even when acknowledged, while a writer may still read them (a
-// pin) and while the current link has yet to pass them: a link's stream
-// is contiguous from its resume point, and a peer may acknowledge bytes an
-// earlier link delivered before this link resends them.
+// releaseSent frees what the send side may free and applies the 80%
+// rule.
 func (s *session) releaseSent() {
-	upto := min(s.peerAcked, s.sent)
-	for _, p := range s.pins {
-		upto = min(upto, p)
-	}
-	if upto > s.send.Start() {
-		s.send.Discard(upto)
+	if s.send.release() {
 		s.wakeWriters()
 	}
-	if s.elevated && s.link != nil && s.send.Len() <= s.cfg.BufferSize*8/10 {
-		s.elevated = false
+	if s.send.elevated && s.link != nil && s.send.Len() <= s.cfg.BufferSize*8/10 {
+		s.send.elevated = false
 		s.log.Debug("replay limit back to normal", "buffered", s.send.Len())
-	}
-}
-
-// pin records that a writer sends from offset from without the lock.
-func (s *session) pin(from uint64) { s.pins = append(s.pins, from) }
-
-// unpin removes one pin at from (the writer is done with its batch).
-func (s *session) unpin(from uint64) {
-	for i, p := range s.pins {
-		if p == from {
-			s.pins = append(s.pins[:i], s.pins[i+1:]...)
-			break
-		}
-	}
-	if len(s.pins) == 0 {
-		s.pins = nil
 	}
 }
 
 // maybeFinish ends the session when nothing is left to do.
 func (s *session) maybeFinish() {
-	if s.state == StateClosed || !s.writeShut || !s.finAcked {
+	if s.state == StateClosed || !s.send.shut || !s.send.finAcked {
 		return
 	}
 	switch {
-	case s.peerFin && s.ackedFin && s.client:
+	case s.recv.fin && s.recv.ackedFin && s.client:
 		// The gateway needs our last ACK before it can end. It closes
 		// the link when it has it; if the link fails first, we resume
 		// and send the ACK again (a gateway that already ended answers
 		// REJECT NONE). Ending now could leave it parked until expiry.
 		s.finishing = true
-	case s.peerFin && s.ackedFin:
+	case s.recv.fin && s.recv.ackedFin:
 		s.end(nil, nil, "both directions closed")
-	case s.peerFin:
+	case s.recv.fin:
 		s.kick() // the writer sends the ACK with AckFin, then we end
 	case s.closeRequested:
 		s.end(nil, &frame.CodeReason{Code: frame.CodeNone, Reason: "closed"}, "closed")
@@ -374,8 +308,8 @@ func (s *session) end(err error, reset *frame.CodeReason, cause string) {
 	if s.expiry != nil {
 		s.expiry.Stop()
 	}
-	if s.ackTimer != nil {
-		s.ackTimer.Stop()
+	if s.recv.ackTimer != nil {
+		s.recv.ackTimer.Stop()
 	}
 	if l := s.link; l != nil {
 		l.finish(reset)
@@ -444,7 +378,7 @@ func (s *session) detach(cause error) {
 		return
 	}
 	s.downAt = time.Now()
-	s.elevated = true
+	s.send.elevated = true
 	s.wakeWriters() // the larger limit may let a blocked Write go on
 	s.setState(StateDisconnected, "link lost", "err", cause)
 	if s.expiry == nil {
@@ -474,8 +408,8 @@ func (s *session) expired() {
 // what we hold: above what we ever sent is a lie, below what we still hold
 // means the bytes are gone.
 func (s *session) checkResumePoint(peerReceived uint64) *Error {
-	if peerReceived > s.sentMax {
-		return newError(frame.CodeValidation, s.id, "peer claims %d bytes received, only %d ever sent", peerReceived, s.sentMax)
+	if peerReceived > s.send.highest {
+		return newError(frame.CodeValidation, s.id, "peer claims %d bytes received, only %d ever sent", peerReceived, s.send.highest)
 	}
 	if peerReceived < s.send.Start() {
 		return newError(frame.CodeBufferLost, s.id, "peer needs bytes from %d, replay buffer starts at %d", peerReceived, s.send.Start())
@@ -493,30 +427,30 @@ func (s *session) attach(l *link, peerReceived, peerWindow uint64, peerFlags uin
 	}
 	if resumed {
 		s.stats.Resumes++
-		s.stats.BytesReplayed += s.sent - min(s.sent, peerReceived)
+		s.stats.BytesReplayed += s.send.next - min(s.send.next, peerReceived)
 		if !s.downAt.IsZero() {
 			s.stats.LastOutage = time.Since(s.downAt)
 		}
 	}
 	// Trust the handshake over older ACKs: what the peer lacks is resent.
-	s.peerAcked = peerReceived
-	s.sent = peerReceived
+	s.send.acked = peerReceived
+	s.send.next = peerReceived
 	s.releaseSent()
-	s.peerWindow = max(s.peerWindow, peerWindow)
-	s.finSent = false
-	if peerFlags&frame.AckFin != 0 && s.writeShut && peerReceived == s.send.End() {
-		s.finAcked = true
+	s.send.window = max(s.send.window, peerWindow)
+	s.send.finSent = false
+	if peerFlags&frame.AckFin != 0 && s.send.shut && peerReceived == s.send.End() {
+		s.send.finAcked = true
 	}
 	// The peer knows what we hold as of the handshake; re-announce the
 	// window and FIN state on the new link at the first chance.
-	s.ackedRecv, s.ackedWin, s.ackedFin = l.rxStart, ourWindow, false
+	s.recv.ackedTo, s.recv.ackedWin, s.recv.ackedFin = l.rxStart, ourWindow, false
 	l.prev = s.last
 	s.link, s.last = l, l
 	if s.expiry != nil {
 		s.expiry.Stop()
 	}
 	if s.send.Len() <= s.cfg.BufferSize*8/10 {
-		s.elevated = false
+		s.send.elevated = false
 	}
 	s.setState(StateActive, map[bool]string{true: "resumed", false: "connected"}[resumed],
 		"replay", s.send.End()-peerReceived, "outage", s.stats.LastOutage)

@@ -266,7 +266,7 @@ func TestDisconnectedQueueLimit(t *testing.T) {
 			t.Fatalf("state %v", c.State())
 		}
 		c.s.mu.Lock()
-		elevated, limit := c.s.elevated, c.s.sendLimit()
+		elevated, limit := c.s.send.elevated, c.s.sendLimit()
 		c.s.mu.Unlock()
 		if !elevated || limit != 512<<10 {
 			t.Fatalf("right after resume: elevated %v limit %d; want the larger limit until drained", elevated, limit)
@@ -284,7 +284,7 @@ func TestDisconnectedQueueLimit(t *testing.T) {
 			synctest.Wait()
 		}
 		c.s.mu.Lock()
-		elevated, limit = c.s.elevated, c.s.sendLimit()
+		elevated, limit = c.s.send.elevated, c.s.sendLimit()
 		c.s.mu.Unlock()
 		if elevated || limit != 128<<10 {
 			t.Fatalf("after draining to 80%%: elevated %v limit %d", elevated, limit)
