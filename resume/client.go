@@ -94,12 +94,12 @@ func Dial(ctx context.Context, dial DialFunc, route string, cfg *Config) (*Conn,
 	stop()
 	conn.SetDeadline(time.Time{})
 
-	s := newSession(cfg, true)
+	s := newSession(cfg)
+	s.cl = newClientPart(dial)
 	s.id = w.SessionID
 	s.route = route
-	s.dial = dial
 	s.log = cfg.logger().With("session", s.id.String(), "side", "client")
-	s.cred = initialCredential(secret, s.id, pub, w.Key, binding)
+	s.cl.cred = initialCredential(secret, s.id, pub, w.Key, binding)
 	s.budget = cfg.Budget
 	s.send.acct, s.recv.acct = cfg.Budget, cfg.Budget
 	s.reconnectTimeout = time.Duration(w.ReconnectTimeout) * time.Millisecond
@@ -145,10 +145,10 @@ func rejectError(p []byte, sid SessionID) error {
 
 // startRedial runs the reconnect loop if it is not running. Caller holds mu.
 func (s *session) startRedial() {
-	if s.redial || s.state == StateClosed {
+	if s.cl.redial || s.state == StateClosed {
 		return
 	}
-	s.redial = true
+	s.cl.redial = true
 	s.wg.Add(1)
 	go s.redialLoop(false)
 }
@@ -156,17 +156,17 @@ func (s *session) startRedial() {
 // startMigration dials a new link while the current one still works
 // (GOAWAY). Caller holds mu.
 func (s *session) startMigration() {
-	if s.redial || s.state == StateClosed || s.reconnectTimeout == 0 {
+	if s.cl.redial || s.state == StateClosed || s.reconnectTimeout == 0 {
 		return
 	}
-	s.redial = true
+	s.cl.redial = true
 	s.wg.Add(1)
 	go s.redialLoop(true)
 }
 
 // redialLoop dials and resumes until it succeeds, the session ends, or the
 // reconnect timeout fires (the expiry timer ends the session, which cancels
-// s.ctx).
+// s.cl.ctx).
 func (s *session) redialLoop(migrate bool) {
 	defer s.wg.Done()
 	defer func() {
@@ -175,7 +175,7 @@ func (s *session) redialLoop(migrate bool) {
 		// here only when the session is over.
 		s.mu.Lock()
 		if s.state == StateClosed {
-			s.redial = false
+			s.cl.redial = false
 		}
 		s.mu.Unlock()
 	}()
@@ -184,14 +184,14 @@ func (s *session) redialLoop(migrate bool) {
 			t := time.NewTimer(max(d, time.Millisecond))
 			select {
 			case <-t.C:
-			case <-s.ctx.Done():
+			case <-s.cl.ctx.Done():
 				t.Stop()
 				return
 			}
 		}
 		s.mu.Lock()
 		if s.state == StateClosed || (!migrate && s.link != nil) {
-			s.redial = false
+			s.cl.redial = false
 			s.mu.Unlock()
 			return
 		}
@@ -266,7 +266,7 @@ func (s *session) lingerReset(conn net.Conn, reset frame.CodeReason) {
 
 // resumeOnce dials one link and runs the RESUME handshake on it.
 func (s *session) resumeOnce() error {
-	// Not derived from s.ctx: a handshake that the gateway may already
+	// Not derived from s.cl.ctx: a handshake that the gateway may already
 	// have accepted must finish even if the session aborts meanwhile, so
 	// that attachResumed can deliver the RESET on it.
 	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.HandshakeTimeout)
@@ -282,7 +282,7 @@ func (s *session) resumeOnce() error {
 // the link and a function that attaches it (under mu). ended allows it on a
 // session that is already CLOSED (to deliver a RESET).
 func (s *session) resumeHandshake(ctx context.Context, ended bool) (net.Conn, func(net.Conn) error, error) {
-	conn, err := s.dial(ctx)
+	conn, err := s.cl.dial(ctx)
 	if err != nil {
 		return nil, nil, fmt.Errorf("dial: %w", err)
 	}
@@ -308,14 +308,14 @@ func (s *session) resumeHandshake(ctx context.Context, ended bool) (net.Conn, fu
 		s.mu.Unlock()
 		return nil, nil, ErrConnClosed
 	}
-	s.counter++
+	s.cl.counter++
 	fl := uint8(0)
 	if s.recv.fin {
 		fl = frame.AckFin
 	}
-	r := &frame.Resume{SessionID: s.id, Counter: s.counter, Key: pub,
+	r := &frame.Resume{SessionID: s.id, Counter: s.cl.counter, Key: pub,
 		Received: s.recv.End(), Window: s.recv.window, Flags: fl}
-	cred := s.cred
+	cred := s.cl.cred
 	s.mu.Unlock()
 	r.Proof = cred.resumeProof(r, binding)
 
@@ -372,7 +372,7 @@ func (s *session) attachResumed(conn net.Conn, fr *frame.Reader, r *frame.Resume
 		closeRaw(conn) // under mu: no TLS close_notify write
 		return ErrConnClosed
 	}
-	s.cred = cred.rotate(secret, s.id, r.Counter)
+	s.cl.cred = cred.rotate(secret, s.id, r.Counter)
 	perr := s.checkResumePoint(d.Received)
 	if perr == nil && (d.Resend < r.Received || d.Resend > s.recv.End()) {
 		// It may start above what we asked for (we acknowledged more on
@@ -390,7 +390,7 @@ func (s *session) attachResumed(conn net.Conn, fr *frame.Reader, r *frame.Resume
 		return nil
 	}
 	l := newLink(s, conn, fr, d.Resend)
-	s.redial = false
+	s.cl.redial = false
 	s.attach(l, d.Received, d.Window, d.Flags, r.Window, true)
 	l.start()
 	s.log.Info("session resumed", "outage", s.stats.LastOutage, "replayed", s.stats.BytesReplayed)

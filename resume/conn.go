@@ -246,10 +246,10 @@ func (c *Conn) State() State {
 // confirmed sessions; Server.Sessions also lists the others. Always true
 // on the client side.
 func (c *Conn) Confirmed() bool {
-	if c.s.client {
+	if c.s.cl != nil {
 		return true
 	}
-	return isClosed(c.s.confirmed)
+	return isClosed(c.s.gw.confirmed)
 }
 
 // ReconnectTimeout is the negotiated reconnect timeout (0: resumption off).
@@ -280,7 +280,7 @@ func (c *Conn) GoAway(reason string) error {
 	s := c.s
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.client {
+	if s.cl != nil {
 		return newError(frame.CodeValidation, s.id, "GoAway is for the gateway side")
 	}
 	if s.link == nil {

@@ -88,7 +88,7 @@ func wantReject(t *testing.T, h frame.Header, p []byte, code frame.Code) string 
 func signedResume(c *Conn, counter, received uint64) []byte {
 	s := c.s
 	s.mu.Lock()
-	cred := s.cred
+	cred := s.cl.cred
 	s.mu.Unlock()
 	_, pub, _ := newKey()
 	r := &frame.Resume{SessionID: s.id, Counter: counter, Key: pub, Received: received, Window: received + 1<<20}

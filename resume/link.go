@@ -125,7 +125,7 @@ func (l *link) finish(reset *frame.CodeReason) {
 	s := l.s
 	l.final = true
 	l.reset = reset
-	if reset != nil && s.client && s.reconnectTimeout > 0 {
+	if reset != nil && s.cl != nil && s.reconnectTimeout > 0 {
 		l.awaitClose = reset
 		l.conn.SetReadDeadline(time.Now().Add(s.cfg.LivenessTimeout))
 	}
@@ -411,7 +411,7 @@ func (l *link) readControl(h frame.Header) error {
 		return &Error{Code: cr.Code, Reason: cr.Reason, Remote: true, Session: s.id}
 	case frame.TypeGoAway:
 		cr, _ := frame.ParseCodeReason(p)
-		if !s.client {
+		if s.cl == nil {
 			return newError(frame.CodeValidation, s.id, "GOAWAY from a client")
 		}
 		s.log.Info("gateway asked to move the session", "code", cr.Code, "reason", cr.Reason)

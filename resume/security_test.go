@@ -88,7 +88,7 @@ func TestResumeProofBoundToTLSLink(t *testing.T) {
 	resumeOn := func(conn net.Conn, binding []byte, counter uint64) (frame.Header, []byte) {
 		t.Helper()
 		c.s.mu.Lock()
-		cred := c.s.cred
+		cred := c.s.cl.cred
 		received := c.s.recv.End()
 		c.s.mu.Unlock()
 		_, pub, _ := newKey()

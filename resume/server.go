@@ -519,17 +519,16 @@ func (srv *Server) hello(ctx context.Context, c net.Conn, fr *frame.Reader, p []
 		deny(frame.CodeValidation, "bad key share")
 		return
 	}
-	s := newSession(cfg, false)
+	s := newSession(cfg)
+	s.gw = &gatewayPart{srv: srv, source: source, confirmed: make(chan struct{})}
 	rand.Read(s.id[:])
-	s.srv = srv
 	s.route = hello.Route
 	s.log = cfg.logger().With("session", s.id.String(), "side", "gateway", "route", hello.Route)
-	s.credCur = initialCredential(secret, s.id, hello.Key, pub, binding)
+	s.gw.credCur = initialCredential(secret, s.id, hello.Key, pub, binding)
 	s.reconnectTimeout = min(cfg.ReconnectTimeout, time.Duration(hello.ReconnectTimeout)*time.Millisecond)
 	s.recv.window = uint64(cfg.BufferSize)
 	s.budget = srv.budget
 	s.send.acct, s.recv.acct = srv.budget, srv.budget
-	s.source = source
 
 	w := &frame.Welcome{SessionID: s.id, Key: pub,
 		ReconnectTimeout: uint32(s.reconnectTimeout / time.Millisecond), Buffer: uint32(cfg.BufferSize)}
@@ -547,7 +546,7 @@ func (srv *Server) hello(ctx context.Context, c net.Conn, fr *frame.Reader, p []
 	srv.sessions[s.id] = s
 	srv.reserved--
 	registered = true
-	s.unconfirmed = true // the reservation's count is now the session's
+	s.gw.unconfirmed = true // the reservation's count is now the session's
 	srv.sessWG.Add(1)
 	srv.mu.Unlock()
 
@@ -575,7 +574,7 @@ func (srv *Server) hello(ctx context.Context, c net.Conn, fr *frame.Reader, p []
 	// only until the handshake deadline: a client whose link dropped right
 	// after WELCOME may resume within it, later it starts over.
 	select {
-	case <-s.confirmed:
+	case <-s.gw.confirmed:
 	case <-s.done:
 		return
 	case <-ctx.Done():
@@ -586,11 +585,11 @@ func (srv *Server) hello(ctx context.Context, c net.Conn, fr *frame.Reader, p []
 			return
 		}
 		s.mu.Lock()
-		if isClosed(s.confirmed) { // confirmed at the deadline
+		if isClosed(s.gw.confirmed) { // confirmed at the deadline
 			s.mu.Unlock()
 			break
 		}
-		s.noTomb = true
+		s.gw.noTomb = true
 		s.abort(frame.CodeTimeout, "session not confirmed within the handshake timeout")
 		s.mu.Unlock()
 		srv.refused(RefuseUnconfirmedTimer, frame.CodeTimeout, remote, "session ended: not confirmed within the handshake timeout",
@@ -615,24 +614,22 @@ func (srv *Server) hello(ctx context.Context, c net.Conn, fr *frame.Reader, p []
 // confirm marks s confirmed: its client has shown it holds the session.
 // Caller holds s.mu.
 func (s *session) confirm() {
-	if isClosed(s.confirmed) {
+	if s.gw == nil || isClosed(s.gw.confirmed) {
 		return
 	}
-	close(s.confirmed)
-	if s.srv != nil {
-		s.srv.settle(s)
-	}
+	close(s.gw.confirmed)
+	s.gw.srv.settle(s)
 }
 
 // settle takes s off the unconfirmed count, once. Caller holds s.mu.
 func (srv *Server) settle(s *session) {
 	srv.mu.Lock()
 	defer srv.mu.Unlock()
-	if !s.unconfirmed {
+	if !s.gw.unconfirmed {
 		return
 	}
-	s.unconfirmed = false
-	srv.unconfirmedDone(s.source)
+	s.gw.unconfirmed = false
+	srv.unconfirmedDone(s.gw.source)
 }
 
 // unconfirmedDone takes one session of source off the unconfirmed counts.
@@ -707,17 +704,17 @@ func (srv *Server) resume(c net.Conn, fr *frame.Reader, p []byte, binding []byte
 		fail(RefuseResumeNotFound, frame.CodeNotFound, "session %v has ended", sid)
 		return
 	}
-	used := s.credCur
+	used := s.gw.credCur
 	if !verify(used.resumeProof(r, binding), r.Proof) {
-		used = s.credPrev
-		if !s.hasPrev || !verify(used.resumeProof(r, binding), r.Proof) {
+		used = s.gw.credPrev
+		if !s.gw.hasPrev || !verify(used.resumeProof(r, binding), r.Proof) {
 			s.mu.Unlock()
 			fail(RefuseResumeProof, frame.CodeAccessDenied, "resume proof for session %v does not verify", sid)
 			return
 		}
 	}
-	if r.Counter <= s.lastCtr {
-		last := s.lastCtr
+	if r.Counter <= s.gw.lastCtr {
+		last := s.gw.lastCtr
 		s.mu.Unlock()
 		fail(RefuseResumeReplay, frame.CodeConflict, "resume counter %d not above %d (replayed or raced)", r.Counter, last)
 		return
@@ -744,7 +741,7 @@ func (srv *Server) resume(c net.Conn, fr *frame.Reader, p []byte, binding []byte
 		fail(RefuseBadHandshake, frame.CodeValidation, "bad key share: %v", err)
 		return
 	}
-	s.lastCtr = r.Counter
+	s.gw.lastCtr = r.Counter
 	// The old link, if the gateway had not noticed it died, goes now: the
 	// newest valid resume wins. Its reader commits nothing after this.
 	if old := s.link; old != nil {
@@ -760,8 +757,8 @@ func (srv *Server) resume(c net.Conn, fr *frame.Reader, p []byte, binding []byte
 		d.Flags = frame.AckFin
 	}
 	d.Proof = used.resumedProof(r, d, binding)
-	s.credPrev, s.hasPrev = used, true
-	s.credCur = used.rotate(secret, sid, r.Counter)
+	s.gw.credPrev, s.gw.hasPrev = used, true
+	s.gw.credCur = used.rotate(secret, sid, r.Counter)
 	s.confirm() // a valid resume proves the client has the session
 	s.setState(StateReconnecting, "resume accepted", "remote", remote)
 	l := newLink(s, c, fr, d.Received)
@@ -799,9 +796,9 @@ func (srv *Server) ended(s *session) {
 		return
 	}
 	delete(srv.sessions, s.id)
-	if s.unconfirmed {
-		s.unconfirmed = false
-		srv.unconfirmedDone(s.source)
+	if s.gw.unconfirmed {
+		s.gw.unconfirmed = false
+		srv.unconfirmedDone(s.gw.source)
 	}
 	go func() { s.wg.Wait(); srv.sessWG.Done() }()
 	if len(srv.sessions) == 0 {
@@ -810,7 +807,7 @@ func (srv *Server) ended(s *session) {
 		default:
 		}
 	}
-	if s.reconnectTimeout > 0 && !srv.isClosed && !s.expiredOut && !s.noTomb {
+	if s.reconnectTimeout > 0 && !srv.isClosed && !s.expiredOut && !s.gw.noTomb {
 		if len(srv.tombs) >= maxTombs {
 			for id, t := range srv.tombs { // evict one at random
 				t.timer.Stop()

@@ -41,9 +41,6 @@ type session struct {
 	link *link // attached link, nil while DISCONNECTED
 	last *link // most recent link, for addresses and to chain goroutine exits
 
-	// confirmed is closed when the first frame after the handshake
-	// arrived on the gateway side: the client has the session.
-	confirmed chan struct{}
 
 	// expiredOut: ended by the reconnect timeout; a later resume is
 	// answered NOT_FOUND like any unknown session (no tombstone).
@@ -85,17 +82,39 @@ type session struct {
 	// wait (see Budget).
 	budget *Budget
 
-	// client side
+	// One of the two is set: the end's own part of the session.
+	cl *clientPart
+	gw *gatewayPart
+}
+
+// clientPart is what only the client end of a session has: the way to dial
+// new links, the resume credential and counter, the reconnect loop.
+// Guarded by session.mu.
+type clientPart struct {
 	dial    DialFunc
 	cred    credential
 	counter uint64
 	ctx     context.Context // cancelled at CLOSED, stops dials
 	cancel  context.CancelFunc
 	redial  bool // a reconnect loop is running
+}
 
-	// server side
+func newClientPart(dial DialFunc) *clientPart {
+	ctx, cancel := context.WithCancel(context.Background())
+	return &clientPart{dial: dial, ctx: ctx, cancel: cancel}
+}
+
+// gatewayPart is what only the gateway end has: its server, the client's
+// credentials (the current one and the one before, for a client that
+// missed the last RESUMED), the last resume counter, and whether the
+// client has shown it holds the session. Guarded by session.mu, except
+// unconfirmed (srv.mu).
+type gatewayPart struct {
 	srv    *Server
 	source string // the client's address, for per-source limits
+	// confirmed is closed when the client has shown it got WELCOME (its
+	// first frame, or a valid resume).
+	confirmed chan struct{}
 	// unconfirmed: counted among the server's unconfirmed sessions
 	// (guarded by srv.mu).
 	unconfirmed bool
@@ -121,15 +140,12 @@ type Stats struct {
 	Buffered      int           // bytes held in both buffers
 }
 
-func newSession(cfg *Config, client bool) *session {
+func newSession(cfg *Config) *session {
 	s := &session{
-		cfg:    cfg,
-		client: client,
-		done:   make(chan struct{}),
-		state:  StateConnecting,
+		cfg:   cfg,
+		done:  make(chan struct{}),
+		state: StateConnecting,
 	}
-	s.confirmed = make(chan struct{})
-	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.rdl.init()
 	s.wdl.init()
 	return s
@@ -271,7 +287,7 @@ func (s *session) maybeFinish() {
 		return
 	}
 	switch {
-	case s.recv.fin && s.recv.ackedFin && s.client:
+	case s.recv.fin && s.recv.ackedFin && s.cl != nil:
 		// The gateway needs our last ACK before it can end. It closes
 		// the link when it has it; if the link fails first, we resume
 		// and send the ACK again (a gateway that already ended answers
@@ -304,7 +320,9 @@ func (s *session) end(err error, reset *frame.CodeReason, cause string) {
 	}
 	s.send.Drop()
 	s.setState(StateClosed, cause, "err", err)
-	s.cancel()
+	if s.cl != nil {
+		s.cl.cancel()
+	}
 	if s.expiry != nil {
 		s.expiry.Stop()
 	}
@@ -313,7 +331,7 @@ func (s *session) end(err error, reset *frame.CodeReason, cause string) {
 	}
 	if l := s.link; l != nil {
 		l.finish(reset)
-	} else if reset != nil && s.client && s.state != StateConnecting && s.reconnectTimeout > 0 {
+	} else if reset != nil && s.cl != nil && s.state != StateConnecting && s.reconnectTimeout > 0 {
 		// No link to carry the RESET: dial one, so that the gateway does
 		// not keep the session (and its upstream) parked until it expires.
 		s.wg.Add(1)
@@ -323,8 +341,8 @@ func (s *session) end(err error, reset *frame.CodeReason, cause string) {
 	s.wakeReaders()
 	s.wakeWriters()
 	close(s.done)
-	if s.srv != nil {
-		s.srv.ended(s)
+	if s.gw != nil {
+		s.gw.srv.ended(s)
 	}
 	s.log.Info("session end", "cause", cause, "err", err, "sent", s.send.End(),
 		"received", s.recv.End(), "resumes", s.stats.Resumes)
@@ -386,7 +404,7 @@ func (s *session) detach(cause error) {
 	} else {
 		s.expiry.Reset(s.reconnectTimeout)
 	}
-	if s.client {
+	if s.cl != nil {
 		s.startRedial()
 	}
 }
