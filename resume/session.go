@@ -41,7 +41,6 @@ type session struct {
 	link *link // attached link, nil while DISCONNECTED
 	last *link // most recent link, for addresses and to chain goroutine exits
 
-
 	// expiredOut: ended by the reconnect timeout; a later resume is
 	// answered NOT_FOUND like any unknown session (no tombstone).
 	expiredOut bool
