@@ -111,7 +111,7 @@ func Dial(ctx context.Context, dial DialFunc, route string, cfg *Config) (*Conn,
 	// confirmed sessions) and measures the RTT.
 	l.pingDue = true
 	l.start()
-	s.mu.Unlock()
+	s.unlock()
 	return &Conn{s: s}, nil
 }
 
@@ -149,8 +149,7 @@ func (s *session) startRedial() {
 		return
 	}
 	s.cl.redial = true
-	s.wg.Add(1)
-	go s.redialLoop(false)
+	s.spawn(func() { s.redialLoop(false) })
 }
 
 // startMigration dials a new link while the current one still works
@@ -160,15 +159,13 @@ func (s *session) startMigration() {
 		return
 	}
 	s.cl.redial = true
-	s.wg.Add(1)
-	go s.redialLoop(true)
+	s.spawn(func() { s.redialLoop(true) })
 }
 
 // redialLoop dials and resumes until it succeeds, the session ends, or the
 // reconnect timeout fires (the expiry timer ends the session, which cancels
 // s.cl.ctx).
 func (s *session) redialLoop(migrate bool) {
-	defer s.wg.Done()
 	defer func() {
 		// The success path cleared redial under the lock that attached the
 		// link, so a failure right after can start a new loop; clear it
@@ -177,7 +174,7 @@ func (s *session) redialLoop(migrate bool) {
 		if s.state == StateClosed {
 			s.cl.redial = false
 		}
-		s.mu.Unlock()
+		s.unlock()
 	}()
 	for attempt := 0; ; attempt++ {
 		if d := s.cfg.Strategy.Delay(attempt); d > 0 || migrate && attempt > 0 {
@@ -192,13 +189,13 @@ func (s *session) redialLoop(migrate bool) {
 		s.mu.Lock()
 		if s.state == StateClosed || (!migrate && s.link != nil) {
 			s.cl.redial = false
-			s.mu.Unlock()
+			s.unlock()
 			return
 		}
 		if s.link == nil {
 			s.setState(StateReconnecting, "dialing", "attempt", attempt)
 		}
-		s.mu.Unlock()
+		s.unlock()
 		err := s.resumeOnce()
 		if err == nil {
 			return
@@ -218,7 +215,7 @@ func (s *session) redialLoop(migrate bool) {
 			s.setState(StateDisconnected, "resume failed", "err", err)
 		}
 		closed := s.state == StateClosed
-		s.mu.Unlock()
+		s.unlock()
 		if closed {
 			return
 		}
@@ -229,7 +226,6 @@ func (s *session) redialLoop(migrate bool) {
 // sendResetOnNewLink tells the gateway that a session aborted while it had
 // no link: one RESUME, then RESET, best effort within HandshakeTimeout.
 func (s *session) sendResetOnNewLink(reset frame.CodeReason) {
-	defer s.wg.Done()
 	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.HandshakeTimeout)
 	defer cancel()
 	var conn net.Conn
@@ -305,7 +301,7 @@ func (s *session) resumeHandshake(ctx context.Context, ended bool) (net.Conn, fu
 	}
 	s.mu.Lock()
 	if s.state == StateClosed && !ended {
-		s.mu.Unlock()
+		s.unlock()
 		return nil, nil, ErrConnClosed
 	}
 	s.cl.counter++
@@ -316,7 +312,7 @@ func (s *session) resumeHandshake(ctx context.Context, ended bool) (net.Conn, fu
 	r := &frame.Resume{SessionID: s.id, Counter: s.cl.counter, Key: pub,
 		Received: s.recv.End(), Window: s.recv.window, Flags: fl}
 	cred := s.cl.cred
-	s.mu.Unlock()
+	s.unlock()
 	r.Proof = cred.resumeProof(r, binding)
 
 	b := frame.AppendResume(frame.AppendPreamble(nil), r)
@@ -356,17 +352,14 @@ func (s *session) resumeHandshake(ctx context.Context, ended bool) (net.Conn, fu
 // session, or resets the session if the gateway lacks bytes we need.
 func (s *session) attachResumed(conn net.Conn, fr *frame.Reader, r *frame.Resume, d *frame.Resumed, cred credential, secret []byte) error {
 	s.mu.Lock()
-	defer s.mu.Unlock()
+	defer s.unlock()
 	if s.state == StateClosed {
 		if s.finalReset != nil {
 			// Aborted while this resume was in flight: the gateway has
 			// just attached this link (and dropped the one our RESET may
 			// have gone out on), so say it here too.
-			s.wg.Add(1)
-			go func(reset frame.CodeReason) {
-				defer s.wg.Done()
-				s.lingerReset(conn, reset)
-			}(*s.finalReset)
+			reset := *s.finalReset
+			s.spawn(func() { s.lingerReset(conn, reset) })
 			return ErrConnClosed
 		}
 		closeRaw(conn) // under mu: no TLS close_notify write
@@ -384,8 +377,7 @@ func (s *session) attachResumed(conn net.Conn, fr *frame.Reader, r *frame.Resume
 		l := newLink(s, conn, fr, d.Resend)
 		s.link = l // so end() sends the RESET on it
 		l.started = true
-		s.wg.Add(1)
-		go l.writeLoop(nil)
+		s.spawn(func() { l.writeLoop(nil) })
 		s.abort(perr.Code, perr.Reason)
 		return nil
 	}

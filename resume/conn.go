@@ -26,33 +26,33 @@ func (c *Conn) Read(p []byte) (int, error) {
 	for {
 		switch {
 		case s.localClosed:
-			s.mu.Unlock()
+			s.unlock()
 			return 0, ErrConnClosed
 		case s.aborted:
-			s.mu.Unlock()
+			s.unlock()
 			return 0, s.err
 		case s.recv.Len() > 0:
 			if len(p) == 0 {
-				s.mu.Unlock()
+				s.unlock()
 				return 0, nil
 			}
 			n := s.recv.Read(p)
 			s.advertise()
-			s.mu.Unlock()
+			s.unlock()
 			return n, nil
 		case s.recv.fin && s.recv.End() == s.recv.finOff:
-			s.mu.Unlock()
+			s.unlock()
 			return 0, io.EOF
 		case s.state == StateClosed:
 			err := s.err
 			if err == nil {
 				err = io.EOF
 			}
-			s.mu.Unlock()
+			s.unlock()
 			return 0, err
 		}
 		if err := s.await(s.readWaiter(), s.rdl.wait(), nil); err != nil {
-			s.mu.Unlock()
+			s.unlock()
 			return 0, err
 		}
 	}
@@ -71,25 +71,25 @@ func (c *Conn) Write(p []byte) (int, error) {
 	for {
 		switch {
 		case s.localClosed:
-			s.mu.Unlock()
+			s.unlock()
 			return n, ErrConnClosed
 		case s.send.shut:
-			s.mu.Unlock()
+			s.unlock()
 			return n, ErrWriteClosed
 		case s.state == StateClosed:
 			err := s.err
 			if err == nil {
 				err = ErrClosedByPeer
 			}
-			s.mu.Unlock()
+			s.unlock()
 			return n, err
 		}
 		if len(p) == 0 {
-			s.mu.Unlock()
+			s.unlock()
 			return n, nil
 		}
 		if isClosed(s.wdl.wait()) {
-			s.mu.Unlock()
+			s.unlock()
 			return n, errDeadline
 		}
 		room, full := s.sendRoom()
@@ -101,7 +101,7 @@ func (c *Conn) Write(p []byte) (int, error) {
 			continue
 		}
 		if err := s.await(s.writeWaiter(), s.wdl.wait(), full); err != nil {
-			s.mu.Unlock()
+			s.unlock()
 			return n, err
 		}
 	}
@@ -112,7 +112,7 @@ func (c *Conn) Write(p []byte) (int, error) {
 func (c *Conn) CloseWrite() error {
 	s := c.s
 	s.mu.Lock()
-	defer s.mu.Unlock()
+	defer s.unlock()
 	if s.localClosed {
 		return ErrConnClosed
 	}
@@ -136,7 +136,7 @@ func (c *Conn) Close() error {
 	s := c.s
 	s.mu.Lock()
 	if s.localClosed {
-		s.mu.Unlock()
+		s.unlock()
 		return ErrConnClosed
 	}
 	s.localClosed = true
@@ -153,7 +153,7 @@ func (c *Conn) Close() error {
 	}
 	s.wakeReaders()
 	s.wakeWriters()
-	s.mu.Unlock()
+	s.unlock()
 
 	linger := time.NewTimer(s.cfg.LingerTimeout)
 	defer linger.Stop()
@@ -162,7 +162,7 @@ func (c *Conn) Close() error {
 	case <-linger.C:
 		s.mu.Lock()
 		s.abort(frame.CodeTimeout, "close: peer did not acknowledge in time")
-		s.mu.Unlock()
+		s.unlock()
 	}
 	s.wg.Wait()
 	return nil
@@ -176,7 +176,7 @@ func (c *Conn) Reset(code Code, reason string) error {
 	s.mu.Lock()
 	s.localClosed = true
 	s.abort(code, reason)
-	s.mu.Unlock()
+	s.unlock()
 	s.wg.Wait()
 	return nil
 }
@@ -205,7 +205,7 @@ func (c *Conn) SetWriteDeadline(t time.Time) error { c.s.wdl.set(t); return nil 
 func (c *Conn) LocalAddr() net.Addr {
 	s := c.s
 	s.mu.Lock()
-	defer s.mu.Unlock()
+	defer s.unlock()
 	if s.last == nil {
 		return sessionAddr{s.id}
 	}
@@ -216,7 +216,7 @@ func (c *Conn) LocalAddr() net.Addr {
 func (c *Conn) RemoteAddr() net.Addr {
 	s := c.s
 	s.mu.Lock()
-	defer s.mu.Unlock()
+	defer s.unlock()
 	if s.last == nil {
 		return sessionAddr{s.id}
 	}
@@ -237,7 +237,7 @@ func (c *Conn) Route() string { return c.s.route }
 // State is the session's current state.
 func (c *Conn) State() State {
 	c.s.mu.Lock()
-	defer c.s.mu.Unlock()
+	defer c.s.unlock()
 	return c.s.state
 }
 
@@ -259,7 +259,7 @@ func (c *Conn) ReconnectTimeout() time.Duration { return c.s.reconnectTimeout }
 func (c *Conn) Stats() Stats {
 	s := c.s
 	s.mu.Lock()
-	defer s.mu.Unlock()
+	defer s.unlock()
 	return s.snapshot()
 }
 
@@ -269,7 +269,7 @@ func (c *Conn) Done() <-chan struct{} { return c.s.done }
 // Err is why the session ended: nil while it runs or after an orderly end.
 func (c *Conn) Err() error {
 	c.s.mu.Lock()
-	defer c.s.mu.Unlock()
+	defer c.s.unlock()
 	return c.s.err
 }
 
@@ -279,7 +279,7 @@ func (c *Conn) Err() error {
 func (c *Conn) GoAway(reason string) error {
 	s := c.s
 	s.mu.Lock()
-	defer s.mu.Unlock()
+	defer s.unlock()
 	if s.cl != nil {
 		return newError(frame.CodeValidation, s.id, "GoAway is for the gateway side")
 	}
@@ -296,7 +296,7 @@ func (c *Conn) GoAway(reason string) error {
 func (c *Conn) Kill() {
 	s := c.s
 	s.mu.Lock()
-	defer s.mu.Unlock()
+	defer s.unlock()
 	if s.link != nil {
 		s.detach(errKilled)
 	}
@@ -318,13 +318,13 @@ func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
 	s.mu.Lock()
 	for {
 		if err := s.writeErr(); err != nil {
-			s.mu.Unlock()
+			s.unlock()
 			return total, err
 		}
 		room, full := s.sendRoom()
 		if room <= 0 {
 			if err := s.await(s.writeWaiter(), s.wdl.wait(), full); err != nil {
-				s.mu.Unlock()
+				s.unlock()
 				return total, err
 			}
 			continue
@@ -334,7 +334,7 @@ func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
 			// session (the request sent, acked, the next one not yet
 			// written) must not keep a chunk for bytes that may never
 			// come. One poll(2) per read: cheap next to the copy.
-			s.mu.Unlock()
+			s.unlock()
 			err := waitReadable(rc)
 			s.mu.Lock()
 			if err != nil {
@@ -348,14 +348,14 @@ func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
 		if len(tail) > room {
 			tail = tail[:room]
 		}
-		s.mu.Unlock()
+		s.unlock()
 		n, err := r.Read(tail)
 		s.mu.Lock()
 		if n > 0 {
 			if werr := s.writeErr(); werr != nil {
 				// Closed while we read: the bytes cannot be sent.
 				s.send.Commit(0)
-				s.mu.Unlock()
+				s.unlock()
 				return total, werr
 			}
 			s.send.Commit(n)
@@ -365,7 +365,7 @@ func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
 			s.send.Commit(0)
 		}
 		if err != nil {
-			s.mu.Unlock()
+			s.unlock()
 			if err == io.EOF {
 				return total, nil
 			}
@@ -400,15 +400,15 @@ func (c *Conn) WriteTo(w io.Writer) (int64, error) {
 	for {
 		switch {
 		case s.localClosed:
-			s.mu.Unlock()
+			s.unlock()
 			return total, ErrConnClosed
 		case s.aborted:
-			s.mu.Unlock()
+			s.unlock()
 			return total, s.err
 		case s.recv.Len() > 0:
 			start := s.recv.Start()
 			segs = s.recv.Slices(segs[:0], start, min(s.recv.Len(), writeBatch))
-			s.mu.Unlock()
+			s.unlock()
 			bufs := net.Buffers(segs)
 			n, err := bufs.WriteTo(w)
 			total += n
@@ -418,20 +418,20 @@ func (c *Conn) WriteTo(w io.Writer) (int64, error) {
 				s.advertise()
 			}
 			if err != nil {
-				s.mu.Unlock()
+				s.unlock()
 				return total, err
 			}
 			continue
 		case s.recv.fin && s.recv.End() == s.recv.finOff:
-			s.mu.Unlock()
+			s.unlock()
 			return total, nil
 		case s.state == StateClosed:
 			err := s.err
-			s.mu.Unlock()
+			s.unlock()
 			return total, err
 		}
 		if err := s.await(s.readWaiter(), s.rdl.wait(), nil); err != nil {
-			s.mu.Unlock()
+			s.unlock()
 			return total, err
 		}
 	}
@@ -441,7 +441,7 @@ func (c *Conn) WriteTo(w io.Writer) (int64, error) {
 // closed or the deadline passes. Caller holds mu; it is held again on
 // return.
 func (s *session) await(wake, deadline, also chan struct{}) error {
-	s.mu.Unlock()
+	s.unlock()
 	defer s.mu.Lock()
 	select {
 	case <-wake:

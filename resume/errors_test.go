@@ -89,7 +89,7 @@ func signedResume(c *Conn, counter, received uint64) []byte {
 	s := c.s
 	s.mu.Lock()
 	cred := s.cl.cred
-	s.mu.Unlock()
+	s.unlock()
 	_, pub, _ := newKey()
 	r := &frame.Resume{SessionID: s.id, Counter: counter, Key: pub, Received: received, Window: received + 1<<20}
 	r.Proof = cred.resumeProof(r, nil)
@@ -332,7 +332,7 @@ func TestBufferLost(t *testing.T) {
 	g.send.highest = g.send.End() // as if sent before the loss
 	g.send.next = g.send.End()
 	g.send.Discard(g.send.End())
-	g.mu.Unlock()
+	g.unlock()
 	down.Unlock()
 	if _, err := c.Read(make([]byte, 1)); !errors.Is(err, ErrBufferLost) {
 		t.Fatalf("client side: %v, want BUFFER_LOST", err)

@@ -142,7 +142,7 @@ func peerClosed(err error) bool {
 // acknowledged by the peer closing it, or nil.
 func (l *link) awaitingClose() *frame.CodeReason {
 	l.s.mu.Lock()
-	defer l.s.mu.Unlock()
+	defer l.s.unlock()
 	return l.awaitClose
 }
 
@@ -173,14 +173,12 @@ func (l *link) markDone(prev *link) {
 			close(l.writerDone)
 			return
 		}
-		l.s.wg.Add(1)
-		go func() {
-			defer l.s.wg.Done()
+		l.s.spawn(func() {
 			<-prev.readerDone
 			<-prev.writerDone
 			close(l.readerDone)
 			close(l.writerDone)
-		}()
+		})
 	})
 }
 
@@ -192,11 +190,10 @@ func (l *link) start() {
 		return
 	}
 	l.started = true
-	s.wg.Add(2)
 	prev := l.prev
 	l.prev = nil
-	go l.readLoop(prev)
-	go l.writeLoop(prev)
+	s.spawn(func() { l.readLoop(prev) })
+	s.spawn(func() { l.writeLoop(prev) })
 	l.liveMu.Lock()
 	if !isClosed(l.closed) {
 		l.live = time.AfterFunc(s.cfg.PingInterval, l.checkLiveness)
@@ -221,7 +218,7 @@ func (l *link) checkLiveness() {
 			l.pingDue = true
 			l.kick()
 		}
-		s.mu.Unlock()
+		s.unlock()
 		next = min(s.cfg.PingInterval, s.cfg.LivenessTimeout-idle)
 	}
 	l.liveMu.Lock()
@@ -233,7 +230,6 @@ func (l *link) checkLiveness() {
 
 func (l *link) readLoop(prev *link) {
 	s := l.s
-	defer s.wg.Done()
 	defer close(l.readerDone)
 	// The session keeps its last link (for addresses) while parked: let
 	// the read-ahead buffer go with the reader.
@@ -250,8 +246,7 @@ func (l *link) readLoop(prev *link) {
 				l.close()
 				if !peerClosed(err) {
 					s.log.Debug("RESET not confirmed, sending it on a new link", "err", err)
-					s.wg.Add(1)
-					go s.sendResetOnNewLink(*reset)
+					s.spawn(func() { s.sendResetOnNewLink(*reset) })
 				}
 				return
 			}
@@ -263,7 +258,7 @@ func (l *link) readLoop(prev *link) {
 			l.confirmedSeen = true
 			s.mu.Lock()
 			s.confirm()
-			s.mu.Unlock()
+			s.unlock()
 		}
 		if h.Type == frame.TypeData {
 			err = l.readData(h.Len)
@@ -299,11 +294,11 @@ func (l *link) readData(n int) error {
 	for n > 0 {
 		s.mu.Lock()
 		if s.link != l {
-			s.mu.Unlock()
+			s.unlock()
 			return errStale
 		}
 		if l.rxOff+uint64(n) > s.recv.window {
-			s.mu.Unlock()
+			s.unlock()
 			return newError(frame.CodeValidation, s.id, "DATA to offset %d beyond window %d", l.rxOff+uint64(n), s.recv.window)
 		}
 		var dst []byte
@@ -311,7 +306,7 @@ func (l *link) readData(n int) error {
 		if s.recv.fin && !dup {
 			// Duplicates of bytes before the CLOSE_WRITE are fine: a
 			// migration replays what the old link already delivered.
-			s.mu.Unlock()
+			s.unlock()
 			return newError(frame.CodeValidation, s.id, "DATA after CLOSE_WRITE")
 		}
 		switch {
@@ -321,12 +316,12 @@ func (l *link) readData(n int) error {
 			}
 			dst = l.discard[:min(len(l.discard), int(s.recv.End()-l.rxOff))]
 		case s.recv.End() < l.rxOff:
-			s.mu.Unlock()
+			s.unlock()
 			return newError(frame.CodeInternal, s.id, "gap: DATA at %d, have %d", l.rxOff, s.recv.End())
 		default:
 			dst = s.recv.Tail()
 		}
-		s.mu.Unlock()
+		s.unlock()
 		if len(dst) > n {
 			dst = dst[:n]
 		}
@@ -334,7 +329,7 @@ func (l *link) readData(n int) error {
 		n -= k
 		s.mu.Lock()
 		if s.link != l {
-			s.mu.Unlock()
+			s.unlock()
 			return errStale
 		}
 		l.rxOff += uint64(k)
@@ -353,7 +348,7 @@ func (l *link) readData(n int) error {
 				s.armAck()
 			}
 		}
-		s.mu.Unlock()
+		s.unlock()
 		if err != nil {
 			return err
 		}
@@ -368,7 +363,7 @@ func (l *link) readControl(h frame.Header) error {
 		return err
 	}
 	s.mu.Lock()
-	defer s.mu.Unlock()
+	defer s.unlock()
 	if s.link != l {
 		return errStale
 	}
@@ -424,7 +419,6 @@ func (l *link) readControl(h frame.Header) error {
 
 func (l *link) writeLoop(prev *link) {
 	s := l.s
-	defer s.wg.Done()
 	defer close(l.writerDone)
 	if prev != nil {
 		<-prev.writerDone
@@ -440,7 +434,7 @@ func (l *link) writeLoop(prev *link) {
 			n := l.collect()
 			final := l.final
 			stale := s.link != l && !final
-			s.mu.Unlock()
+			s.unlock()
 			if stale {
 				return // retired: the link that replaced it waits for us
 			}
@@ -454,7 +448,7 @@ func (l *link) writeLoop(prev *link) {
 					s.send.unpin(l.pinAt)
 					l.pinned = false
 					s.releaseSent()
-					s.mu.Unlock()
+					s.unlock()
 				}
 				if err != nil {
 					if !final {

@@ -90,7 +90,7 @@ func TestResumeProofBoundToTLSLink(t *testing.T) {
 		c.s.mu.Lock()
 		cred := c.s.cl.cred
 		received := c.s.recv.End()
-		c.s.mu.Unlock()
+		c.s.unlock()
 		_, pub, _ := newKey()
 		r := &frame.Resume{SessionID: c.s.id, Counter: counter, Key: pub, Received: received, Window: received + 1<<20}
 		r.Proof = cred.resumeProof(r, binding)

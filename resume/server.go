@@ -171,7 +171,7 @@ type Server struct {
 	budget       *Budget
 	acceptState  *acceptloop.State
 	wg           sync.WaitGroup // serve loops and handshakes
-	sessWG       sync.WaitGroup // sessions until their goroutines exit
+	sessWG       sync.WaitGroup // live sessions and every session goroutine
 	emptied      chan struct{}  // signalled when the last session ends
 	failures     atomic.Int64
 }
@@ -535,7 +535,7 @@ func (srv *Server) hello(ctx context.Context, c net.Conn, fr *frame.Reader, p []
 	l := newLink(s, c, fr, 0)
 	s.mu.Lock()
 	s.attach(l, 0, uint64(hello.Buffer), 0, s.recv.window, false)
-	s.mu.Unlock()
+	s.unlock()
 
 	srv.mu.Lock()
 	if srv.isClosed {
@@ -553,7 +553,7 @@ func (srv *Server) hello(ctx context.Context, c net.Conn, fr *frame.Reader, p []
 	if _, err := c.Write(frame.AppendWelcome(nil, w)); err != nil {
 		s.mu.Lock()
 		s.end(newError(frame.CodeInternal, s.id, "send WELCOME: %v", err), nil, "handshake failed")
-		s.mu.Unlock()
+		s.unlock()
 		c.Close()
 		return
 	}
@@ -565,7 +565,7 @@ func (srv *Server) hello(ctx context.Context, c net.Conn, fr *frame.Reader, p []
 	if s.link == l {
 		l.start()
 	}
-	s.mu.Unlock()
+	s.unlock()
 
 	conn := &Conn{s: s}
 	// Hand the session out only once the client has shown it got WELCOME
@@ -581,17 +581,17 @@ func (srv *Server) hello(ctx context.Context, c net.Conn, fr *frame.Reader, p []
 		if srv.closedCtx.Err() != nil {
 			s.mu.Lock()
 			s.abort(frame.CodeShuttingDown, "gateway closed")
-			s.mu.Unlock()
+			s.unlock()
 			return
 		}
 		s.mu.Lock()
 		if isClosed(s.gw.confirmed) { // confirmed at the deadline
-			s.mu.Unlock()
+			s.unlock()
 			break
 		}
 		s.gw.noTomb = true
 		s.abort(frame.CodeTimeout, "session not confirmed within the handshake timeout")
-		s.mu.Unlock()
+		s.unlock()
 		srv.refused(RefuseUnconfirmedTimer, frame.CodeTimeout, remote, "session ended: not confirmed within the handshake timeout",
 			"session", s.id.String())
 		return
@@ -603,11 +603,11 @@ func (srv *Server) hello(ctx context.Context, c net.Conn, fr *frame.Reader, p []
 	case <-t.C:
 		s.mu.Lock()
 		s.abort(frame.CodeLimit, "gateway did not accept the session in time")
-		s.mu.Unlock()
+		s.unlock()
 	case <-srv.closed:
 		s.mu.Lock()
 		s.abort(frame.CodeShuttingDown, "gateway closed")
-		s.mu.Unlock()
+		s.unlock()
 	}
 }
 
@@ -700,7 +700,7 @@ func (srv *Server) resume(c net.Conn, fr *frame.Reader, p []byte, binding []byte
 
 	s.mu.Lock()
 	if s.state == StateClosed {
-		s.mu.Unlock()
+		s.unlock()
 		fail(RefuseResumeNotFound, frame.CodeNotFound, "session %v has ended", sid)
 		return
 	}
@@ -708,14 +708,14 @@ func (srv *Server) resume(c net.Conn, fr *frame.Reader, p []byte, binding []byte
 	if !verify(used.resumeProof(r, binding), r.Proof) {
 		used = s.gw.credPrev
 		if !s.gw.hasPrev || !verify(used.resumeProof(r, binding), r.Proof) {
-			s.mu.Unlock()
+			s.unlock()
 			fail(RefuseResumeProof, frame.CodeAccessDenied, "resume proof for session %v does not verify", sid)
 			return
 		}
 	}
 	if r.Counter <= s.gw.lastCtr {
 		last := s.gw.lastCtr
-		s.mu.Unlock()
+		s.unlock()
 		fail(RefuseResumeReplay, frame.CodeConflict, "resume counter %d not above %d (replayed or raced)", r.Counter, last)
 		return
 	}
@@ -725,7 +725,7 @@ func (srv *Server) resume(c net.Conn, fr *frame.Reader, p []byte, binding []byte
 	from := max(r.Received, s.send.acked)
 	if perr := s.checkResumePoint(from); perr != nil {
 		s.abort(perr.Code, perr.Reason)
-		s.mu.Unlock()
+		s.unlock()
 		srv.failures.Add(1)
 		srv.refused(RefuseResumePoint, perr.Code, remote, "resume refused", "reason", perr.Reason)
 		srv.refuse(c, perr.Code, perr.Reason)
@@ -737,7 +737,7 @@ func (srv *Server) resume(c net.Conn, fr *frame.Reader, p []byte, binding []byte
 		secret, err = shared(priv, r.Key)
 	}
 	if err != nil {
-		s.mu.Unlock()
+		s.unlock()
 		fail(RefuseBadHandshake, frame.CodeValidation, "bad key share: %v", err)
 		return
 	}
@@ -764,7 +764,7 @@ func (srv *Server) resume(c net.Conn, fr *frame.Reader, p []byte, binding []byte
 	l := newLink(s, c, fr, d.Received)
 	s.attach(l, from, r.Window, r.Flags, d.Window, true)
 	stats := s.stats
-	s.mu.Unlock()
+	s.unlock()
 
 	if _, err := c.Write(frame.AppendResumed(nil, d)); err != nil {
 		s.linkFailed(l, err)
@@ -776,20 +776,27 @@ func (srv *Server) resume(c net.Conn, fr *frame.Reader, p []byte, binding []byte
 	if s.link == l {
 		l.start()
 	}
-	s.mu.Unlock()
+	s.unlock()
 	s.log.Info("session resumed", "remote", remote, "outage", stats.LastOutage,
 		"replayed", stats.BytesReplayed, "resumes", stats.Resumes)
 }
 
-// ended is called by a session reaching CLOSED, with s.mu held.
-func (srv *Server) ended(s *session) {
-	code, reason := frame.CodeNone, "session closed"
+// endCode is the code and reason a session's end is remembered by.
+func endCode(err error) (Code, string) {
 	var e *Error
-	if errors.As(s.err, &e) {
-		code, reason = e.Code, e.Reason
-	} else if s.err != nil {
-		code, reason = frame.CodeInternal, s.err.Error()
+	switch {
+	case errors.As(err, &e):
+		return e.Code, e.Reason
+	case err != nil:
+		return frame.CodeInternal, err.Error()
 	}
+	return frame.CodeNone, "session closed"
+}
+
+// ended takes a session that reached CLOSED off the server's books and,
+// if remember, keeps how it ended for a client that comes back. Called
+// after the session's lock is released.
+func (srv *Server) ended(s *session, code Code, reason string, remember bool) {
 	srv.mu.Lock()
 	defer srv.mu.Unlock()
 	if _, ok := srv.sessions[s.id]; !ok {
@@ -800,14 +807,14 @@ func (srv *Server) ended(s *session) {
 		s.gw.unconfirmed = false
 		srv.unconfirmedDone(s.gw.source)
 	}
-	go func() { s.wg.Wait(); srv.sessWG.Done() }()
+	srv.sessWG.Done() // the registration's; its goroutines count for themselves (spawn)
 	if len(srv.sessions) == 0 {
 		select {
 		case srv.emptied <- struct{}{}:
 		default:
 		}
 	}
-	if s.reconnectTimeout > 0 && !srv.isClosed && !s.expiredOut && !s.gw.noTomb {
+	if remember && !srv.isClosed {
 		if len(srv.tombs) >= maxTombs {
 			for id, t := range srv.tombs { // evict one at random
 				t.timer.Stop()
@@ -876,7 +883,7 @@ func (srv *Server) Close() error {
 	for _, s := range live {
 		s.mu.Lock()
 		s.abort(frame.CodeShuttingDown, "gateway shutting down")
-		s.mu.Unlock()
+		s.unlock()
 	}
 	srv.wg.Wait()
 	srv.sessWG.Wait()

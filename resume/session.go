@@ -25,8 +25,10 @@ type session struct {
 	// reconnectTimeout is the negotiated value (0: no resumption).
 	reconnectTimeout time.Duration
 
-	mu    sync.Mutex
-	state State
+	mu sync.Mutex
+	// deferred are calls queued under mu, made by unlock after it.
+	deferred []func()
+	state    State
 	// err is why the session ended; nil while it runs and after an
 	// orderly end.
 	err error
@@ -157,7 +159,42 @@ func (s *session) setState(to State, cause string, args ...any) {
 		return
 	}
 	s.state = to
-	s.log.Info("session state", append([]any{"from", from.String(), "to", to.String(), "cause", cause}, args...)...)
+	s.after(func() {
+		s.log.Info("session state", append([]any{"from", from.String(), "to", to.String(), "cause", cause}, args...)...)
+	})
+}
+
+// spawn runs f in a goroutine counted by the session's wait group and, on
+// a gateway, by its server's, so that Conn.Close and Server.Close wait for
+// it.
+func (s *session) spawn(f func()) {
+	s.wg.Add(1)
+	if s.gw != nil {
+		s.gw.srv.sessWG.Add(1)
+	}
+	go func() {
+		defer s.wg.Done()
+		if s.gw != nil {
+			defer s.gw.srv.sessWG.Done()
+		}
+		f()
+	}()
+}
+
+// after queues f to run once mu is released. Whatever leaves the package
+// (a log line, the server's bookkeeping) goes through it, so that the
+// session's lock is never held across I/O or another component's lock.
+// Caller holds mu.
+func (s *session) after(f func()) { s.deferred = append(s.deferred, f) }
+
+// unlock releases mu and runs what was queued under it, in order.
+func (s *session) unlock() {
+	fs := s.deferred
+	s.deferred = nil
+	s.mu.Unlock()
+	for _, f := range fs {
+		f()
+	}
 }
 
 // sendLimit is the replay buffer limit in force.
@@ -243,7 +280,7 @@ func (s *session) ackFired() {
 	s.recv.ackArmed = false
 	s.recv.ackDue = true
 	s.kick()
-	s.mu.Unlock()
+	s.unlock()
 }
 
 // onAck applies an ACK from the current link.
@@ -276,7 +313,8 @@ func (s *session) releaseSent() {
 	}
 	if s.send.elevated && s.link != nil && s.send.Len() <= s.cfg.BufferSize*8/10 {
 		s.send.elevated = false
-		s.log.Debug("replay limit back to normal", "buffered", s.send.Len())
+		n := s.send.Len()
+		s.after(func() { s.log.Debug("replay limit back to normal", "buffered", n) })
 	}
 }
 
@@ -333,18 +371,22 @@ func (s *session) end(err error, reset *frame.CodeReason, cause string) {
 	} else if reset != nil && s.cl != nil && s.state != StateConnecting && s.reconnectTimeout > 0 {
 		// No link to carry the RESET: dial one, so that the gateway does
 		// not keep the session (and its upstream) parked until it expires.
-		s.wg.Add(1)
-		go s.sendResetOnNewLink(*reset)
+		r := *reset
+		s.spawn(func() { s.sendResetOnNewLink(r) })
 	}
 	s.link = nil
 	s.wakeReaders()
 	s.wakeWriters()
 	close(s.done)
 	if s.gw != nil {
-		s.gw.srv.ended(s)
+		code, reason := endCode(err)
+		tomb := s.reconnectTimeout > 0 && !s.expiredOut && !s.gw.noTomb
+		s.after(func() { s.gw.srv.ended(s, code, reason, tomb) })
 	}
-	s.log.Info("session end", "cause", cause, "err", err, "sent", s.send.End(),
-		"received", s.recv.End(), "resumes", s.stats.Resumes)
+	sent, received, resumes := s.send.End(), s.recv.End(), s.stats.Resumes
+	s.after(func() {
+		s.log.Info("session end", "cause", cause, "err", err, "sent", sent, "received", received, "resumes", resumes)
+	})
 }
 
 // abort ends the session with an error and tells the peer with RESET.
@@ -356,7 +398,7 @@ func (s *session) abort(code frame.Code, reason string) {
 // linkFailed is called by a link's goroutines or its liveness timer.
 func (s *session) linkFailed(l *link, err error) {
 	s.mu.Lock()
-	defer s.mu.Unlock()
+	defer s.unlock()
 	if l != s.link {
 		return
 	}
@@ -410,7 +452,7 @@ func (s *session) detach(cause error) {
 
 func (s *session) expired() {
 	s.mu.Lock()
-	defer s.mu.Unlock()
+	defer s.unlock()
 	if s.state != StateDisconnected && s.state != StateReconnecting {
 		return
 	}

@@ -267,7 +267,7 @@ func TestDisconnectedQueueLimit(t *testing.T) {
 		}
 		c.s.mu.Lock()
 		elevated, limit := c.s.send.elevated, c.s.sendLimit()
-		c.s.mu.Unlock()
+		c.s.unlock()
 		if !elevated || limit != 512<<10 {
 			t.Fatalf("right after resume: elevated %v limit %d; want the larger limit until drained", elevated, limit)
 		}
@@ -285,7 +285,7 @@ func TestDisconnectedQueueLimit(t *testing.T) {
 		}
 		c.s.mu.Lock()
 		elevated, limit = c.s.send.elevated, c.s.sendLimit()
-		c.s.mu.Unlock()
+		c.s.unlock()
 		if elevated || limit != 128<<10 {
 			t.Fatalf("after draining to 80%%: elevated %v limit %d", elevated, limit)
 		}
