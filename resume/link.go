@@ -48,6 +48,7 @@ type link struct {
 	live       *time.Timer // nil once stopped
 
 	// Under s.mu.
+	grace   *time.Timer // a retired link's grace period
 	pingDue bool
 	pongDue bool
 	pongVal uint64
@@ -160,7 +161,18 @@ func (l *link) retire() {
 	}
 	l.conn.SetDeadline(time.Unix(1, 0))
 	l.kick()
-	time.AfterFunc(finalWriteTimeout, func() { l.close() })
+	// The grace timer counts as one of the session's goroutines; the
+	// session's end closes the link at once and stops it.
+	s := l.s
+	s.track(1)
+	l.grace = time.AfterFunc(finalWriteTimeout, func() {
+		l.close()
+		s.mu.Lock()
+		s.dropRetired(l)
+		s.unlock()
+		s.track(-1)
+	})
+	s.retired = append(s.retired, l)
 }
 
 // markDone releases a later link waiting on this one that never ran its

@@ -41,6 +41,8 @@ type session struct {
 	recv recvSide
 
 	link *link // attached link, nil while DISCONNECTED
+	// retired are links a newer resume replaced, in their grace period.
+	retired []*link
 	last *link // most recent link, for addresses and to chain goroutine exits
 
 	// expiredOut: ended by the reconnect timeout; a later resume is
@@ -168,17 +170,34 @@ func (s *session) setState(to State, cause string, args ...any) {
 // a gateway, by its server's, so that Conn.Close and Server.Close wait for
 // it.
 func (s *session) spawn(f func()) {
-	s.wg.Add(1)
-	if s.gw != nil {
-		s.gw.srv.sessWG.Add(1)
-	}
+	s.track(1)
 	go func() {
-		defer s.wg.Done()
-		if s.gw != nil {
-			defer s.gw.srv.sessWG.Done()
-		}
+		defer s.track(-1)
 		f()
 	}()
+}
+
+// track counts delta goroutines (or timers that act like one) in the
+// session's and the server's wait groups.
+func (s *session) track(delta int) {
+	s.wg.Add(delta)
+	if s.gw != nil {
+		s.gw.srv.sessWG.Add(delta)
+	}
+}
+
+// dropRetired forgets a retired link whose grace period is over. Caller
+// holds mu.
+func (s *session) dropRetired(l *link) {
+	for i, r := range s.retired {
+		if r == l {
+			s.retired = append(s.retired[:i], s.retired[i+1:]...)
+			break
+		}
+	}
+	if len(s.retired) == 0 {
+		s.retired = nil
+	}
 }
 
 // after queues f to run once mu is released. Whatever leaves the package
@@ -375,6 +394,13 @@ func (s *session) end(err error, reset *frame.CodeReason, cause string) {
 		s.spawn(func() { s.sendResetOnNewLink(r) })
 	}
 	s.link = nil
+	for _, l := range s.retired {
+		if l.grace.Stop() {
+			l.close()
+			s.track(-1)
+		}
+	}
+	s.retired = nil
 	s.wakeReaders()
 	s.wakeWriters()
 	close(s.done)
