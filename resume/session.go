@@ -43,7 +43,7 @@ type session struct {
 	link *link // attached link, nil while DISCONNECTED
 	// retired are links a newer resume replaced, in their grace period.
 	retired []*link
-	last *link // most recent link, for addresses and to chain goroutine exits
+	last    *link // most recent link, for addresses and to chain goroutine exits
 
 	// expiredOut: ended by the reconnect timeout; a later resume is
 	// answered NOT_FOUND like any unknown session (no tombstone).
