@@ -196,7 +196,11 @@ func (c *Client) open(app *net.TCPConn, r ClientRoute, cfg *resume.Config) (*res
 			return sess, nil
 		}
 		var re *resume.Error
-		if errors.As(err, &re) && re.Remote || ctx.Err() != nil {
+		if errors.As(err, &re) && re.Remote && !re.Code.Retryable() || ctx.Err() != nil {
+			// A final refusal (unknown route, LIMIT, ...). THROTTLED and
+			// the other retryable codes are tried again below, within
+			// the reconnect timeout: a gateway shedding a burst of
+			// HELLOs should delay the application, not reset it.
 			return nil, err
 		}
 		if _, bad := CertVerifyFailure(err); bad || NotTLS(err) {
