@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"go.uber.org/goleak"
+
+	"github.com/lifeline-proxy/lifeline/internal/faultnet"
 )
 
 // binary is the lifeline binary the proxies run from, built once (without
@@ -203,11 +205,11 @@ func TestSoakDetectsMismatch(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer srv.close()
-	var stop atomic.Bool
+	stop := make(chan struct{})
 	var verified atomic.Int64
-	go func() { time.Sleep(100 * time.Millisecond); stop.Store(true) }()
-	err = soakSession(srv.addr(), 1, &stop, &verified)
-	if !errors.Is(err, errMismatch) {
+	time.AfterFunc(100*time.Millisecond, func() { close(stop) })
+	err = soakEcho(1, stop, &verified).Dial(srv.addr())
+	if !errors.Is(err, faultnet.ErrMismatch) {
 		t.Fatalf("got %v, want a mismatch", err)
 	}
 }

@@ -13,6 +13,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/lifeline-proxy/lifeline/internal/faultnet"
 	"github.com/lifeline-proxy/lifeline/proxy"
 )
 
@@ -202,8 +203,6 @@ func sessionFlags(cfg string, extra ...string) []string {
 	return extra
 }
 
-var breakModes = []proxy.FaultMode{proxy.FaultReset, proxy.FaultClose, proxy.FaultBlackhole}
-
 func runResume(ctx context.Context, r *runner) error {
 	srv, err := newServer(echoHandler)
 	if err != nil {
@@ -232,7 +231,7 @@ func runResume(ctx context.Context, r *runner) error {
 			}
 			fresh = append(fresh, ms(time.Since(t)))
 		}
-		for _, mode := range breakModes {
+		for _, mode := range faultnet.Modes {
 			res := ResumeResult{Config: cfg, Mode: mode.String(), LivenessTimeoutMs: float64(livenessTimeout.Milliseconds()), NewSessionMs: median(fresh)}
 			for run := range r.opt.Runs {
 				if err := ctx.Err(); err != nil {
@@ -276,7 +275,7 @@ func sessionByPeer(addr, peer, id string) (*proxy.SessionInfo, error) {
 	return nil, fmt.Errorf("session %s%s not listed by %s", peer, id, addr)
 }
 
-func resumeRun(st *stack, mode proxy.FaultMode) (ResumeRun, error) {
+func resumeRun(st *stack, mode faultnet.Mode) (ResumeRun, error) {
 	var rr ResumeRun
 	c, err := net.DialTimeout("tcp", st.entry, 10*time.Second)
 	if err != nil {
@@ -462,17 +461,17 @@ func runSoak(ctx context.Context, r *runner) error {
 	seed := rand.Uint64()
 	var verified atomic.Int64
 	var wg sync.WaitGroup
-	var stopWrite atomic.Bool
+	stopWrite := make(chan struct{})
 	var mu sync.Mutex
 	start := time.Now()
 	for i := range n {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			err := soakSession(st.entry, seed+uint64(i), &stopWrite, &verified)
+			err := soakEcho(seed+uint64(i), stopWrite, &verified).Dial(st.entry)
 			if err != nil {
 				mu.Lock()
-				if errors.Is(err, errMismatch) {
+				if errors.Is(err, faultnet.ErrMismatch) {
 					res.Mismatches++
 				} else {
 					res.Errors++
@@ -489,7 +488,7 @@ func runSoak(ctx context.Context, r *runner) error {
 	lastProg := time.Time{}
 	for time.Now().Before(end) && ctx.Err() == nil {
 		time.Sleep(time.Duration(20+rng.IntN(31)) * time.Millisecond)
-		mode := breakModes[rng.IntN(len(breakModes))]
+		mode := faultnet.Modes[rng.IntN(len(faultnet.Modes))]
 		if k := st.fault.Break(mode); k > 0 {
 			res.LinksBroken += int64(k)
 			res.ByMode[mode.String()]++
@@ -500,7 +499,7 @@ func runSoak(ctx context.Context, r *runner) error {
 				res.LinksBroken, float64(verified.Load())/1e6)
 		}
 	}
-	stopWrite.Store(true)
+	close(stopWrite)
 	r.progress("soak: draining %d sessions", n)
 	wg.Wait()
 	res.Seconds = time.Since(start).Seconds()
@@ -524,77 +523,9 @@ func runSoak(ctx context.Context, r *runner) error {
 	return ctx.Err()
 }
 
-var errMismatch = errors.New("data mismatch")
-
-// soakSession writes random data until stop, then closes its sending side
-// and checks that exactly the same bytes came back.
-func soakSession(addr string, seed uint64, stop *atomic.Bool, verified *atomic.Int64) error {
-	c, err := net.DialTimeout("tcp", addr, 30*time.Second)
-	if err != nil {
-		return err
-	}
-	defer c.Close()
-	tc := c.(*net.TCPConn)
-	var key [32]byte
-	for i := range 4 {
-		for j := range 8 {
-			key[i*8+j] = byte(seed >> (8 * j))
-		}
-	}
-	var written atomic.Int64
-	werr := make(chan error, 1)
-	go func() {
-		src := rand.NewChaCha8(key)
-		rng := rand.New(rand.NewPCG(seed, 2))
-		buf := make([]byte, 8<<10)
-		for !stop.Load() {
-			k := 1 + rng.IntN(len(buf))
-			src.Read(buf[:k])
-			tc.SetWriteDeadline(time.Now().Add(60 * time.Second))
-			if _, err := tc.Write(buf[:k]); err != nil {
-				werr <- fmt.Errorf("write: %w", err)
-				return
-			}
-			written.Add(int64(k))
-			time.Sleep(time.Duration(1+rng.IntN(4)) * time.Millisecond)
-		}
-		werr <- tc.CloseWrite()
-	}()
-	exp := rand.NewChaCha8(key)
-	buf := make([]byte, 32<<10)
-	want := make([]byte, 32<<10)
-	var got int64
-	for {
-		tc.SetReadDeadline(time.Now().Add(60 * time.Second))
-		k, err := tc.Read(buf)
-		if k > 0 {
-			exp.Read(want[:k])
-			if !bytes.Equal(buf[:k], want[:k]) {
-				i := 0
-				for buf[i] == want[i] {
-					i++
-				}
-				tc.Close()
-				<-werr
-				return fmt.Errorf("%w at byte %d", errMismatch, got+int64(i))
-			}
-			got += int64(k)
-			verified.Add(int64(k))
-		}
-		if err == io.EOF {
-			break
-		}
-		if err != nil {
-			tc.Close()
-			<-werr
-			return fmt.Errorf("read after %d bytes: %w", got, err)
-		}
-	}
-	if err := <-werr; err != nil {
-		return err
-	}
-	if w := written.Load(); got != w {
-		return fmt.Errorf("%w: wrote %d bytes, %d came back", errMismatch, w, got)
-	}
-	return nil
+// soakEcho is the stream of one soak session: random data in writes of up
+// to 8 KiB, 1 to 4 ms apart, until stop; then the check that exactly the
+// same bytes came back.
+func soakEcho(seed uint64, stop <-chan struct{}, verified *atomic.Int64) faultnet.Echo {
+	return faultnet.Echo{Seed: seed, Stop: stop, MaxWrite: 8 << 10, MaxPause: 4 * time.Millisecond, Verified: verified}
 }

@@ -13,6 +13,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/lifeline-proxy/lifeline/internal/faultnet"
 	"github.com/lifeline-proxy/lifeline/proxy"
 )
 
@@ -32,7 +33,7 @@ func isLifeline(cfg string) bool { return strings.HasPrefix(cfg, "lifeline-") }
 
 func transportOf(cfg string) string { return strings.TrimPrefix(cfg, "lifeline-") }
 
-// faultCapable: a proxy.FaultRelay (TCP only) can sit on the link.
+// faultCapable: a faultnet.Relay (TCP only) can sit on the link.
 func faultCapable(cfg string) bool { return cfg == LifelineTCP || cfg == LifelineTLS }
 
 // stack is one configuration running on loopback in front of an upstream.
@@ -40,13 +41,13 @@ type stack struct {
 	config string
 	entry  string  // the address applications connect to
 	procs  []*proc // proxy processes, the one next to the application first
-	fault  *proxy.FaultRelay
+	fault  *faultnet.Relay
 	// status endpoints of lifeline's client and gateway
 	clientStatus, gatewayStatus string
 }
 
 type stackOpts struct {
-	fault      bool                     // put a FaultRelay between client and gateway
+	fault      bool                     // put a faultnet.Relay between client and gateway
 	session    []string                 // session flags for both lifeline processes
 	clientOnly []string                 // extra flags for the client
 	probe      func(entry string) error // checks the path end to end
@@ -100,7 +101,7 @@ func (r *runner) startStack(ctx context.Context, cfg, upstream string, o stackOp
 			gw.stop()
 			return nil, fmt.Errorf("%s: the fault relay carries TCP only", cfg)
 		}
-		fr, err := proxy.NewFaultRelay("127.0.0.1:0", link)
+		fr, err := faultnet.NewRelay("127.0.0.1:0", link)
 		if err != nil {
 			gw.stop()
 			return nil, err

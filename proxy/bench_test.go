@@ -2,16 +2,17 @@ package proxy
 
 import (
 	"encoding/binary"
-	"github.com/lifeline-proxy/lifeline/internal/testnet"
 	"io"
 	"net"
 	"testing"
 
+	"github.com/lifeline-proxy/lifeline/internal/faultnet"
+	"github.com/lifeline-proxy/lifeline/internal/testnet"
 	"github.com/lifeline-proxy/lifeline/resume"
 )
 
 // Throughput and latency of one connection over loopback: direct to the
-// service, through a plain two-hop relay (two FaultRelays, each an io.Copy
+// service, through a plain two-hop relay (two fault relays, each an io.Copy
 // pair, as a stand-in for any TCP proxy pair), and through a lifeline
 // client sidecar and gateway.
 
@@ -27,11 +28,11 @@ func sinkServer(b *testing.B) string {
 }
 
 func benchTargets(b *testing.B, upstream string) map[string]string {
-	r2, err := NewFaultRelay("127.0.0.1:0", upstream)
+	r2, err := faultnet.NewRelay("127.0.0.1:0", upstream)
 	if err != nil {
 		b.Fatal(err)
 	}
-	r1, err := NewFaultRelay("127.0.0.1:0", r2.Addr())
+	r1, err := faultnet.NewRelay("127.0.0.1:0", r2.Addr())
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -18,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/lifeline-proxy/lifeline/internal/faultnet"
 	"github.com/lifeline-proxy/lifeline/internal/testnet"
 )
 
@@ -171,7 +172,7 @@ func TestCertFailureOnRedialLoggedAtOnce(t *testing.T) {
 		t.Fatal(err)
 	}
 	go gw.Serve(ll)
-	relay, err := NewFaultRelay("127.0.0.1:0", ll.Addr().String())
+	relay, err := faultnet.NewRelay("127.0.0.1:0", ll.Addr().String())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -18,8 +18,4 @@
 //	apps, _ := net.Listen("tcp", "127.0.0.1:6380")
 //	go cl.Serve(apps, proxy.ClientRoute{Route: "redis", Dialer: dialer,
 //		Session: resume.DefaultConfig(), Gateway: "gw.example.net:7000"})
-//
-// FaultRelay is a TCP relay that can reset, close or blackhole every
-// connection through it; tests, the demo and the benchmark harness put it
-// on the link.
 package proxy

@@ -3,13 +3,8 @@ package proxy
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
 	"crypto/tls"
-	"fmt"
-	"github.com/lifeline-proxy/lifeline/internal/testnet"
-	"io"
 	"log/slog"
-	"math/rand/v2"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -19,6 +14,7 @@ import (
 
 	"go.uber.org/goleak"
 
+	"github.com/lifeline-proxy/lifeline/internal/faultnet"
 	"github.com/lifeline-proxy/lifeline/resume"
 )
 
@@ -58,7 +54,7 @@ func (w tlogWriter) Write(p []byte) (int, error) {
 type stack struct {
 	gw      *Gateway
 	client  *Client
-	relay   *FaultRelay
+	relay   *faultnet.Relay
 	appAddr string // where applications connect
 	gwAddr  string
 	metrics *PromMetrics
@@ -107,7 +103,7 @@ func newStack(t testing.TB, o stackOpts) *stack {
 		t.Fatal(err)
 	}
 	go gw.Serve(ll)
-	relay, err := NewFaultRelay("127.0.0.1:0", ll.Addr().String())
+	relay, err := faultnet.NewRelay("127.0.0.1:0", ll.Addr().String())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -143,58 +139,9 @@ func dialApp(t testing.TB, addr string) *net.TCPConn {
 	return c.(*net.TCPConn)
 }
 
-// echoSession writes size random bytes in random-sized writes while
-// reading the echo, checks every byte, then half-closes and expects EOF.
-func echoSession(addr string, size int, seed uint64) error {
-	c, err := net.DialTimeout("tcp", addr, 2*time.Second)
-	if err != nil {
-		return err
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(60 * time.Second))
-	rng := rand.New(rand.NewPCG(seed, 7))
-	data := make([]byte, size)
-	for i := range data {
-		data[i] = byte(rng.Uint32())
-	}
-	werr := make(chan error, 1)
-	go func() {
-		rest := data
-		for len(rest) > 0 {
-			n := min(len(rest), 1+rng.IntN(48<<10))
-			if _, err := c.Write(rest[:n]); err != nil {
-				werr <- err
-				return
-			}
-			rest = rest[n:]
-		}
-		werr <- c.(*net.TCPConn).CloseWrite()
-	}()
-	got := make([]byte, 0, size)
-	buf := make([]byte, 64<<10)
-	for {
-		n, err := c.Read(buf)
-		got = append(got, buf[:n]...)
-		if err == io.EOF {
-			break
-		}
-		if err != nil {
-			return fmt.Errorf("read after %d bytes: %w", len(got), err)
-		}
-	}
-	if err := <-werr; err != nil {
-		return fmt.Errorf("write: %w", err)
-	}
-	if !bytes.Equal(got, data) {
-		return fmt.Errorf("echo mismatch: got %d bytes (sha %x), want %d (sha %x), first difference at %d",
-			len(got), sha256.Sum256(got), len(data), sha256.Sum256(data), testnet.FirstDiff(got, data))
-	}
-	return nil
-}
-
 // breaker breaks the relay's links every interval in rotating ways until
 // stop is called; it returns the number of breaks that hit a link.
-func breaker(r *FaultRelay, every time.Duration) (stop func() int) {
+func breaker(r *faultnet.Relay, every time.Duration) (stop func() int) {
 	done := make(chan struct{})
 	var n int
 	var wg sync.WaitGroup
@@ -209,7 +156,7 @@ func breaker(r *FaultRelay, every time.Duration) (stop func() int) {
 				return
 			case <-t.C:
 			}
-			if r.Break(FaultMode(i%3)) > 0 {
+			if r.Break(faultnet.Modes[i%3]) > 0 {
 				n++
 			}
 		}

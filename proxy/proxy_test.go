@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
-	"github.com/lifeline-proxy/lifeline/internal/testnet"
 	"io"
 	"net"
 	"net/http"
@@ -17,6 +16,9 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/lifeline-proxy/lifeline/internal/faultnet"
+	"github.com/lifeline-proxy/lifeline/internal/testnet"
 )
 
 // Many sessions carry random data both ways while the link is reset,
@@ -36,7 +38,7 @@ func TestEchoSurvivesLinkBreaks(t *testing.T) {
 			// breaks have happened (bounded), so sessions live across breaks.
 			start := time.Now()
 			for round := 0; round < 2 || time.Since(start) < 1200*time.Millisecond && round < 50; round++ {
-				if err := echoSession(s.appAddr, 1<<20+i*7919, uint64(i*100+round)); err != nil {
+				if err := (faultnet.Echo{Seed: uint64(i*100 + round), Size: 1<<20 + int64(i)*7919, MaxWrite: 48 << 10}.Dial(s.appAddr)); err != nil {
 					errs <- fmt.Errorf("session %d round %d: %w", i, round, err)
 					return
 				}
@@ -218,7 +220,7 @@ func TestUnknownRoute(t *testing.T) {
 	}
 	// The gateway is fine for the right route.
 	s2 := newStack(t, stackOpts{upstream: testnet.EchoServer(t)})
-	if err := echoSession(s2.appAddr, 1000, 1); err != nil {
+	if err := (faultnet.Echo{Seed: 1, Size: 1000}.Dial(s2.appAddr)); err != nil {
 		t.Fatal(err)
 	}
 }

@@ -2,12 +2,14 @@ package proxy
 
 import (
 	"fmt"
-	"github.com/lifeline-proxy/lifeline/internal/testnet"
 	"io"
 	"net"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/lifeline-proxy/lifeline/internal/faultnet"
+	"github.com/lifeline-proxy/lifeline/internal/testnet"
 )
 
 // The proxy-level semantics of the TCP transport, over a QUIC link: many
@@ -31,7 +33,7 @@ func TestProxyOverQUIC(t *testing.T) {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				if err := echoSession(s.appAddr, 256<<10+i*997, uint64(i)); err != nil {
+				if err := (faultnet.Echo{Seed: uint64(i), Size: 256<<10 + int64(i)*997, MaxWrite: 48 << 10}.Dial(s.appAddr)); err != nil {
 					errs <- fmt.Errorf("session %d: %w", i, err)
 				}
 			}()

@@ -3,13 +3,11 @@ package proxy
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
 	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
-	"math/rand/v2"
 	"net"
 	"strings"
 	"sync"
@@ -21,6 +19,7 @@ import (
 	"go.uber.org/goleak"
 	"golang.org/x/net/nettest"
 
+	"github.com/lifeline-proxy/lifeline/internal/faultnet"
 	"github.com/lifeline-proxy/lifeline/resume"
 )
 
@@ -112,7 +111,7 @@ type quicEnv struct {
 	ln     *quicListener
 	srv    *resume.Server
 	dialer *quicDialer
-	relay  *UDPFaultRelay
+	relay  *faultnet.UDPRelay
 	cfg    *resume.Config
 
 	mu      sync.Mutex
@@ -146,7 +145,7 @@ func newQUICEnv(t *testing.T, o quicEnvOpts) *quicEnv {
 	}
 	target := e.ln.Addr().String()
 	if o.relay {
-		relay, err := NewUDPFaultRelay(target)
+		relay, err := faultnet.NewUDPRelay(target)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -223,82 +222,6 @@ func (e *quicEnv) lastStream() *quicStream {
 		return nil
 	}
 	return e.streams[len(e.streams)-1]
-}
-
-func quicRandom(n int, seed uint64) []byte {
-	rng := rand.New(rand.NewPCG(seed, 0x9e3779b97f4a7c15))
-	b := make([]byte, n)
-	for i := 0; i+8 <= n; i += 8 {
-		v := rng.Uint64()
-		for k := range 8 {
-			b[i+k] = byte(v >> (8 * k))
-		}
-	}
-	for i := n &^ 7; i < n; i++ {
-		b[i] = byte(rng.Uint32())
-	}
-	return b
-}
-
-// quicEchoRun sends data over an echo session and checks the echo byte for
-// byte. After gateAt bytes have been written it waits for gate (if any);
-// when markAt bytes of echo have come back it calls mark (if any).
-type quicEchoRun struct {
-	data   []byte
-	gateAt int
-	gate   <-chan struct{}
-	markAt int
-	mark   func()
-}
-
-func (r quicEchoRun) run(c *resume.Conn) error {
-	werr := make(chan error, 1)
-	go func() {
-		rest := r.data
-		off := 0
-		for len(rest) > 0 {
-			n := min(len(rest), 16<<10)
-			if r.gate != nil && off < r.gateAt && off+n >= r.gateAt {
-				n = r.gateAt - off
-			}
-			if n > 0 {
-				if _, err := c.Write(rest[:n]); err != nil {
-					werr <- fmt.Errorf("write at %d: %w", off, err)
-					return
-				}
-			}
-			rest, off = rest[n:], off+n
-			if r.gate != nil && off == r.gateAt {
-				<-r.gate
-			}
-		}
-		werr <- c.CloseWrite()
-	}()
-	got := make([]byte, 0, len(r.data))
-	buf := make([]byte, 32<<10)
-	marked := r.mark == nil
-	for {
-		n, err := c.Read(buf)
-		got = append(got, buf[:n]...)
-		if !marked && len(got) >= r.markAt {
-			marked = true
-			r.mark()
-		}
-		if err == io.EOF {
-			break
-		}
-		if err != nil {
-			return fmt.Errorf("read after %d bytes: %w", len(got), err)
-		}
-	}
-	if err := <-werr; err != nil {
-		return err
-	}
-	if !bytes.Equal(got, r.data) {
-		return fmt.Errorf("echo differs: got %d bytes (sha256 %x), want %d (sha256 %x)",
-			len(got), sha256.Sum256(got), len(r.data), sha256.Sum256(r.data))
-	}
-	return nil
 }
 
 // quicParallel runs n sessions with run(i, conn) and fails on the first
@@ -770,7 +693,7 @@ func TestQUICSessionsEcho(t *testing.T) {
 	}
 	defer quicCloseAll(conns)
 	quicParallel(t, e, conns, 60*time.Second, func(i int, c *resume.Conn) error {
-		return quicEchoRun{data: quicRandom(size, uint64(i))}.run(c)
+		return faultnet.Echo{Seed: uint64(i), Size: size, MaxWrite: 16 << 10}.Run(c)
 	})
 	if n := e.dialer.dials.Load(); n != 1 {
 		t.Fatalf("%d QUIC connections for %d sessions, want 1", n, sessions)
@@ -810,17 +733,17 @@ func TestQUICNATRebinding(t *testing.T) {
 		close(gate)
 	}()
 	quicParallel(t, e, conns, 60*time.Second, func(i int, c *resume.Conn) error {
-		return quicEchoRun{data: quicRandom(size, uint64(100+i)),
-			gateAt: size * 3 / 4, gate: gate,
-			markAt: size / 4, mark: marked.Done}.run(c)
+		return faultnet.Echo{Seed: uint64(100 + i), Size: size, MaxWrite: 16 << 10,
+			HoldAt: size * 3 / 4, Hold: gate,
+			MarkAt: size / 4, Mark: marked.Done}.Run(c)
 	})
-	if n := e.relay.rebinds.Load(); n != 2 {
+	if n := e.relay.Rebinds(); n != 2 {
 		t.Fatalf("%d rebinds, want 2", n)
 	}
 	after := e.ln.connections()[0].RemoteAddr().String()
 	t.Logf("gateway saw the client at %s, after rebinding at %s", before, after)
-	if after == before || e.relay.upstream.Load() != 3 {
-		t.Fatalf("the gateway did not see the client move (%s -> %s, %d source ports)", before, after, e.relay.upstream.Load())
+	if after == before || e.relay.Upstreams() != 3 {
+		t.Fatalf("the gateway did not see the client move (%s -> %s, %d source ports)", before, after, e.relay.Upstreams())
 	}
 	for i, c := range conns {
 		if st := c.Stats(); st.Resumes != 0 || st.LinkFailures != 0 {
@@ -874,13 +797,13 @@ func TestQUICBlackhole(t *testing.T) {
 			}()
 			start := time.Now()
 			quicParallel(t, e, conns, 60*time.Second, func(i int, c *resume.Conn) error {
-				return quicEchoRun{data: quicRandom(size, uint64(200+i)),
-					gateAt: size / 2, gate: gate,
-					markAt: size / 4, mark: marked.Done}.run(c)
+				return faultnet.Echo{Seed: uint64(200 + i), Size: size, MaxWrite: 16 << 10,
+					HoldAt: size / 2, Hold: gate,
+					MarkAt: size / 4, Mark: marked.Done}.Run(c)
 			})
 			t.Logf("drop %v: done in %v, %d QUIC connections, %d packets dropped",
-				tc.drop, time.Since(start).Round(time.Millisecond), e.dialer.dials.Load(), e.relay.dropped.Load())
-			if e.relay.dropped.Load() == 0 {
+				tc.drop, time.Since(start).Round(time.Millisecond), e.dialer.dials.Load(), e.relay.Dropped())
+			if e.relay.Dropped() == 0 {
 				t.Fatal("the relay dropped nothing")
 			}
 			if n := e.dialer.dials.Load(); n != tc.dials {
@@ -950,9 +873,9 @@ func TestQUICManySessionsConnectionKill(t *testing.T) {
 	}()
 	start := time.Now()
 	quicParallel(t, e, conns, 90*time.Second, func(i int, c *resume.Conn) error {
-		return quicEchoRun{data: quicRandom(size, uint64(300+i)),
-			gateAt: size / 2, gate: gate,
-			markAt: size / 2, mark: marked.Done}.run(c)
+		return faultnet.Echo{Seed: uint64(300 + i), Size: size, MaxWrite: 16 << 10,
+			HoldAt: size / 2, Hold: gate,
+			MarkAt: size / 2, Mark: marked.Done}.Run(c)
 	})
 	t.Logf("%d sessions resumed and finished in %v", sessions, time.Since(start).Round(time.Millisecond))
 	if n := e.dialer.dials.Load(); n != 2 {
@@ -975,13 +898,13 @@ func TestQUICStreamResetResumes(t *testing.T) {
 	const size = 2 << 20
 	gate := make(chan struct{})
 	var reset *quicStream
-	err := quicEchoRun{data: quicRandom(size, 400),
-		gateAt: size / 2, gate: gate,
-		markAt: size / 4, mark: func() {
+	err := faultnet.Echo{Seed: 400, Size: size, MaxWrite: 16 << 10,
+		HoldAt: size / 2, Hold: gate,
+		MarkAt: size / 4, Mark: func() {
 			reset = e.lastStream()
 			reset.str.CancelWrite(0x77) // RESET_STREAM to the client
 			close(gate)
-		}}.run(c)
+		}}.Run(c)
 	if err != nil {
 		t.Fatal(err)
 	}

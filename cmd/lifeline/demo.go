@@ -1,18 +1,17 @@
 package main
 
 import (
-	"bytes"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
-	"math/rand/v2"
 	"net"
 	"os"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/lifeline-proxy/lifeline/internal/faultnet"
 	"github.com/lifeline-proxy/lifeline/proxy"
 	"github.com/lifeline-proxy/lifeline/resume"
 )
@@ -100,7 +99,7 @@ func runDemo(args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	go gw.Serve(ll)
-	relay, err := proxy.NewFaultRelay("127.0.0.1:0", ll.Addr().String())
+	relay, err := faultnet.NewRelay("127.0.0.1:0", ll.Addr().String())
 	if err != nil {
 		return err
 	}
@@ -129,7 +128,7 @@ func runDemo(args []string, stdout, stderr io.Writer) error {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if err := demoSession(appLn.Addr().String(), uint64(i+1), stop, &verified); err != nil {
+			if err := (faultnet.Echo{Seed: uint64(i + 1), Stop: stop, Verified: &verified}.Dial(appLn.Addr().String())); err != nil {
 				errs <- fmt.Errorf("session %d: %w", i+1, err)
 			}
 		}()
@@ -179,7 +178,7 @@ loop:
 		case <-tick.C:
 			status(false)
 		case <-breakT.C:
-			if relay.Break(proxy.FaultMode(mode%3)) > 0 {
+			if relay.Break(faultnet.Modes[mode%3]) > 0 {
 				breaks[mode%3]++
 				lastBreak = time.Now()
 			}
@@ -209,96 +208,6 @@ loop:
 	fmt.Fprintf(stdout, "demo: PASS: %d sessions, %s echoed and verified byte for byte, %d link breaks survived (%d reset, %d close, %d blackhole), %d resumes, %s replayed, 0 bytes lost\n",
 		*sessions, human(verified.Load()), nb, breaks[0], breaks[1], breaks[2], tot.Resumes, human(int64(tot.BytesReplayed)))
 	return nil
-}
-
-// demoSession writes a seeded random stream and checks the echo until stop,
-// then half-closes and checks that exactly everything came back.
-func demoSession(addr string, seed uint64, stop <-chan struct{}, verified *atomic.Int64) error {
-	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
-	if err != nil {
-		return err
-	}
-	defer c.Close()
-	// The data is a ChaCha8 stream keyed by the seed, so the reader can
-	// regenerate it whatever the chunking; chunk sizes are random too.
-	var key [32]byte
-	key[0], key[1] = byte(seed), byte(seed>>8)
-	wdata, rdata := rand.NewChaCha8(key), rand.NewChaCha8(key)
-	sizes := rand.New(rand.NewPCG(seed, 2))
-	var written atomic.Int64
-	werr := make(chan error, 1)
-	go func() {
-		buf := make([]byte, 64<<10)
-		for {
-			select {
-			case <-stop:
-				werr <- c.(*net.TCPConn).CloseWrite()
-				return
-			default:
-			}
-			n := 1 + sizes.IntN(len(buf))
-			wdata.Read(buf[:n])
-			// A deadline so that the writer notices stop while backpressured.
-			c.SetWriteDeadline(time.Now().Add(500 * time.Millisecond))
-			m, err := c.Write(buf[:n])
-			written.Add(int64(m))
-			if err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
-				werr <- err
-				return
-			}
-			if m < n {
-				// Keep the stream exact: send the rest before anything new.
-				rest := buf[m:n]
-				for len(rest) > 0 {
-					c.SetWriteDeadline(time.Now().Add(30 * time.Second))
-					k, err := c.Write(rest)
-					written.Add(int64(k))
-					if err != nil {
-						werr <- err
-						return
-					}
-					rest = rest[k:]
-				}
-			}
-		}
-	}()
-	buf := make([]byte, 64<<10)
-	want := make([]byte, 64<<10)
-	var got int64
-	for {
-		c.SetReadDeadline(time.Now().Add(60 * time.Second))
-		n, err := c.Read(buf)
-		if n > 0 {
-			rdata.Read(want[:n])
-			if !bytes.Equal(buf[:n], want[:n]) {
-				return fmt.Errorf("byte mismatch at offset %d", got+int64(firstDiff(buf[:n], want[:n])))
-			}
-			got += int64(n)
-			verified.Add(int64(n))
-		}
-		if err == io.EOF {
-			break
-		}
-		if err != nil {
-			return fmt.Errorf("read after %d bytes: %w", got, err)
-		}
-	}
-	if err := <-werr; err != nil {
-		return fmt.Errorf("write: %w", err)
-	}
-	if w := written.Load(); got != w {
-		return fmt.Errorf("wrote %d bytes, %d came back", w, got)
-	}
-	return nil
-}
-
-func firstDiff(a, b []byte) int {
-	for i := range min(len(a), len(b)) {
-		if a[i] != b[i] {
-			return i
-		}
-	}
-	return min(len(a), len(b))
 }
 
 func human(n int64) string {

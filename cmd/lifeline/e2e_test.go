@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
-	"github.com/lifeline-proxy/lifeline/internal/testnet"
 	"io"
 	"math/rand/v2"
 	"net"
@@ -13,14 +12,15 @@ import (
 	"testing"
 	"time"
 
-	"github.com/lifeline-proxy/lifeline/proxy"
+	"github.com/lifeline-proxy/lifeline/internal/faultnet"
+	"github.com/lifeline-proxy/lifeline/internal/testnet"
 )
 
 // e2e is a gateway and a client as separate processes with a fault relay
 // on the link between them.
 type e2e struct {
 	gw, cl  *proc
-	relay   *proxy.FaultRelay
+	relay   *faultnet.Relay
 	gwAddr  string
 	appAddr map[string]string // route -> client listen address
 }
@@ -35,7 +35,7 @@ func startE2E(t *testing.T, routes map[string]string, extra ...string) *e2e {
 	}
 	gw := startProc(t, append([]string{"gateway", "--config", writeFile(t, "gw.yaml", gcfg.String())}, extra...)...)
 	gwAddr := gw.waitLog("gateway listening", 30*time.Second)["addr"].(string)
-	relay, err := proxy.NewFaultRelay("127.0.0.1:0", gwAddr)
+	relay, err := faultnet.NewRelay("127.0.0.1:0", gwAddr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -95,7 +95,7 @@ func echoCheck(addr string, data []byte, seed uint64) error {
 		return fmt.Errorf("write: %w", err)
 	}
 	if !bytes.Equal(got, data) {
-		return fmt.Errorf("echo differs: got %d bytes, want %d, first difference at %d", len(got), len(data), testnet.FirstDiff(got, data))
+		return fmt.Errorf("echo differs: got %d bytes, want %d, first difference at %d", len(got), len(data), faultnet.FirstDiff(got, data))
 	}
 	return nil
 }
@@ -149,7 +149,7 @@ func TestBinaryEndToEnd(t *testing.T) {
 					return
 				case <-tk.C:
 				}
-				if e.relay.Break(proxy.FaultMode(i%3)) > 0 {
+				if e.relay.Break(faultnet.Modes[i%3]) > 0 {
 					breaks++
 				}
 			}

@@ -7,7 +7,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/lifeline-proxy/lifeline/proxy"
+	"github.com/lifeline-proxy/lifeline/internal/faultnet"
 )
 
 // The binary over QUIC: a gateway without a certificate makes a
@@ -64,7 +64,7 @@ func TestBinaryQUICFaults(t *testing.T) {
 		"gateway:\n  listen: 127.0.0.1:0\n  transport: quic\n"+cfgs+"  routes:\n    - {name: echo, upstream: "+up+"}\n"))
 	fp, _ := gw.waitLog(gatewayPinMsg, 30*time.Second)["sha256"].(string)
 	gwAddr := gw.waitLog("gateway listening", 30*time.Second)["addr"].(string)
-	relay, err := proxy.NewUDPFaultRelay(gwAddr)
+	relay, err := faultnet.NewUDPRelay(gwAddr)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -11,7 +11,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/lifeline-proxy/lifeline/proxy"
+	"github.com/lifeline-proxy/lifeline/internal/faultnet"
 )
 
 // An unmodified Redis client INCRs a counter through the client sidecar
@@ -51,7 +51,7 @@ func TestRedisThroughBrokenLink(t *testing.T) {
 
 	gw := startProc(t, append([]string{"gateway", "--transport", "tcp", "--listen", "127.0.0.1:0", "--upstream", redisAddr}, fast...)...)
 	gwAddr := gw.waitLog("gateway listening", 30*time.Second)["addr"].(string)
-	relay, err := proxy.NewFaultRelay("127.0.0.1:0", gwAddr)
+	relay, err := faultnet.NewRelay("127.0.0.1:0", gwAddr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -100,7 +100,7 @@ func TestRedisThroughBrokenLink(t *testing.T) {
 				return
 			case <-tk.C:
 			}
-			if relay.Break(proxy.FaultMode(i%3)) > 0 {
+			if relay.Break(faultnet.Modes[i%3]) > 0 {
 				breaks++
 			}
 		}

@@ -1,6 +1,7 @@
 // Package testnet holds loopback helpers shared by the tests of several
 // packages: a TCP service whose connections end with the test, an echo
-// service, and the check that a connection was reset.
+// service, and the check that a connection was reset. The networks that
+// break links are in package faultnet.
 package testnet
 
 import (
@@ -12,6 +13,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/lifeline-proxy/lifeline/internal/faultnet"
 )
 
 // TCPServer runs handle for each connection on a loopback listener until
@@ -89,12 +92,8 @@ func ExpectReset(t testing.TB, c net.Conn, within time.Duration) {
 	}
 }
 
-// FirstDiff is the index of the first byte where a and b differ.
-func FirstDiff(a, b []byte) int {
-	for i := range min(len(a), len(b)) {
-		if a[i] != b[i] {
-			return i
-		}
-	}
-	return min(len(a), len(b))
-}
+// FirstDiff is faultnet.FirstDiff, for the tests of package resume until
+// they call that one.
+//
+// Deprecated: use faultnet.FirstDiff.
+func FirstDiff(a, b []byte) int { return faultnet.FirstDiff(a, b) }

@@ -1,4 +1,9 @@
-package proxy
+// Package faultnet is the network that lifeline's tests, demo and
+// benchmark run across: relays that break the links through them on
+// command (TCP: reset, close, blackhole; UDP: drop, NAT rebinding) and the
+// check that a seeded random stream comes back from an echo service byte
+// for byte. It is not part of the product's API.
+package faultnet
 
 import (
 	"errors"
@@ -9,35 +14,38 @@ import (
 	"sync/atomic"
 )
 
-// FaultMode is a way to break the connections through a FaultRelay.
-type FaultMode int
+// Mode is a way to break the connections through a Relay.
+type Mode int
 
 const (
-	// FaultReset sends an RST to both sides.
-	FaultReset FaultMode = iota
-	// FaultClose sends a FIN to both sides.
-	FaultClose
-	// FaultBlackhole stops forwarding silently; both sockets stay open and
+	// Reset sends an RST to both sides.
+	Reset Mode = iota
+	// Close sends a FIN to both sides.
+	Close
+	// Blackhole stops forwarding silently; both sockets stay open and
 	// whatever arrives is dropped, as on a dead path.
-	FaultBlackhole
+	Blackhole
 )
 
-func (m FaultMode) String() string {
+// Modes lists every Mode, in the order of their values.
+var Modes = []Mode{Reset, Close, Blackhole}
+
+func (m Mode) String() string {
 	switch m {
-	case FaultReset:
+	case Reset:
 		return "reset"
-	case FaultClose:
+	case Close:
 		return "close"
-	case FaultBlackhole:
+	case Blackhole:
 		return "blackhole"
 	}
-	return fmt.Sprintf("FaultMode(%d)", int(m))
+	return fmt.Sprintf("Mode(%d)", int(m))
 }
 
-// FaultRelay forwards TCP connections from a local listener to a target
-// and breaks them on command, to test what runs across it. It stays usable
+// Relay forwards TCP connections from a local listener to a target and
+// breaks them on command, to test what runs across it. It stays usable
 // for new connections after a break.
-type FaultRelay struct {
+type Relay struct {
 	ln     net.Listener
 	target string
 
@@ -57,30 +65,29 @@ type relayPair struct {
 	once      sync.Once
 }
 
-// NewFaultRelay listens on listen (e.g. "127.0.0.1:0") and forwards to
-// target.
-func NewFaultRelay(listen, target string) (*FaultRelay, error) {
+// NewRelay listens on listen (e.g. "127.0.0.1:0") and forwards to target.
+func NewRelay(listen, target string) (*Relay, error) {
 	ln, err := net.Listen("tcp", listen)
 	if err != nil {
 		return nil, err
 	}
-	r := &FaultRelay{ln: ln, target: target, pairs: map[*relayPair]struct{}{}}
+	r := &Relay{ln: ln, target: target, pairs: map[*relayPair]struct{}{}}
 	r.wg.Add(1)
 	go r.acceptLoop()
 	return r, nil
 }
 
 // Addr is the relay's listening address.
-func (r *FaultRelay) Addr() string { return r.ln.Addr().String() }
+func (r *Relay) Addr() string { return r.ln.Addr().String() }
 
 // Accepted counts connections accepted so far.
-func (r *FaultRelay) Accepted() int64 { return r.accepted.Load() }
+func (r *Relay) Accepted() int64 { return r.accepted.Load() }
 
 // Breaks counts Break calls that hit at least one connection.
-func (r *FaultRelay) Breaks() int64 { return r.breaks.Load() }
+func (r *Relay) Breaks() int64 { return r.breaks.Load() }
 
 // Conns is the number of connections being relayed (blackholed ones too).
-func (r *FaultRelay) Conns() int {
+func (r *Relay) Conns() int {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return len(r.pairs)
@@ -88,13 +95,13 @@ func (r *FaultRelay) Conns() int {
 
 // SetDown makes the relay reset new connections at once (down=true), as a
 // network that is still out, or forward them again (false).
-func (r *FaultRelay) SetDown(down bool) {
+func (r *Relay) SetDown(down bool) {
 	r.mu.Lock()
 	r.down = down
 	r.mu.Unlock()
 }
 
-func (r *FaultRelay) acceptLoop() {
+func (r *Relay) acceptLoop() {
 	defer r.wg.Done()
 	for {
 		c, err := r.ln.Accept()
@@ -115,7 +122,7 @@ func (r *FaultRelay) acceptLoop() {
 	}
 }
 
-func (r *FaultRelay) relay(a *net.TCPConn) {
+func (r *Relay) relay(a *net.TCPConn) {
 	defer r.wg.Done()
 	c, err := net.Dial("tcp", r.target)
 	if err != nil {
@@ -147,7 +154,7 @@ func (r *FaultRelay) relay(a *net.TCPConn) {
 
 // pipe copies src to dst. A FIN is passed on as a FIN; any error closes
 // both sockets (with an RST where the other side did).
-func (r *FaultRelay) pipe(p *relayPair, src, dst *net.TCPConn) {
+func (r *Relay) pipe(p *relayPair, src, dst *net.TCPConn) {
 	buf := make([]byte, 32<<10)
 	for {
 		n, err := src.Read(buf)
@@ -164,7 +171,7 @@ func (r *FaultRelay) pipe(p *relayPair, src, dst *net.TCPConn) {
 				src.Close()
 				return
 			}
-			if isEOF(err) {
+			if errors.Is(err, io.EOF) {
 				dst.CloseWrite()
 				return
 			}
@@ -174,11 +181,9 @@ func (r *FaultRelay) pipe(p *relayPair, src, dst *net.TCPConn) {
 	}
 }
 
-func isEOF(err error) bool { return errors.Is(err, io.EOF) }
-
 // Break breaks every current connection in the given way and returns how
 // many it hit.
-func (r *FaultRelay) Break(mode FaultMode) int {
+func (r *Relay) Break(mode Mode) int {
 	r.mu.Lock()
 	ps := make([]*relayPair, 0, len(r.pairs))
 	for p := range r.pairs {
@@ -188,13 +193,13 @@ func (r *FaultRelay) Break(mode FaultMode) int {
 	n := 0
 	for _, p := range ps {
 		switch mode {
-		case FaultReset:
+		case Reset:
 			p.once.Do(func() { resetTCP(p.a); resetTCP(p.b) })
 			n++
-		case FaultClose:
+		case Close:
 			p.once.Do(func() { p.a.Close(); p.b.Close() })
 			n++
-		case FaultBlackhole:
+		case Blackhole:
 			if !p.blackhole.Swap(true) {
 				n++
 			}
@@ -207,21 +212,27 @@ func (r *FaultRelay) Break(mode FaultMode) int {
 }
 
 // Reset sends an RST both ways on every current connection.
-func (r *FaultRelay) Reset() int { return r.Break(FaultReset) }
+func (r *Relay) Reset() int { return r.Break(Reset) }
 
 // CloseConns closes every current connection with a FIN both ways.
-func (r *FaultRelay) CloseConns() int { return r.Break(FaultClose) }
+func (r *Relay) CloseConns() int { return r.Break(Close) }
 
 // Blackhole silently stops forwarding on every current connection.
-func (r *FaultRelay) Blackhole() int { return r.Break(FaultBlackhole) }
+func (r *Relay) Blackhole() int { return r.Break(Blackhole) }
 
 // Close stops the relay and closes every connection.
-func (r *FaultRelay) Close() error {
+func (r *Relay) Close() error {
 	r.mu.Lock()
 	r.closed = true
 	r.mu.Unlock()
 	err := r.ln.Close()
-	r.Break(FaultReset)
+	r.Break(Reset)
 	r.wg.Wait()
 	return err
+}
+
+// resetTCP closes c with an RST instead of a FIN.
+func resetTCP(c *net.TCPConn) {
+	c.SetLinger(0)
+	c.Close()
 }

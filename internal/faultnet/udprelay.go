@@ -1,4 +1,4 @@
-package proxy
+package faultnet
 
 import (
 	"net"
@@ -7,19 +7,19 @@ import (
 	"time"
 )
 
-// UDPFaultRelay is a user-space UDP relay between QUIC clients and a
+// UDPRelay is a user-space UDP relay between QUIC clients and a
 // gateway, for fault injection on loopback. Clients send to Addr(); each
 // client source address gets its own upstream socket towards the gateway,
 // so the gateway sees one source address per client, like a NAT. The relay
 // can drop every packet for a while (a blackhole) and can move every
 // client to a new upstream socket (a NAT rebinding: the gateway sees the
 // same QUIC connection arrive from a new source port).
-type UDPFaultRelay struct {
+type UDPRelay struct {
 	pc     *net.UDPConn // client-facing
 	target *net.UDPAddr
 
 	mu        sync.Mutex
-	clients   map[string]*relayClient
+	clients   map[string]*udpClient
 	dropUntil time.Time
 	closed    bool
 
@@ -30,13 +30,13 @@ type UDPFaultRelay struct {
 	upstream atomic.Int64 // upstream sockets opened
 }
 
-type relayClient struct {
+type udpClient struct {
 	addr *net.UDPAddr
 	up   *net.UDPConn // under relay.mu
 }
 
-// NewUDPFaultRelay relays UDP from a loopback port to target. Close it.
-func NewUDPFaultRelay(target string) (*UDPFaultRelay, error) {
+// NewUDPRelay relays UDP from a loopback port to target. Close it.
+func NewUDPRelay(target string) (*UDPRelay, error) {
 	ta, err := net.ResolveUDPAddr("udp", target)
 	if err != nil {
 		return nil, err
@@ -47,23 +47,23 @@ func NewUDPFaultRelay(target string) (*UDPFaultRelay, error) {
 	}
 	pc.SetReadBuffer(4 << 20)
 	pc.SetWriteBuffer(4 << 20)
-	r := &UDPFaultRelay{pc: pc, target: ta, clients: map[string]*relayClient{}}
+	r := &UDPRelay{pc: pc, target: ta, clients: map[string]*udpClient{}}
 	r.wg.Add(1)
 	go r.fromClients()
 	return r, nil
 }
 
 // Addr is where clients send.
-func (r *UDPFaultRelay) Addr() string { return r.pc.LocalAddr().String() }
+func (r *UDPRelay) Addr() string { return r.pc.LocalAddr().String() }
 
-func (r *UDPFaultRelay) dropping() bool {
+func (r *UDPRelay) dropping() bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return time.Now().Before(r.dropUntil)
 }
 
 // Drop discards every packet, both ways, for d.
-func (r *UDPFaultRelay) Drop(d time.Duration) {
+func (r *UDPRelay) Drop(d time.Duration) {
 	r.mu.Lock()
 	r.dropUntil = time.Now().Add(d)
 	r.mu.Unlock()
@@ -72,7 +72,7 @@ func (r *UDPFaultRelay) Drop(d time.Duration) {
 // Rebind moves every client to a new upstream socket: from now on the
 // gateway sees each client from a new source port, and packets it sends to
 // the old port are lost. It returns the number of clients moved.
-func (r *UDPFaultRelay) Rebind() (int, error) {
+func (r *UDPRelay) Rebind() (int, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	n := 0
@@ -92,7 +92,7 @@ func (r *UDPFaultRelay) Rebind() (int, error) {
 	return n, nil
 }
 
-func (r *UDPFaultRelay) dialUp() (*net.UDPConn, error) {
+func (r *UDPRelay) dialUp() (*net.UDPConn, error) {
 	up, err := net.DialUDP("udp", nil, r.target)
 	if err != nil {
 		return nil, err
@@ -103,7 +103,7 @@ func (r *UDPFaultRelay) dialUp() (*net.UDPConn, error) {
 	return up, nil
 }
 
-func (r *UDPFaultRelay) fromClients() {
+func (r *UDPRelay) fromClients() {
 	defer r.wg.Done()
 	buf := make([]byte, 64<<10)
 	for {
@@ -124,7 +124,7 @@ func (r *UDPFaultRelay) fromClients() {
 				r.mu.Unlock()
 				continue
 			}
-			c = &relayClient{addr: from, up: up}
+			c = &udpClient{addr: from, up: up}
 			r.clients[key] = c
 			r.wg.Add(1)
 			go r.fromGateway(c, up)
@@ -143,7 +143,7 @@ func (r *UDPFaultRelay) fromClients() {
 
 // fromGateway relays what the gateway sends to one upstream socket back to
 // its client, until that socket is replaced or the relay closes.
-func (r *UDPFaultRelay) fromGateway(c *relayClient, up *net.UDPConn) {
+func (r *UDPRelay) fromGateway(c *udpClient, up *net.UDPConn) {
 	defer r.wg.Done()
 	buf := make([]byte, 64<<10)
 	for {
@@ -161,7 +161,7 @@ func (r *UDPFaultRelay) fromGateway(c *relayClient, up *net.UDPConn) {
 }
 
 // Close stops the relay and waits for its goroutines.
-func (r *UDPFaultRelay) Close() {
+func (r *UDPRelay) Close() {
 	r.mu.Lock()
 	if r.closed {
 		r.mu.Unlock()
@@ -175,3 +175,16 @@ func (r *UDPFaultRelay) Close() {
 	r.mu.Unlock()
 	r.wg.Wait()
 }
+
+// Forwarded counts the packets relayed, both ways.
+func (r *UDPRelay) Forwarded() int64 { return r.forward.Load() }
+
+// Dropped counts the packets dropped by Drop, both ways.
+func (r *UDPRelay) Dropped() int64 { return r.dropped.Load() }
+
+// Rebinds counts Rebind calls.
+func (r *UDPRelay) Rebinds() int64 { return r.rebinds.Load() }
+
+// Upstreams counts the upstream sockets opened: one per client, and one
+// more per client at each Rebind.
+func (r *UDPRelay) Upstreams() int64 { return r.upstream.Load() }
