@@ -39,12 +39,8 @@ func runBench(args []string, stdout, stderr io.Writer) error {
 	var names []string
 	rest := args
 	for {
-		if err := fs.Parse(rest); err != nil {
-			if errors.Is(err, flag.ErrHelp) {
-				fs.Usage()
-				return err
-			}
-			return usagef("%v (see lifeline bench --help)", err)
+		if err := parseFlags(fs, rest); err != nil {
+			return err
 		}
 		if fs.NArg() == 0 {
 			break

@@ -324,6 +324,9 @@ func validateGateway(g *gatewayFile) error {
 	if err := checkTransport(g.Transport, g.TLS, true); err != nil {
 		return fmt.Errorf("gateway: %v", err)
 	}
+	if g.ConnectTimeout.Set && g.ConnectTimeout.D <= 0 {
+		return errors.New("gateway: connect_timeout must be positive")
+	}
 	if g.MaxSessions.N < 0 || g.MaxHandshakes < 0 {
 		return errors.New("gateway: max_sessions and max_handshakes must not be negative")
 	}
@@ -344,6 +347,9 @@ func validateGateway(g *gatewayFile) error {
 		}
 		if err := proxy.ValidateHostPort(r.Upstream); err != nil {
 			return fmt.Errorf("gateway route %q upstream: %v", r.Name, err)
+		}
+		if r.ConnectTimeout.Set && r.ConnectTimeout.D <= 0 {
+			return fmt.Errorf("gateway route %q: connect_timeout must be positive", r.Name)
 		}
 		if r.ProxyProtocol != 0 && r.ProxyProtocol != 1 && r.ProxyProtocol != 2 {
 			return fmt.Errorf("gateway route %q: proxy_protocol %d (want 0, 1 or 2)", r.Name, r.ProxyProtocol)

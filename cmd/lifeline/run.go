@@ -17,6 +17,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/lifeline-proxy/lifeline/internal/acceptloop"
 	"github.com/lifeline-proxy/lifeline/proxy"
 	"github.com/lifeline-proxy/lifeline/resume"
 )
@@ -181,6 +182,23 @@ func newFlagSet(cmd string, o *options, stdout io.Writer) *flag.FlagSet {
 	return fs
 }
 
+// parseFlags parses args with fs. --help prints fs.Usage once and returns
+// flag.ErrHelp; a bad flag or value is a one-line usage error with a hint,
+// without the usage text (the flag package would print it first).
+func parseFlags(fs *flag.FlagSet, args []string) error {
+	usage := fs.Usage
+	fs.Usage = func() {}
+	defer func() { fs.Usage = usage }()
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			usage()
+			return err
+		}
+		return usagef("%v; run '%s --help' for usage", err, fs.Name())
+	}
+	return nil
+}
+
 // settings is what a gateway or client runs with, from flags or a file.
 type settings struct {
 	fc           *fileConfig
@@ -193,15 +211,11 @@ type settings struct {
 func parseOptions(cmd string, args []string, stdout io.Writer) (*settings, error) {
 	var o options
 	fs := newFlagSet(cmd, &o, stdout)
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			fs.Usage()
-			return nil, err
-		}
-		return nil, usagef("%v (see lifeline %s --help)", err, cmd)
+	if err := parseFlags(fs, args); err != nil {
+		return nil, err
 	}
 	if fs.NArg() > 0 {
-		return nil, usagef("unexpected argument %q (see lifeline %s --help)", fs.Arg(0), cmd)
+		return nil, usagef("unexpected argument %q; run 'lifeline %s --help' for usage", fs.Arg(0), cmd)
 	}
 	set := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
@@ -249,6 +263,9 @@ func parseOptions(cmd string, args []string, stdout io.Writer) (*settings, error
 			sess.ReconnectStrategy = ""
 		}
 		if cmd == "gateway" {
+			if set["connect-timeout"] && o.connectTimeout.D <= 0 {
+				return nil, usagef("--connect-timeout %v: must be positive", o.connectTimeout.D)
+			}
 			if o.listen == "" || o.upstream == "" {
 				return nil, usagef("--listen and --upstream are required (or --config FILE)")
 			}
@@ -325,6 +342,9 @@ func runProxy(cmd string, args []string, stdout, stderr io.Writer) error {
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 	defer signal.Stop(sigs)
 
+	// failed gets the error of a listener that broke for good: the
+	// process then ends with it instead of living on without accepting.
+	failed := make(chan error, 8)
 	var (
 		stores   []*proxy.CertStore
 		shutdown func(context.Context) error
@@ -332,9 +352,10 @@ func runProxy(cmd string, args []string, stdout, stderr io.Writer) error {
 		sessions func() []proxy.SessionInfo
 		draining func() bool
 		gateway  *proxy.Gateway
+		client   *proxy.Client
 	)
 	if cmd == "gateway" {
-		gw, stores2, err := startGateway(st.fc.Gateway, log, metrics)
+		gw, stores2, err := startGateway(st.fc.Gateway, log, metrics, failed)
 		if err != nil {
 			return err
 		}
@@ -342,12 +363,13 @@ func runProxy(cmd string, args []string, stdout, stderr io.Writer) error {
 		shutdown, closeAll, sessions, draining = gw.Shutdown, func() { gw.Close() }, gw.Sessions, gw.Draining
 		gateway = gw
 	} else {
-		cl, stores2, err := startClient(st.fc.Client, log, metrics)
+		cl, stores2, err := startClient(st.fc.Client, log, metrics, failed)
 		if err != nil {
 			return err
 		}
 		stores = stores2
 		shutdown, closeAll, sessions, draining = cl.Shutdown, func() { cl.Close() }, cl.Sessions, cl.Draining
+		client = cl
 	}
 	var statusSrv *http.Server
 	var statusWG sync.WaitGroup
@@ -360,20 +382,40 @@ func runProxy(cmd string, args []string, stdout, stderr io.Writer) error {
 		h := proxy.StatusHandler(metrics.Registry(), sessions, draining)
 		if gateway != nil {
 			h = proxy.GatewayStatusHandler(metrics.Registry(), gateway)
+		} else if client != nil {
+			h = proxy.ClientStatusHandler(metrics.Registry(), client)
 		}
-		statusSrv = &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second}
+		statusSrv = &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second,
+			ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
+		addr := ln.Addr().String()
+		// Accept failures are retried and logged once a second by
+		// acceptloop rather than by net/http at every retry.
+		statusDone := make(chan struct{})
+		sl := acceptloop.Listener(ln, &acceptloop.State{Log: log.With("side", "status"), Name: addr}, statusDone)
 		statusWG.Add(1)
-		go func() { defer statusWG.Done(); statusSrv.Serve(ln) }()
-		log.Info("status listening", "addr", ln.Addr().String())
-	}
-	defer func() {
-		if statusSrv != nil {
+		go func() {
+			defer statusWG.Done()
+			if err := statusSrv.Serve(sl); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				listenerFailed(failed, fmt.Errorf("status listener %s: %w", addr, err))
+			}
+		}()
+		log.Info("status listening", "addr", addr)
+		defer func() {
+			close(statusDone)
 			statusSrv.Close()
 			statusWG.Wait()
-		}
-	}()
+		}()
+	}
 
-	for sig := range sigs {
+	for {
+		var sig os.Signal
+		select {
+		case sig = <-sigs:
+		case err := <-failed:
+			log.Error("listener failed; exiting", "err", err)
+			closeAll()
+			return err
+		}
 		if sig == syscall.SIGHUP {
 			for _, s := range stores {
 				if err := s.Reload(); err != nil {
@@ -402,8 +444,25 @@ func runProxy(cmd string, args []string, stdout, stderr io.Writer) error {
 		log.Info("stopped")
 		return nil
 	}
-	return nil
 }
+
+// listenerFailed reports a listener's Serve error on failed. Serve returns
+// nil when its gateway or client was closed, so any error here, even one
+// that says the listener was closed, means it died under a running proxy
+// (runProxy stops listening on failed once it drains).
+func listenerFailed(failed chan<- error, err error) {
+	if err == nil {
+		return
+	}
+	select {
+	case failed <- err:
+	default: // the process is ending with an earlier one
+	}
+}
+
+// testHookListener, if set by a test, wraps each gateway link listener
+// and client application listener.
+var testHookListener func(net.Listener) net.Listener
 
 // errText shortens "listen tcp 1.2.3.4:80: bind: ..." to the cause.
 func errText(err error) string {
@@ -421,7 +480,7 @@ func tlsStore(transport string, tf proxy.TLSFiles) (*proxy.CertStore, error) {
 	return proxy.NewCertStore(tf)
 }
 
-func startGateway(g *gatewayFile, log *slog.Logger, metrics proxy.Metrics) (*proxy.Gateway, []*proxy.CertStore, error) {
+func startGateway(g *gatewayFile, log *slog.Logger, metrics proxy.Metrics, failed chan<- error) (*proxy.Gateway, []*proxy.CertStore, error) {
 	sess, err := g.sessionFile.sessionConfig()
 	if err != nil {
 		return nil, nil, usageError{err}
@@ -477,7 +536,14 @@ func startGateway(g *gatewayFile, log *slog.Logger, metrics proxy.Metrics) (*pro
 		gw.Close()
 		return nil, nil, fmt.Errorf("cannot listen on %s: %s", g.Listen, errText(err))
 	}
-	go gw.Serve(ll)
+	if testHookListener != nil {
+		ll = testHookListener(ll)
+	}
+	go func() {
+		if err := gw.Serve(ll); err != nil {
+			listenerFailed(failed, fmt.Errorf("gateway listener %s: %w", ll.Addr(), err))
+		}
+	}()
 	names := make([]string, 0, len(routes))
 	for _, r := range routes {
 		names = append(names, r.Name+"="+r.Upstream)
@@ -496,7 +562,7 @@ func startGateway(g *gatewayFile, log *slog.Logger, metrics proxy.Metrics) (*pro
 	return gw, stores, nil
 }
 
-func startClient(c *clientFile, log *slog.Logger, metrics proxy.Metrics) (*proxy.Client, []*proxy.CertStore, error) {
+func startClient(c *clientFile, log *slog.Logger, metrics proxy.Metrics, failed chan<- error) (*proxy.Client, []*proxy.CertStore, error) {
 	cl := proxy.NewClient(proxy.ClientConfig{Logger: log, Metrics: metrics})
 	var stores []*proxy.CertStore
 	type pending struct {
@@ -541,7 +607,15 @@ func startClient(c *clientFile, log *slog.Logger, metrics proxy.Metrics) (*proxy
 		ps = append(ps, pending{ln, proxy.ClientRoute{Route: l.Route, Dialer: d, Session: sess, Gateway: l.Gateway}})
 	}
 	for _, p := range ps {
-		go cl.Serve(p.ln, p.r)
+		ln := p.ln
+		if testHookListener != nil {
+			ln = testHookListener(ln)
+		}
+		go func() {
+			if err := cl.Serve(ln, p.r); err != nil {
+				listenerFailed(failed, fmt.Errorf("client listener %s: %w", ln.Addr(), err))
+			}
+		}()
 		log.Info("client listening", "addr", p.ln.Addr().String(), "gateway", p.r.Gateway, "route", p.r.Route,
 			"reconnect_timeout", p.r.Session.ReconnectTimeout)
 	}
