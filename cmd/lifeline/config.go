@@ -6,9 +6,11 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"regexp"
 	"strconv"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"go.yaml.in/yaml/v3"
 
@@ -186,6 +188,15 @@ func loadConfig(path string) (*fileConfig, error) {
 	if err != nil {
 		return nil, fmt.Errorf("config: %w", err)
 	}
+	return parseConfig(path, b)
+}
+
+// parseConfig strictly decodes the config file path holding b. Every
+// error names the file and the line.
+func parseConfig(path string, b []byte) (*fileConfig, error) {
+	if line, what := badText(b); line > 0 {
+		return nil, fmt.Errorf("config %s: line %d: %s", path, line, what)
+	}
 	var fc fileConfig
 	dec := yaml.NewDecoder(bytes.NewReader(b))
 	dec.KnownFields(true)
@@ -193,9 +204,62 @@ func loadConfig(path string) (*fileConfig, error) {
 		if errors.Is(err, io.EOF) {
 			return nil, fmt.Errorf("config %s: file is empty", path)
 		}
-		return nil, fmt.Errorf("config %s: %s", path, oneLine(err.Error()))
+		msg := oneLine(err.Error())
+		if !lineRE.MatchString(msg) {
+			msg = fmt.Sprintf("line %d: %s", errLine(msg, b), msg)
+		}
+		return nil, fmt.Errorf("config %s: %s", path, msg)
 	}
 	return &fc, nil
+}
+
+var (
+	lineRE   = regexp.MustCompile(`\bline [0-9]+\b`)
+	anchorRE = regexp.MustCompile(`^(unknown anchor|anchor) '(.*)' (referenced|value contains itself)$`)
+)
+
+// errLine finds the line of a YAML error that does not name one: the
+// parser leaves it out when it is the first; for a few errors of the
+// decoding the line is that of the first token it is about.
+func errLine(msg string, b []byte) int {
+	token := ""
+	if m := anchorRE.FindStringSubmatch(msg); m != nil {
+		token = "*" + m[2]
+		if m[1] == "anchor" {
+			token = "&" + m[2]
+		}
+	} else if strings.Contains(msg, "!!binary") {
+		token = "!!binary"
+	} else if strings.Contains(msg, "map merge") {
+		token = "<<"
+	} else if strings.Contains(msg, "aliasing") {
+		token = "*"
+	}
+	if i := bytes.Index(b, []byte(token)); token != "" && i >= 0 {
+		return 1 + bytes.Count(b[:i], []byte("\n"))
+	}
+	return 1
+}
+
+// badText finds what the YAML reader refuses without naming a line:
+// invalid UTF-8 and control characters. It returns the 1-based line and
+// what is wrong, or 0.
+func badText(b []byte) (int, string) {
+	line := 1
+	for i := 0; i < len(b); {
+		r, n := utf8.DecodeRune(b[i:])
+		switch {
+		case r == utf8.RuneError && n <= 1:
+			return line, fmt.Sprintf("invalid UTF-8 (byte %#02x)", b[i])
+		case r == '\n':
+			line++
+		case r == '\t' || r == '\r':
+		case r < 0x20 || r == 0x7f || r >= 0x80 && r <= 0x9f && r != 0x85 || r == 0xfffe || r == 0xffff:
+			return line, fmt.Sprintf("control character %U not allowed", r)
+		}
+		i += n
+	}
+	return 0, ""
 }
 
 func oneLine(s string) string {
