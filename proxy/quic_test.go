@@ -139,6 +139,9 @@ func newQUICEnv(t *testing.T, o quicEnvOpts) *quicEnv {
 	e.ln = ln.(*quicListener)
 	sc := resume.DefaultServerConfig()
 	sc.Session = e.cfg
+	// Every session of a test comes from one QUIC connection, hence one
+	// source: up to 200 of them dial at once, before any is confirmed.
+	sc.MaxUnconfirmedPerSource = 256
 	e.srv, err = resume.NewServer(sc)
 	if err != nil {
 		t.Fatal(err)
