@@ -67,9 +67,6 @@ type ServerConfig struct {
 	// code sent (CodeNone when the link was closed without one). It is
 	// called without locks held and must not block.
 	OnRefuse func(reason string, code frame.Code)
-	// AcceptState, if set, records accept failures of Serve (descriptor
-	// exhaustion) for a health check; nil: Serve keeps its own.
-	AcceptState *acceptloop.State
 }
 
 // Refusal labels passed to ServerConfig.OnRefuse.
@@ -150,7 +147,8 @@ type Server struct {
 	sessions  map[SessionID]*session
 	tombs     map[SessionID]*tomb
 	sources   map[string]*rate.Limiter
-	listeners map[net.Listener]struct{}
+	// listeners maps each listener Serve runs on to its accept health.
+	listeners map[net.Listener]*acceptloop.State
 	draining  bool
 	isClosed  bool
 	// unconfirmed sessions, in total and by source address; reserved:
@@ -169,7 +167,6 @@ type Server struct {
 	cancelClosed context.CancelFunc
 	handshk      *semaphore.Weighted // handshakes doing their work
 	budget       *Budget
-	acceptState  *acceptloop.State
 	wg           sync.WaitGroup // serve loops and handshakes
 	sessWG       sync.WaitGroup // live sessions and every session goroutine
 	emptied      chan struct{}  // signalled when the last session ends
@@ -198,20 +195,13 @@ func NewServer(cfg *ServerConfig) (*Server, error) {
 		sessions:      make(map[SessionID]*session),
 		tombs:         make(map[SessionID]*tomb),
 		sources:       make(map[string]*rate.Limiter),
-		listeners:     make(map[net.Listener]struct{}),
+		listeners:     make(map[net.Listener]*acceptloop.State),
 		unconfirmedBy: make(map[string]int),
 		accept:        make(chan *Conn, cfg.AcceptBacklog),
 		closed:        make(chan struct{}),
 		handshk:       semaphore.NewWeighted(int64(cfg.MaxHandshakes)),
 		budget:        NewBudget(cfg.MemoryBudget),
-		acceptState:   cfg.AcceptState,
 		emptied:       make(chan struct{}, 1),
-	}
-	if srv.acceptState == nil {
-		srv.acceptState = &acceptloop.State{}
-	}
-	if srv.acceptState.Log == nil {
-		srv.acceptState.Log = srv.log
 	}
 	srv.pending.init(cfg.MaxPendingLinks, cfg.MaxPendingPerSource)
 	srv.refusals.log = srv.log
@@ -239,12 +229,13 @@ func (srv *Server) Serve(l net.Listener) error {
 		srv.mu.Unlock()
 		return ErrServerClosed
 	}
-	srv.listeners[l] = struct{}{}
+	health := &acceptloop.State{Log: srv.log}
+	srv.listeners[l] = health
 	srv.wg.Add(1)
 	srv.mu.Unlock()
 	defer srv.wg.Done()
 	for {
-		c, err := acceptloop.Accept(l, srv.acceptState, srv.closed)
+		c, err := acceptloop.Accept(l, health, srv.closed)
 		if err != nil {
 			select {
 			case <-srv.closed:
@@ -263,7 +254,17 @@ func (srv *Server) Serve(l net.Listener) error {
 
 // AcceptErr is non-nil while Serve's accepts are failing (for example
 // with too many open files), for a health check.
-func (srv *Server) AcceptErr() error { return srv.acceptState.Err() }
+func (srv *Server) AcceptErr() error {
+	srv.mu.Lock()
+	defer srv.mu.Unlock()
+	var errs []error
+	for _, h := range srv.listeners {
+		if err := h.Err(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
 
 // ServeLink runs the handshake on one link from any transport and returns
 // when the link is attached to a session or refused. It takes ownership of
