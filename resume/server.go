@@ -143,10 +143,10 @@ type Server struct {
 	cfg ServerConfig
 	log *slog.Logger
 
-	mu        sync.Mutex
-	sessions  map[SessionID]*session
-	tombs     map[SessionID]*tomb
-	sources   map[string]*rate.Limiter
+	mu       sync.Mutex
+	sessions map[SessionID]*session
+	tombs    map[SessionID]*tomb
+	sources  map[string]*rate.Limiter
 	// listeners maps each listener Serve runs on to its accept health.
 	listeners map[net.Listener]*acceptloop.State
 	draining  bool
