@@ -53,6 +53,12 @@ type stackOpts struct {
 	probe      func(entry string) error // checks the path end to end
 }
 
+// Liveness settings of the resume and soak scenarios.
+const (
+	pingInterval    = 100 * time.Millisecond
+	livenessTimeout = 400 * time.Millisecond
+)
+
 func (r *runner) startStack(ctx context.Context, cfg, upstream string, o stackOpts) (*stack, error) {
 	s := &stack{config: cfg}
 	switch {
