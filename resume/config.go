@@ -39,6 +39,16 @@ type Config struct {
 	PingInterval    time.Duration
 	LivenessTimeout time.Duration
 
+	// KeepaliveInterval is how long an idle link (nothing unacknowledged)
+	// may stay silent before the client sends a PING; the gateway waits
+	// twice as long before it pings itself. It keeps NAT bindings alive
+	// and bounds how long a dead path under an idle session goes unseen:
+	// KeepaliveInterval + LivenessTimeout on the client, twice the
+	// interval plus LivenessTimeout on the gateway. PingInterval and
+	// LivenessTimeout govern busy links. 0 disables idle probing, for a
+	// transport with keep-alives of its own (QUIC).
+	KeepaliveInterval time.Duration
+
 	// HandshakeTimeout bounds dialing plus HELLO/RESUME on a new link, on
 	// both sides; a peer that connects and says nothing is dropped.
 	HandshakeTimeout time.Duration
@@ -72,14 +82,19 @@ type Config struct {
 //     measured the same), and free when idle because buffers are chunked.
 //   - 8 MiB while disconnected: lets a chatty upstream keep writing for a
 //     while before TCP backpressure reaches it.
-//   - ping 1 s, dead after 4 s: a blackholed link is found in 4 s; an idle
-//     link costs one 12-byte PING and PONG per second.
+//   - ping 1 s, dead after 4 s: a busy link (data unacknowledged) on a
+//     blackholed path is found in 4 s.
+//   - keepalive 25 s: an idle link costs one 12-byte PING and PONG per
+//     25 s, below the 30 s that many home routers keep a UDP binding (and
+//     far below TCP's), and a dead path under an idle session is found
+//     within 29 s by the client, 54 s by the gateway.
 const (
 	DefaultReconnectTimeout  = 60 * time.Second
 	DefaultBufferSize        = 2 << 20
 	DefaultDisconnectedLimit = 8 << 20
 	DefaultPingInterval      = time.Second
 	DefaultLivenessTimeout   = 4 * time.Second
+	DefaultKeepaliveInterval = 25 * time.Second
 	DefaultHandshakeTimeout  = 5 * time.Second
 	DefaultAckDelay          = 5 * time.Millisecond
 	DefaultLingerTimeout     = 10 * time.Second
@@ -97,6 +112,7 @@ func DefaultConfig() *Config {
 		DisconnectedBufferSize: DefaultDisconnectedLimit,
 		PingInterval:           DefaultPingInterval,
 		LivenessTimeout:        DefaultLivenessTimeout,
+		KeepaliveInterval:      DefaultKeepaliveInterval,
 		HandshakeTimeout:       DefaultHandshakeTimeout,
 		AckDelay:               DefaultAckDelay,
 		LingerTimeout:          DefaultLingerTimeout,
@@ -121,6 +137,8 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("resume: PingInterval %v must be positive", c.PingInterval)
 	case c.LivenessTimeout <= c.PingInterval:
 		return fmt.Errorf("resume: LivenessTimeout %v must exceed PingInterval %v", c.LivenessTimeout, c.PingInterval)
+	case c.KeepaliveInterval != 0 && c.KeepaliveInterval < c.PingInterval:
+		return fmt.Errorf("resume: KeepaliveInterval %v must be 0 or at least PingInterval %v", c.KeepaliveInterval, c.PingInterval)
 	case c.HandshakeTimeout <= 0:
 		return fmt.Errorf("resume: HandshakeTimeout %v must be positive", c.HandshakeTimeout)
 	case c.AckDelay <= 0:

@@ -46,9 +46,16 @@ type link struct {
 	lastRecv   atomic.Int64 // UnixNano of the last frame received
 	liveMu     sync.Mutex
 	live       *time.Timer // nil once stopped
+	liveAt     time.Time   // when live fires; zero while idle and unarmed
 
 	// Under s.mu.
 	grace   *time.Timer // a retired link's grace period
+	pingAt  int64       // UnixNano of the last PING sent
+	// busyAt is when the link last turned busy (UnixNano): silence on a
+	// busy link counts from then or from the last frame, whichever is
+	// later, as TCP's user timeout counts from the oldest unacknowledged
+	// transmission.
+	busyAt int64
 	pingDue bool
 	pongDue bool
 	pongVal uint64
@@ -209,35 +216,103 @@ func (l *link) start() {
 	l.liveMu.Lock()
 	if !isClosed(l.closed) {
 		l.live = time.AfterFunc(s.cfg.PingInterval, l.checkLiveness)
+		l.liveAt = time.Now().Add(s.cfg.PingInterval)
 	}
 	l.liveMu.Unlock()
 	l.kick()
 }
 
-// checkLiveness runs on the link's timer: PING after PingInterval of
-// silence, declare the link dead after LivenessTimeout.
+// Liveness is acknowledgement-driven, as TCP's user timeout is, so that an
+// idle session costs (almost) nothing:
+//
+//   - A busy link (DATA sent and not yet acknowledged, or a PING not yet
+//     answered) must hear from the peer within LivenessTimeout. After
+//     PingInterval of silence it sends a PING, so that a peer with nothing
+//     to say still answers.
+//   - An idle link only keeps its path alive: after KeepaliveInterval of
+//     silence the client sends a PING (it keeps NAT bindings, and the
+//     PING makes the link busy, so a path that died is found a
+//     LivenessTimeout later). The gateway waits twice as long before it
+//     pings, so that its client's keepalive normally comes first and an
+//     idle session costs one PING and one PONG per KeepaliveInterval.
+//
+// A link's timer fires only when one of these is due; a link that turns
+// busy pulls it in (armBusy).
+
+// busy reports whether the link waits for the peer. Caller holds s.mu.
+func (l *link) busy() bool {
+	return l.s.send.next > l.s.send.acked || l.pingAt > l.lastRecv.Load()
+}
+
+// keepalive is how long an idle link may stay silent before this side
+// probes it (0: never).
+func (l *link) keepalive() time.Duration {
+	if l.s.cl == nil {
+		return 2 * l.s.cfg.KeepaliveInterval
+	}
+	return l.s.cfg.KeepaliveInterval
+}
+
+// checkLiveness runs on the link's timer.
 func (l *link) checkLiveness() {
 	s := l.s
-	idle := time.Since(time.Unix(0, l.lastRecv.Load()))
-	if idle >= s.cfg.LivenessTimeout {
-		s.linkFailed(l, errLivenessTimer)
+	cfg := s.cfg
+	s.mu.Lock()
+	if s.link != l {
+		s.unlock()
 		return
 	}
-	next := s.cfg.PingInterval - idle
-	if idle >= s.cfg.PingInterval {
-		s.mu.Lock()
-		if s.link == l {
-			l.pingDue = true
-			l.kick()
-		}
+	busy := l.busy()
+	idle := time.Since(time.Unix(0, l.lastRecv.Load()))
+	if busy {
+		idle = time.Since(time.Unix(0, max(l.lastRecv.Load(), l.busyAt)))
+	}
+	var next time.Duration // 0: not rearmed (idle, no keepalive)
+	switch {
+	case busy && idle >= cfg.LivenessTimeout:
 		s.unlock()
-		next = min(s.cfg.PingInterval, s.cfg.LivenessTimeout-idle)
+		s.linkFailed(l, errLivenessTimer)
+		return
+	case busy && idle >= cfg.PingInterval:
+		l.pingDue = true
+		l.kick()
+		next = min(cfg.PingInterval, cfg.LivenessTimeout-idle)
+	case busy:
+		next = cfg.PingInterval - idle
+	case l.keepalive() > 0 && idle >= l.keepalive():
+		l.pingDue = true // the PING makes the link busy
+		l.kick()
+		next = cfg.PingInterval
+	case l.keepalive() > 0:
+		next = l.keepalive() - idle
 	}
+	s.unlock()
 	l.liveMu.Lock()
-	if l.live != nil {
-		l.live.Reset(next)
+	defer l.liveMu.Unlock()
+	if l.live == nil {
+		return
 	}
-	l.liveMu.Unlock()
+	if next > 0 {
+		l.live.Reset(next)
+		l.liveAt = time.Now().Add(next)
+	} else {
+		l.liveAt = time.Time{}
+	}
+}
+
+// armBusy makes the timer fire within PingInterval: the link has just
+// turned busy. Caller holds s.mu.
+func (l *link) armBusy() {
+	l.liveMu.Lock()
+	defer l.liveMu.Unlock()
+	if l.live == nil {
+		return
+	}
+	due := time.Now().Add(l.s.cfg.PingInterval)
+	if l.liveAt.IsZero() || l.liveAt.After(due) {
+		l.live.Reset(l.s.cfg.PingInterval)
+		l.liveAt = due
+	}
 }
 
 func (l *link) readLoop(prev *link) {
@@ -508,8 +583,13 @@ func (l *link) collect() int {
 		l.pongDue = false
 	}
 	if l.pingDue {
-		l.scratch = frame.AppendU64(l.scratch, frame.TypePing, uint64(time.Now().UnixNano()))
+		now := time.Now().UnixNano()
+		if !l.busy() {
+			l.busyAt = now
+		}
+		l.scratch = frame.AppendU64(l.scratch, frame.TypePing, uint64(now))
 		l.pingDue = false
+		l.pingAt = now
 	}
 	if !s.aborted && s.ackNeeded() {
 		fl := uint8(0)
@@ -535,6 +615,7 @@ func (l *link) collect() int {
 		limit := min(s.send.End(), s.send.window)
 		budget := writeBatch
 		from := s.send.next
+		wasIdle := !l.busy()
 		for s.send.next < limit && budget > 0 && np < len(pieces)-6 {
 			n := int(min(limit-s.send.next, uint64(frame.MaxPayload), uint64(budget)))
 			l.scratch = frame.AppendDataHeader(l.scratch, n)
@@ -554,6 +635,10 @@ func (l *link) collect() int {
 			s.send.pin(from)
 			l.pinned, l.pinAt = true, from
 			s.send.highest = max(s.send.highest, s.send.next)
+			if wasIdle {
+				l.busyAt = time.Now().UnixNano()
+				l.armBusy()
+			}
 		}
 		if s.send.shut && !s.send.finSent && s.send.next == s.send.End() {
 			l.scratch = frame.AppendU64(l.scratch, frame.TypeCloseWrite, s.send.End())

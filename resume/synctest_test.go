@@ -43,8 +43,13 @@ func (h *holeConn) Write(p []byte) (int, error) {
 	return h.Conn.Write(p)
 }
 
+// Close on a silent path is lost like everything else: the peer sees
+// no FIN (its end closes when the peer gives up on the link).
 func (h *holeConn) Close() error {
 	h.once.Do(func() { close(h.closed) })
+	if h.silent.Load() {
+		return nil
+	}
 	return h.Conn.Close()
 }
 
@@ -80,52 +85,232 @@ func (g *gate) attempts() []time.Time {
 	return append([]time.Time(nil), g.calls...)
 }
 
-func TestLivenessDetectsBlackhole(t *testing.T) {
+// holes returns a wrap function for memEnv that makes every client link a
+// holeConn, and a way to get the n-th one.
+func holes() (wrap func(net.Conn) net.Conn, nth func(int) *holeConn) {
+	var mu sync.Mutex
+	var hs []*holeConn
+	wrap = func(c net.Conn) net.Conn {
+		h := newHole(c)
+		mu.Lock()
+		hs = append(hs, h)
+		mu.Unlock()
+		return h
+	}
+	nth = func(i int) *holeConn {
+		mu.Lock()
+		defer mu.Unlock()
+		return hs[i]
+	}
+	return wrap, nth
+}
+
+// A busy link (data sent, not acknowledged) on a path that goes silent is
+// declared dead LivenessTimeout after the last frame from the peer, on
+// both sides, and the client resumes on a new link.
+func TestLivenessBusyLinkBlackholed(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		cfg := DefaultConfig()
-		var mu sync.Mutex
-		var holes []*holeConn
-		e := memEnv(t, serverConfig(cfg), func(c net.Conn) net.Conn {
-			h := newHole(c)
-			mu.Lock()
-			holes = append(holes, h)
-			mu.Unlock()
-			return h
-		})
+		wrap, hole := holes()
+		e := memEnv(t, serverConfig(cfg), wrap)
 		defer e.stop()
 		c, s := e.pair(cfg)
-
-		// An idle link stays up: PINGs and PONGs keep it alive.
-		time.Sleep(30 * time.Second)
 		synctest.Wait()
-		if f := c.Stats().LinkFailures + s.Stats().LinkFailures; f != 0 {
-			t.Fatalf("idle link failed %d times", f)
-		}
 
-		mu.Lock()
-		holes[0].silent.Store(true)
-		mu.Unlock()
-		// Not declared dead while within the liveness timeout of the last
-		// frame (which came at most one ping interval ago).
-		time.Sleep(cfg.LivenessTimeout - cfg.PingInterval - time.Millisecond)
+		hole(0).silent.Store(true)
+		c.Write([]byte("lost in the hole"))
+		// Not dead while within the liveness timeout of the last frame.
+		time.Sleep(cfg.LivenessTimeout - time.Millisecond)
 		synctest.Wait()
 		if f := c.Stats().LinkFailures; f != 0 {
-			t.Fatalf("declared dead after %v of silence", cfg.LivenessTimeout-cfg.PingInterval)
+			t.Fatalf("declared dead after %v of silence", cfg.LivenessTimeout-time.Millisecond)
 		}
-		time.Sleep(cfg.PingInterval + 2*time.Millisecond)
+		time.Sleep(2 * time.Millisecond)
 		synctest.Wait()
 		if f := c.Stats().LinkFailures; f != 1 {
-			t.Fatalf("link failures %d after %v of silence, want 1", f, cfg.LivenessTimeout)
+			t.Fatalf("link failures %d after %v of silence with data in flight, want 1", f, cfg.LivenessTimeout)
 		}
-		// The client resumes at once on a new link; the gateway's own
-		// liveness check (or the resume) retires the silent link.
 		if c.State() != StateActive || c.Stats().Resumes != 1 {
 			t.Fatalf("client %v, %d resumes", c.State(), c.Stats().Resumes)
 		}
-		c.Write([]byte("after"))
-		b := make([]byte, 5)
-		if _, err := io.ReadFull(s, b); err != nil || string(b) != "after" {
+		b := make([]byte, 16)
+		if _, err := io.ReadFull(s, b); err != nil || string(b) != "lost in the hole" {
 			t.Fatalf("after resume: %q %v", b, err)
+		}
+		c.Reset(CodeAppReset, "done")
+		s.Close()
+	})
+}
+
+// An idle link on a path that goes silent costs nothing until the client's
+// keepalive: its PING makes the link busy, and it is declared dead
+// LivenessTimeout later. The gateway, whose client no longer pings, probes
+// after twice the keepalive and parks the session a LivenessTimeout later.
+func TestLivenessIdleLinkBlackholed(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		cfg := DefaultConfig()
+		sc := serverConfig(cfg)
+		wrap, hole := holes()
+		e := memEnv(t, sc, wrap)
+		defer e.stop()
+		cc := *cfg
+		cc.ReconnectTimeout = 5 * time.Minute
+		g := &gate{dial: e.dial}
+		c, err := Dial(context.Background(), g.Dial, "r", &cc)
+		if err != nil {
+			t.Fatal(err)
+		}
+		s, _ := e.srv.Accept()
+		synctest.Wait()
+		g.set(true) // the path stays down: no resume hides the gateway's detection
+		hole(0).silent.Store(true)
+		start := time.Now()
+
+		// The last frame the client got was at start at the latest.
+		bound := cfg.KeepaliveInterval + cfg.LivenessTimeout
+		time.Sleep(bound - 2*time.Millisecond)
+		synctest.Wait()
+		if f := c.Stats().LinkFailures; f != 0 {
+			t.Fatalf("idle client link declared dead after %v", time.Since(start))
+		}
+		time.Sleep(10 * time.Millisecond)
+		synctest.Wait()
+		if f := c.Stats().LinkFailures; f != 1 {
+			t.Fatalf("idle client link: %d failures after %v, want 1 within keepalive+liveness %v", f, time.Since(start), bound)
+		}
+		gbound := 2*cfg.KeepaliveInterval + cfg.LivenessTimeout
+		time.Sleep(gbound - time.Since(start) - 2*time.Millisecond)
+		synctest.Wait()
+		if st := s.State(); st != StateActive {
+			t.Fatalf("gateway %v after %v, before its bound", st, time.Since(start))
+		}
+		time.Sleep(10 * time.Millisecond)
+		synctest.Wait()
+		if st := s.State(); st != StateDisconnected {
+			t.Fatalf("gateway %v after %v, want DISCONNECTED within 2*keepalive+liveness %v", st, time.Since(start), gbound)
+		}
+		c.Reset(CodeAppReset, "done")
+		s.Reset(CodeAppReset, "done")
+	})
+}
+
+// The whole path goes down under many sessions, some busy and some idle:
+// each is found within its own bound, and every one resumes when the path
+// returns.
+func TestLivenessWholePathDown(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		cfg := DefaultConfig()
+		wrap, hole := holes()
+		e := memEnv(t, serverConfig(cfg), wrap)
+		defer e.stop()
+		g := &gate{dial: e.dial}
+		const n = 8
+		var cs, ss []*Conn
+		for i := 0; i < n; i++ {
+			c, err := Dial(context.Background(), g.Dial, "r", cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			s, _ := e.srv.Accept()
+			cs, ss = append(cs, c), append(ss, s)
+		}
+		synctest.Wait()
+		g.set(true)
+		for i := 0; i < n; i++ {
+			hole(i).silent.Store(true)
+		}
+		for i := 0; i < n; i += 2 { // the even ones are busy
+			cs[i].Write([]byte{byte(i)})
+		}
+		time.Sleep(cfg.LivenessTimeout + time.Millisecond)
+		synctest.Wait()
+		for i, c := range cs {
+			want := 0
+			if i%2 == 0 {
+				want = 1
+			}
+			if f := c.Stats().LinkFailures; f != want {
+				t.Fatalf("session %d: %d failures after the liveness timeout, want %d", i, f, want)
+			}
+		}
+		time.Sleep(cfg.KeepaliveInterval)
+		synctest.Wait()
+		for i, c := range cs {
+			if f := c.Stats().LinkFailures; f != 1 {
+				t.Fatalf("session %d: %d failures after keepalive+liveness, want 1", i, f)
+			}
+		}
+		g.set(false)
+		time.Sleep(2 * time.Second) // backoff tops out at 1 s
+		synctest.Wait()
+		for i, c := range cs {
+			if st := c.State(); st != StateActive {
+				t.Fatalf("session %d %v after the path came back", i, st)
+			}
+			c.Write([]byte{0xee})
+		}
+		for i, s := range ss {
+			want := []byte{0xee}
+			if i%2 == 0 {
+				want = []byte{byte(i), 0xee}
+			}
+			got := make([]byte, len(want))
+			if _, err := io.ReadFull(s, got); err != nil || string(got) != string(want) {
+				t.Fatalf("session %d after resume: %x %v, want %x", i, got, err, want)
+			}
+		}
+		for i := range cs {
+			cs[i].Reset(CodeAppReset, "done")
+			ss[i].Close()
+		}
+	})
+}
+
+// countConn counts the bytes and writes on the client end of a link.
+type countConn struct {
+	net.Conn
+	writes, wbytes, rbytes atomic.Int64
+}
+
+func (c *countConn) Write(p []byte) (int, error) {
+	c.writes.Add(1)
+	c.wbytes.Add(int64(len(p)))
+	return c.Conn.Write(p)
+}
+
+func (c *countConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	c.rbytes.Add(int64(n))
+	return n, err
+}
+
+// An idle session costs one PING (client) and one PONG (gateway) per
+// KeepaliveInterval: it keeps NAT bindings, and nothing else is sent.
+func TestLivenessIdleKeepaliveCadence(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		cfg := DefaultConfig()
+		var cc *countConn
+		e := memEnv(t, serverConfig(cfg), func(c net.Conn) net.Conn {
+			cc = &countConn{Conn: c}
+			return cc
+		})
+		defer e.stop()
+		c, s := e.pair(cfg)
+		time.Sleep(time.Second) // the first PING and its PONG
+		synctest.Wait()
+		w0, wb0, rb0 := cc.writes.Load(), cc.wbytes.Load(), cc.rbytes.Load()
+		const periods = 8
+		time.Sleep(periods * cfg.KeepaliveInterval)
+		synctest.Wait()
+		const pingLen = 4 + 8 // header and u64
+		if w, wb := cc.writes.Load()-w0, cc.wbytes.Load()-wb0; w != periods || wb != periods*pingLen {
+			t.Fatalf("client sent %d writes, %d bytes in %d keepalive intervals; want %d PINGs of %d bytes", w, wb, periods, periods, pingLen)
+		}
+		if rb := cc.rbytes.Load() - rb0; rb != periods*pingLen {
+			t.Fatalf("gateway sent %d bytes in %d keepalive intervals; want %d PONGs of %d bytes (and no PING of its own)", rb, periods, periods, pingLen)
+		}
+		if f := c.Stats().LinkFailures + s.Stats().LinkFailures; f != 0 {
+			t.Fatalf("idle link failed %d times", f)
 		}
 		c.Reset(CodeAppReset, "done")
 		s.Close()
