@@ -49,13 +49,13 @@ type link struct {
 	liveAt     time.Time   // when live fires; zero while idle and unarmed
 
 	// Under s.mu.
-	grace   *time.Timer // a retired link's grace period
-	pingAt  int64       // UnixNano of the last PING sent
+	grace  *time.Timer // a retired link's grace period
+	pingAt int64       // UnixNano of the last PING sent
 	// busyAt is when the link last turned busy (UnixNano): silence on a
 	// busy link counts from then or from the last frame, whichever is
 	// later, as TCP's user timeout counts from the oldest unacknowledged
 	// transmission.
-	busyAt int64
+	busyAt  int64
 	pingDue bool
 	pongDue bool
 	pongVal uint64
