@@ -2,7 +2,6 @@ package proxy
 
 import (
 	"context"
-	"crypto/tls"
 	"crypto/x509"
 	"errors"
 	"log/slog"
@@ -10,49 +9,16 @@ import (
 	"sync"
 	"time"
 
+	"github.com/lifeline-proxy/lifeline/proxy/transport"
 	"github.com/lifeline-proxy/lifeline/resume"
 )
-
-// CertVerifyFailure reports whether err (from a LinkDialer's Dial, or
-// anything wrapping it) is the gateway's certificate failing this client's
-// verification: not chaining to the system roots or --tls-ca, a name
-// mismatch, or a --tls-pin mismatch. It returns the certificate the
-// gateway presented. Such a failure does not heal by retrying: the client
-// is configured for another gateway, or the gateway for another
-// certificate.
-func CertVerifyFailure(err error) (*x509.Certificate, bool) {
-	var cve *tls.CertificateVerificationError
-	if !errors.As(err, &cve) {
-		return nil, false
-	}
-	if len(cve.UnverifiedCertificates) == 0 {
-		return nil, true
-	}
-	return cve.UnverifiedCertificates[0], true
-}
-
-// NotTLS reports whether err is a TLS client's handshake meeting a peer
-// that does not speak TLS: typically a gateway run with --transport tcp
-// dialed by a client with tls (the default). Retrying does not heal it.
-func NotTLS(err error) bool {
-	var rhe tls.RecordHeaderError
-	var rhep *tls.RecordHeaderError
-	return errors.As(err, &rhe) || errors.As(err, &rhep)
-}
-
-// certVerifyError is what our own verification callbacks (pin, CA pool)
-// return: the same type crypto/tls returns when the system roots or
-// RootCAs reject a chain, so that CertVerifyFailure finds every case.
-func certVerifyError(certs []*x509.Certificate, err error) error {
-	return &tls.CertificateVerificationError{UnverifiedCertificates: certs, Err: err}
-}
 
 // certFixHint says what to do about a certificate verification failure.
 func certFixHint(leaf *x509.Certificate, err error) string {
 	if leaf == nil {
 		return "the gateway sent no certificate; check --gateway and --transport"
 	}
-	fp := CertFingerprint(leaf.Raw)
+	fp := transport.CertFingerprint(leaf.Raw)
 	hint := "if " + fp + " is the fingerprint the gateway logs at start (a gateway without --tls-cert), pin it: " +
 		"--tls-pin " + fp + " (tls: {pin: ...} in a config file); if the gateway's certificate is issued by a CA, " +
 		"give that CA with --tls-ca FILE"
@@ -81,7 +47,7 @@ type certLog struct {
 }
 
 type certLogKey struct {
-	d      LinkDialer
+	d      transport.Dialer
 	notTLS bool
 }
 
@@ -94,8 +60,8 @@ type certLogState struct {
 // gateway not speaking TLS) and the listener's last such line is older
 // than certLogEvery.
 func (l *certLog) report(log *slog.Logger, r ClientRoute, err error) {
-	leaf, ok := CertVerifyFailure(err)
-	notTLS := !ok && NotTLS(err)
+	leaf, ok := transport.CertVerifyFailure(err)
+	notTLS := !ok && transport.NotTLS(err)
 	if !ok && !notTLS {
 		return
 	}
@@ -128,7 +94,7 @@ func (l *certLog) report(log *slog.Logger, r ClientRoute, err error) {
 		return
 	}
 	if leaf != nil {
-		args = append(args, "gateway_sha256", CertFingerprint(leaf.Raw), "gateway_subject", leaf.Subject.String())
+		args = append(args, "gateway_sha256", transport.CertFingerprint(leaf.Raw), "gateway_subject", leaf.Subject.String())
 	}
 	args = append(args, "fix", certFixHint(leaf, err))
 	if suppressed > 0 {

@@ -3,8 +3,6 @@ package proxy
 import (
 	"bufio"
 	"bytes"
-	"context"
-	"crypto/tls"
 	"encoding/json"
 	"encoding/pem"
 	"errors"
@@ -20,6 +18,7 @@ import (
 
 	"github.com/lifeline-proxy/lifeline/internal/faultnet"
 	"github.com/lifeline-proxy/lifeline/internal/testnet"
+	"github.com/lifeline-proxy/lifeline/proxy/transport"
 )
 
 // logSink collects JSON log lines.
@@ -75,17 +74,17 @@ func checkCertLine(t *testing.T, m map[string]any, fp string) {
 // gateway's actual fingerprint; repeats within a minute are not logged
 // again (issue 8, item 8).
 func TestCertFailureResetsNewSessionAtOnce(t *testing.T) {
-	for _, transport := range []string{"tls", "quic"} {
-		t.Run(transport, func(t *testing.T) {
-			gwCert, err := newSelfSignedCert()
+	for _, name := range []string{"tls", "quic"} {
+		t.Run(name, func(t *testing.T) {
+			gwCert, err := transport.SelfSignedCert()
 			if err != nil {
 				t.Fatal(err)
 			}
-			other, err := newSelfSignedCert()
+			other, err := transport.SelfSignedCert()
 			if err != nil {
 				t.Fatal(err)
 			}
-			fp := CertFingerprint(gwCert.Leaf.Raw)
+			fp := transport.CertFingerprint(gwCert.Leaf.Raw)
 			sink := &logSink{}
 			gw, err := NewGateway(GatewayConfig{Routes: []Route{{Name: "default", Upstream: testnet.EchoServer(t)}},
 				Server: defaultServerForTest(), Logger: testLogger(t)})
@@ -93,12 +92,12 @@ func TestCertFailureResetsNewSessionAtOnce(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer gw.Close()
-			ll, err := Listen(transport, "127.0.0.1:0", SelfSignedServerTLS(gwCert))
+			ll, err := transport.Listen(transport.Config{Name: name, Addr: "127.0.0.1:0", TLS: transport.ServerTLS(gwCert)})
 			if err != nil {
 				t.Fatal(err)
 			}
 			go gw.Serve(ll)
-			d, err := NewDialer(transport, ll.Addr().String(), PinnedTLS(CertFingerprint(other.Leaf.Raw), ""))
+			d, err := transport.NewDialer(transport.Config{Name: name, Addr: ll.Addr().String(), TLS: transport.PinnedTLS(transport.CertFingerprint(other.Leaf.Raw), "")})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -141,21 +140,21 @@ func TestCertFailureResetsNewSessionAtOnce(t *testing.T) {
 // right certificate is back (issue 8, item 8).
 func TestCertFailureOnRedialLoggedAtOnce(t *testing.T) {
 	dir := t.TempDir()
-	ca, caKey, _ := writeCA(t, dir, "ca")
-	certPath, keyPath := writeLeaf(t, dir, "gateway", ca, caKey, 2)
+	ca, caKey, _ := testnet.WriteCA(t, dir, "ca")
+	certPath, keyPath := testnet.WriteLeaf(t, dir, "gateway", ca, caKey, 2)
 	certA, _ := os.ReadFile(certPath)
 	keyA, _ := os.ReadFile(keyPath)
 	pemFP := func(b []byte) string {
 		blk, _ := pem.Decode(b)
-		return CertFingerprint(blk.Bytes)
+		return transport.CertFingerprint(blk.Bytes)
 	}
 	fpA := pemFP(certA)
-	gstore, err := NewCertStore(TLSFiles{Cert: certPath, Key: keyPath})
+	gstore, err := transport.NewCertStore(transport.TLSFiles{Cert: certPath, Key: keyPath})
 	if err != nil {
 		t.Fatal(err)
 	}
 	stc, _ := gstore.ServerConfig()
-	cstore, err := NewCertStore(TLSFiles{Pin: fpA})
+	cstore, err := transport.NewCertStore(transport.TLSFiles{Pin: fpA})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -167,7 +166,7 @@ func TestCertFailureOnRedialLoggedAtOnce(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer gw.Close()
-	ll, err := Listen("tls", "127.0.0.1:0", stc)
+	ll, err := transport.Listen(transport.Config{Name: "tls", Addr: "127.0.0.1:0", TLS: stc})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -177,7 +176,7 @@ func TestCertFailureOnRedialLoggedAtOnce(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer relay.Close()
-	d, err := NewDialer("tls", relay.Addr(), cstore.ClientConfig())
+	d, err := transport.NewDialer(transport.Config{Name: "tls", Addr: relay.Addr(), TLS: cstore.ClientConfig()})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -204,7 +203,7 @@ func TestCertFailureOnRedialLoggedAtOnce(t *testing.T) {
 	echo("before")
 
 	// The gateway now serves certificate B; the link breaks.
-	writeLeaf(t, dir, "gateway", ca, caKey, 3)
+	testnet.WriteLeaf(t, dir, "gateway", ca, caKey, 3)
 	certB, _ := os.ReadFile(certPath)
 	if err := gstore.Reload(); err != nil {
 		t.Fatal(err)
@@ -234,66 +233,6 @@ func TestCertFailureOnRedialLoggedAtOnce(t *testing.T) {
 	}
 }
 
-// Every way this client's verification fails is recognised, with the
-// certificate the gateway presented: a pin mismatch, a chain to an
-// unknown CA (a --tls-ca pool, or the system roots).
-func TestCertVerifyFailureFindsThePresentedCertificate(t *testing.T) {
-	gwCert, err := newSelfSignedCert()
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir := t.TempDir()
-	_, _, caPath := writeCA(t, dir, "unrelated-ca")
-	withCA, err := NewCertStore(TLSFiles{CA: caPath})
-	if err != nil {
-		t.Fatal(err)
-	}
-	systemRoots, _ := NewCertStore(TLSFiles{})
-	clients := map[string]*tls.Config{
-		"pin":          PinnedTLS(strings.Repeat("ab", 32), ""),
-		"ca":           withCA.ClientConfig(),
-		"system roots": systemRoots.ClientConfig(),
-	}
-	ll, err := Listen("tls", "127.0.0.1:0", SelfSignedServerTLS(gwCert))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ll.Close()
-	go func() {
-		for {
-			c, err := ll.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				c.SetDeadline(time.Now().Add(5 * time.Second))
-				c.Read(make([]byte, 1))
-				c.Close()
-			}()
-		}
-	}()
-	for name, tc := range clients {
-		d, err := NewDialer("tls", ll.Addr().String(), tc)
-		if err != nil {
-			t.Fatal(err)
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		c, err := d.Dial(ctx)
-		cancel()
-		if err == nil {
-			c.Close()
-			t.Fatalf("%s: an unverifiable gateway was accepted", name)
-		}
-		leaf, ok := CertVerifyFailure(err)
-		if !ok || leaf == nil || !bytes.Equal(leaf.Raw, gwCert.Leaf.Raw) {
-			t.Errorf("%s: CertVerifyFailure(%v) = %v, %v; want the gateway's certificate", name, err, leaf != nil, ok)
-		}
-	}
-	if _, ok := CertVerifyFailure(errors.New("connection refused")); ok {
-		t.Error("a plain dial error taken for a certificate failure")
-	}
-}
-
 // A client with tls (the default) in front of a gateway that runs tcp (the
 // default of older versions) does not retry for the reconnect timeout
 // while the application hangs: the application is reset at once, and one
@@ -306,12 +245,12 @@ func TestPlaintextGatewayResetsTLSClientAtOnce(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer gw.Close()
-	ll, err := Listen("tcp", "127.0.0.1:0", nil)
+	ll, err := transport.Listen(transport.Config{Name: "tcp", Addr: "127.0.0.1:0"})
 	if err != nil {
 		t.Fatal(err)
 	}
 	go gw.Serve(ll)
-	d, err := NewDialer("tls", ll.Addr().String(), PinnedTLS(strings.Repeat("ab", 32), ""))
+	d, err := transport.NewDialer(transport.Config{Name: "tls", Addr: ll.Addr().String(), TLS: transport.PinnedTLS(strings.Repeat("ab", 32), "")})
 	if err != nil {
 		t.Fatal(err)
 	}

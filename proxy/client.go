@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/lifeline-proxy/lifeline/internal/acceptloop"
+	"github.com/lifeline-proxy/lifeline/proxy/transport"
 	"github.com/lifeline-proxy/lifeline/resume"
 )
 
@@ -17,7 +18,7 @@ import (
 // connect to it get a session on Route at the gateway reached by Dialer.
 type ClientRoute struct {
 	Route   string
-	Dialer  LinkDialer
+	Dialer  transport.Dialer
 	Session *resume.Config // nil: resume.DefaultConfig()
 	// Gateway names the gateway in logs.
 	Gateway string
@@ -38,7 +39,7 @@ type Client struct {
 	mu          sync.Mutex
 	listeners   map[net.Listener]struct{}
 	accepts     map[net.Listener]*acceptloop.State
-	dialers     []LinkDialer
+	dialers     []transport.Dialer
 	draining    bool
 	closed      bool
 	abort       context.Context // cancelled to force-close splices
@@ -203,7 +204,7 @@ func (c *Client) open(app *net.TCPConn, r ClientRoute, cfg *resume.Config) (*res
 			// HELLOs should delay the application, not reset it.
 			return nil, err
 		}
-		if _, bad := CertVerifyFailure(err); bad || NotTLS(err) {
+		if _, bad := transport.CertVerifyFailure(err); bad || transport.NotTLS(err) {
 			// The gateway's certificate will not verify on the next
 			// attempt either (nor will a gateway that does not speak
 			// TLS start to): the application gets its reset now.

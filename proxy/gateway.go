@@ -53,7 +53,7 @@ type Gateway struct {
 	tracker *Tracker
 
 	mu          sync.Mutex
-	listeners   []LinkListener
+	listeners   []net.Listener
 	draining    bool
 	abort       context.Context // cancelled to force-close splices
 	abortCancel context.CancelFunc
@@ -179,7 +179,7 @@ func (g *Gateway) Sessions() []SessionInfo { return g.tracker.Sessions("gateway"
 // pass (descriptor exhaustion) are retried with a backoff and reported by
 // AcceptErr; Serve returns nil once the gateway is closed, or the error
 // that broke l for good.
-func (g *Gateway) Serve(l LinkListener) error {
+func (g *Gateway) Serve(l net.Listener) error {
 	g.mu.Lock()
 	g.listeners = append(g.listeners, l)
 	g.mu.Unlock()

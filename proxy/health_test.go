@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/ecdh"
 	"crypto/rand"
-	"errors"
 	"io"
 	"net"
 	"net/http"
@@ -18,6 +17,7 @@ import (
 
 	"github.com/lifeline-proxy/lifeline/frame"
 	"github.com/lifeline-proxy/lifeline/internal/testnet"
+	"github.com/lifeline-proxy/lifeline/proxy/transport"
 	"github.com/lifeline-proxy/lifeline/resume"
 )
 
@@ -72,7 +72,7 @@ func TestClientSurvivesAcceptExhaustion(t *testing.T) {
 	ln.failing.Store(true)
 	cl := NewClient(ClientConfig{Logger: testLogger(t)})
 	defer cl.Close()
-	d, err := NewDialer("tcp", s.gwAddr, nil)
+	d, err := transport.NewDialer(transport.Config{Name: "tcp", Addr: s.gwAddr})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -146,7 +146,7 @@ func TestGatewaySurvivesAcceptExhaustion(t *testing.T) {
 	}
 
 	ln.failing.Store(false)
-	d, _ := NewDialer("tcp", real.Addr().String(), nil)
+	d, _ := transport.NewDialer(transport.Config{Name: "tcp", Addr: real.Addr().String()})
 	sess, err := resume.Dial(context.Background(), d.Dial, "default", fastConfig())
 	if err != nil {
 		t.Fatalf("new session after the exhaustion: %v", err)
@@ -226,39 +226,4 @@ func TestRefusalsAndUnconfirmedInMetrics(t *testing.T) {
 	waitFor(t, "unconfirmed session in the gauge", 5*time.Second, func() bool {
 		return metric("lifeline_sessions_unconfirmed") == "1"
 	})
-}
-
-// A QUIC listener whose quic-go listener stops (not by Close) makes Accept
-// fail, so that the gateway's Serve returns and the process can end,
-// instead of blocking for ever: a gateway that takes no new links.
-func TestQUICListenerDeathNotSilent(t *testing.T) {
-	tc, _, err := SelfSignedTLS()
-	if err != nil {
-		t.Fatal(err)
-	}
-	ll, err := ListenQUIC("127.0.0.1:0", tc, DefaultQUICConfig())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ll.Close()
-	ll.(*quicListener).ln.Close()
-	res := make(chan error, 1)
-	go func() {
-		c, err := ll.Accept()
-		if c != nil {
-			c.Close()
-		}
-		res <- err
-	}()
-	select {
-	case err := <-res:
-		if err == nil || errors.Is(err, net.ErrClosed) {
-			t.Fatalf("Accept after the listener died: %v, want an error that is not a Close", err)
-		}
-		t.Logf("Accept: %v", err)
-	case <-time.After(10 * time.Second):
-		ll.Close() // unblocks the Accept for goleak
-		<-res
-		t.Fatal("Accept still blocked 10s after the QUIC listener died")
-	}
 }

@@ -15,6 +15,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/lifeline-proxy/lifeline/internal/faultnet"
+	"github.com/lifeline-proxy/lifeline/proxy/transport"
 	"github.com/lifeline-proxy/lifeline/resume"
 )
 
@@ -98,7 +99,7 @@ func newStack(t testing.TB, o stackOpts) *stack {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ll, err := Listen(o.transport, "127.0.0.1:0", o.serverTLS)
+	ll, err := transport.Listen(transport.Config{Name: o.transport, Addr: "127.0.0.1:0", TLS: o.serverTLS, Logger: log})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -111,7 +112,7 @@ func newStack(t testing.TB, o stackOpts) *stack {
 	if o.noRelay {
 		linkAddr = ll.Addr().String()
 	}
-	dialer, err := NewDialer(o.transport, linkAddr, o.clientTLS)
+	dialer, err := transport.NewDialer(transport.Config{Name: o.transport, Addr: linkAddr, TLS: o.clientTLS, Logger: log})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -10,6 +10,7 @@ import (
 
 	"github.com/lifeline-proxy/lifeline/internal/faultnet"
 	"github.com/lifeline-proxy/lifeline/internal/testnet"
+	"github.com/lifeline-proxy/lifeline/proxy/transport"
 )
 
 // The proxy-level semantics of the TCP transport, over a QUIC link: many
@@ -17,13 +18,14 @@ import (
 // resets both ways. (Link failures over QUIC, with a UDP fault relay, are
 // in quic_test.go.)
 func TestProxyOverQUIC(t *testing.T) {
-	srvTLS, fp, err := SelfSignedTLS()
+	cert, err := transport.SelfSignedCert()
 	if err != nil {
 		t.Fatal(err)
 	}
+	srvTLS, fp := transport.ServerTLS(cert), transport.CertFingerprint(cert.Leaf.Raw)
 	quicStack := func(t *testing.T, upstream string) *stack {
 		return newStack(t, stackOpts{upstream: upstream, transport: "quic", noRelay: true,
-			serverTLS: srvTLS, clientTLS: PinnedTLS(fp, "")})
+			serverTLS: srvTLS, clientTLS: transport.PinnedTLS(fp, "")})
 	}
 	t.Run("echo", func(t *testing.T) {
 		s := quicStack(t, testnet.EchoServer(t))

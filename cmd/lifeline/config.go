@@ -15,6 +15,7 @@ import (
 	"go.yaml.in/yaml/v3"
 
 	"github.com/lifeline-proxy/lifeline/proxy"
+	"github.com/lifeline-proxy/lifeline/proxy/transport"
 	"github.com/lifeline-proxy/lifeline/resume"
 )
 
@@ -140,13 +141,13 @@ type routeFile struct {
 }
 
 type gatewayFile struct {
-	Listen         string         `yaml:"listen"`
-	Transport      string         `yaml:"transport"`
-	TLS            proxy.TLSFiles `yaml:"tls"`
-	MaxSessions    autoInt        `yaml:"max_sessions"`
-	MemoryBudget   autoSize       `yaml:"memory_budget"`
-	MaxHandshakes  int            `yaml:"max_handshakes"`
-	ConnectTimeout duration       `yaml:"connect_timeout"`
+	Listen         string             `yaml:"listen"`
+	Transport      string             `yaml:"transport"`
+	TLS            transport.TLSFiles `yaml:"tls"`
+	MaxSessions    autoInt            `yaml:"max_sessions"`
+	MemoryBudget   autoSize           `yaml:"memory_budget"`
+	MaxHandshakes  int                `yaml:"max_handshakes"`
+	ConnectTimeout duration           `yaml:"connect_timeout"`
 	// StateDir keeps the key pair a tls or quic gateway without a
 	// certificate generates (--state-dir).
 	StateDir    string `yaml:"state_dir"`
@@ -155,11 +156,11 @@ type gatewayFile struct {
 }
 
 type listenerFile struct {
-	Listen      string         `yaml:"listen"`
-	Gateway     string         `yaml:"gateway"`
-	Route       string         `yaml:"route"`
-	Transport   string         `yaml:"transport"`
-	TLS         proxy.TLSFiles `yaml:"tls"`
+	Listen      string             `yaml:"listen"`
+	Gateway     string             `yaml:"gateway"`
+	Route       string             `yaml:"route"`
+	Transport   string             `yaml:"transport"`
+	TLS         transport.TLSFiles `yaml:"tls"`
 	sessionFile `yaml:",inline"`
 }
 
@@ -347,8 +348,8 @@ func (s sessionFile) sessionConfig() (*resume.Config, error) {
 	return c, nil
 }
 
-func checkTransport(name string, tf proxy.TLSFiles, gateway bool) error {
-	if !proxy.KnownTransport(name) {
+func checkTransport(name string, tf transport.TLSFiles, gateway bool) error {
+	if !transport.Known(name) {
 		return fmt.Errorf("unknown transport %q (want tcp, tls or quic)", name)
 	}
 	if name == "tcp" && !tf.Empty() {
@@ -364,7 +365,7 @@ func checkTransport(name string, tf proxy.TLSFiles, gateway bool) error {
 		return errors.New("--tls-ca (mTLS) needs the gateway's own --tls-cert and --tls-key")
 	}
 	if tf.Pin != "" {
-		if _, err := proxy.ParseFingerprint(tf.Pin); err != nil {
+		if _, err := transport.ParseFingerprint(tf.Pin); err != nil {
 			return err
 		}
 		if tf.CA != "" {

@@ -12,6 +12,7 @@ import (
 
 	"github.com/lifeline-proxy/lifeline/internal/faultnet"
 	"github.com/lifeline-proxy/lifeline/proxy"
+	"github.com/lifeline-proxy/lifeline/proxy/transport"
 	"github.com/lifeline-proxy/lifeline/resume"
 )
 
@@ -89,7 +90,7 @@ func runDemo(args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	defer gw.Close()
-	ll, err := proxy.Listen("tcp", "127.0.0.1:0", nil)
+	ll, err := transport.Listen(transport.Config{Name: "tcp", Addr: "127.0.0.1:0"})
 	if err != nil {
 		return err
 	}
@@ -99,7 +100,7 @@ func runDemo(args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	defer relay.Close()
-	dialer, _ := proxy.NewDialer("tcp", relay.Addr(), nil)
+	dialer, _ := transport.NewDialer(transport.Config{Name: "tcp", Addr: relay.Addr()})
 	cl := proxy.NewClient(proxy.ClientConfig{Logger: log})
 	defer cl.Close()
 	appLn, err := net.Listen("tcp", "127.0.0.1:0")

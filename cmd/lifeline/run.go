@@ -19,6 +19,7 @@ import (
 
 	"github.com/lifeline-proxy/lifeline/internal/acceptloop"
 	"github.com/lifeline-proxy/lifeline/proxy"
+	"github.com/lifeline-proxy/lifeline/proxy/transport"
 	"github.com/lifeline-proxy/lifeline/resume"
 )
 
@@ -67,7 +68,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	case "bench-relay":
 		err = runBenchRelay(rest, stderr)
 	case "version", "--version", "-version":
-		fmt.Fprintf(stdout, "lifeline %s (%s)\n", versionString(), strings.Join(proxy.Transports(), ", "))
+		fmt.Fprintf(stdout, "lifeline %s (%s)\n", versionString(), strings.Join(transport.Names(), ", "))
 	case "help", "--help", "-help", "-h":
 		if len(rest) > 0 && (rest[0] == "gateway" || rest[0] == "client" || rest[0] == "demo") {
 			return run([]string{rest[0], "--help"}, stdout, stderr)
@@ -105,7 +106,7 @@ type options struct {
 	gateway      string // client
 	route        string
 	transport    string
-	tls          proxy.TLSFiles
+	tls          transport.TLSFiles
 	session      sessionFile
 	logFormat    string
 	logLevel     string
@@ -346,7 +347,7 @@ func runProxy(cmd string, args []string, stdout, stderr io.Writer) error {
 	// process then ends with it instead of living on without accepting.
 	failed := make(chan error, 8)
 	var (
-		stores   []*proxy.CertStore
+		stores   []*transport.CertStore
 		shutdown func(context.Context) error
 		closeAll func()
 		sessions func() []proxy.SessionInfo
@@ -473,14 +474,14 @@ func errText(err error) string {
 	return err.Error()
 }
 
-func tlsStore(transport string, tf proxy.TLSFiles) (*proxy.CertStore, error) {
-	if !proxy.TransportUsesTLS(transport) {
+func tlsStore(name string, tf transport.TLSFiles) (*transport.CertStore, error) {
+	if !transport.UsesTLS(name) {
 		return nil, nil
 	}
-	return proxy.NewCertStore(tf)
+	return transport.NewCertStore(tf)
 }
 
-func startGateway(g *gatewayFile, log *slog.Logger, metrics proxy.Metrics, failed chan<- error) (*proxy.Gateway, []*proxy.CertStore, error) {
+func startGateway(g *gatewayFile, log *slog.Logger, metrics proxy.Metrics, failed chan<- error) (*proxy.Gateway, []*transport.CertStore, error) {
 	sess, err := g.sessionFile.sessionConfig()
 	if err != nil {
 		return nil, nil, usageError{err}
@@ -508,10 +509,10 @@ func startGateway(g *gatewayFile, log *slog.Logger, metrics proxy.Metrics, faile
 		routes = append(routes, proxy.Route{Name: r.Name, Upstream: r.Upstream, ConnectTimeout: ct,
 			ProxyProtocol: r.ProxyProtocol, Session: rs})
 	}
-	var store *proxy.CertStore
-	var id *proxy.GatewayIdentity
+	var store *transport.CertStore
+	var id *transport.GatewayIdentity
 	var tc = (*tlsConfig)(nil)
-	if proxy.TransportUsesTLS(g.Transport) && g.TLS.Cert == "" {
+	if transport.UsesTLS(g.Transport) && g.TLS.Cert == "" {
 		// No certificate: a self-signed one, made once and kept in the
 		// state directory, whose fingerprint clients pin (--tls-pin).
 		// Clients never skip verification.
@@ -531,7 +532,7 @@ func startGateway(g *gatewayFile, log *slog.Logger, metrics proxy.Metrics, faile
 	if err != nil {
 		return nil, nil, usageError{err}
 	}
-	ll, err := proxy.Listen(g.Transport, g.Listen, tc)
+	ll, err := transport.Listen(transport.Config{Name: g.Transport, Addr: g.Listen, TLS: tc, Logger: log})
 	if err != nil {
 		gw.Close()
 		return nil, nil, fmt.Errorf("cannot listen on %s: %s", g.Listen, errText(err))
@@ -555,22 +556,22 @@ func startGateway(g *gatewayFile, log *slog.Logger, metrics proxy.Metrics, faile
 		logGatewayPin(log, id, g.Transport, ll.Addr())
 	}
 	warnPlaintext(log, g.Transport, "listen", g.Listen)
-	var stores []*proxy.CertStore
+	var stores []*transport.CertStore
 	if store != nil {
 		stores = append(stores, store)
 	}
 	return gw, stores, nil
 }
 
-func startClient(c *clientFile, log *slog.Logger, metrics proxy.Metrics, failed chan<- error) (*proxy.Client, []*proxy.CertStore, error) {
+func startClient(c *clientFile, log *slog.Logger, metrics proxy.Metrics, failed chan<- error) (*proxy.Client, []*transport.CertStore, error) {
 	cl := proxy.NewClient(proxy.ClientConfig{Logger: log, Metrics: metrics})
-	var stores []*proxy.CertStore
+	var stores []*transport.CertStore
 	type pending struct {
 		ln net.Listener
 		r  proxy.ClientRoute
 	}
 	var ps []pending
-	fail := func(err error) (*proxy.Client, []*proxy.CertStore, error) {
+	fail := func(err error) (*proxy.Client, []*transport.CertStore, error) {
 		for _, p := range ps {
 			p.ln.Close()
 			p.r.Dialer.Close()
@@ -595,7 +596,7 @@ func startClient(c *clientFile, log *slog.Logger, metrics proxy.Metrics, failed 
 			stores = append(stores, store)
 			tc = store.ClientConfig()
 		}
-		d, err := proxy.NewDialer(l.Transport, l.Gateway, tc)
+		d, err := transport.NewDialer(transport.Config{Name: l.Transport, Addr: l.Gateway, TLS: tc, Logger: log})
 		if err != nil {
 			return fail(err)
 		}
@@ -624,12 +625,12 @@ func startClient(c *clientFile, log *slog.Logger, metrics proxy.Metrics, failed 
 
 // warnQUICIdle says so when QUIC's idle timeout would close a connection
 // before lifeline's liveness check decides (a long --liveness-timeout).
-func warnQUICIdle(log *slog.Logger, transport string, liveness time.Duration) {
-	if transport != "quic" {
+func warnQUICIdle(log *slog.Logger, name string, liveness time.Duration) {
+	if name != "quic" {
 		return
 	}
-	if err := proxy.DefaultQUICConfig().CheckLiveness(liveness); err != nil {
+	if err := transport.DefaultQUICConfig().CheckLiveness(liveness); err != nil {
 		log.Warn("QUIC connections will time out before lifeline's liveness check; keep --liveness-timeout under the QUIC idle timeout",
-			"liveness_timeout", liveness, "quic_idle_timeout", proxy.DefaultQUICConfig().IdleTimeout)
+			"liveness_timeout", liveness, "quic_idle_timeout", transport.DefaultQUICConfig().IdleTimeout)
 	}
 }

@@ -8,7 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 
-	"github.com/lifeline-proxy/lifeline/proxy"
+	"github.com/lifeline-proxy/lifeline/proxy/transport"
 )
 
 // stateDirHelp describes --state-dir's default.
@@ -42,12 +42,12 @@ func processStateDir() string {
 // gatewayIdentity loads or makes the certificate of a tls or quic gateway
 // without --tls-cert, kept in the state directory so that the fingerprint
 // clients pin stays the same across restarts.
-func gatewayIdentity(g *gatewayFile) (*tls.Config, *proxy.GatewayIdentity, error) {
+func gatewayIdentity(g *gatewayFile) (*tls.Config, *transport.GatewayIdentity, error) {
 	dir := g.StateDir
 	if dir == "" {
 		dir = processStateDir()
 	}
-	id, err := proxy.LoadOrCreateGatewayCert(dir)
+	id, err := transport.LoadOrCreateGatewayCert(dir)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -58,7 +58,7 @@ const gatewayPinMsg = "gateway certificate: self-signed, kept in the state direc
 
 // logGatewayPin tells the operator, at every start, the fingerprint of the
 // gateway's generated certificate and the client command that pins it.
-func logGatewayPin(log *slog.Logger, id *proxy.GatewayIdentity, transport string, addr net.Addr) {
+func logGatewayPin(log *slog.Logger, id *transport.GatewayIdentity, transport string, addr net.Addr) {
 	host, port := "GATEWAY-HOST", "PORT"
 	if h, p, err := net.SplitHostPort(addr.String()); err == nil {
 		port = p

@@ -20,7 +20,7 @@ import (
 	"time"
 
 	"github.com/lifeline-proxy/lifeline/internal/testnet"
-	"github.com/lifeline-proxy/lifeline/proxy"
+	"github.com/lifeline-proxy/lifeline/proxy/transport"
 )
 
 // testCA writes a CA certificate to dir/name.pem.
@@ -104,7 +104,7 @@ func TestDefaultGatewayKeepsOneCertificateAcrossRestarts(t *testing.T) {
 		!strings.Contains(hint, "--tls-pin "+fp) || !strings.Contains(hint, "--gateway 127.0.0.1:"+port) {
 		t.Fatalf("client hint %q lacks the pin or the gateway address", hint)
 	}
-	file := filepath.Join(state, proxy.GatewayCertFile)
+	file := filepath.Join(state, transport.GatewayCertFile)
 	if pin["file"] != file {
 		t.Fatalf("kept in %v, want %s", pin["file"], file)
 	}
@@ -152,7 +152,7 @@ func TestDefaultGatewayKeepsOneCertificateAcrossRestarts(t *testing.T) {
 func TestCorruptGatewayKeyPairIsAnError(t *testing.T) {
 	state := t.TempDir()
 	os.Chmod(state, 0o700)
-	file := filepath.Join(state, proxy.GatewayCertFile)
+	file := filepath.Join(state, transport.GatewayCertFile)
 	garbage := []byte("-----BEGIN CERTIFICATE-----\nnot base64\n")
 	if err := os.WriteFile(file, garbage, 0o600); err != nil {
 		t.Fatal(err)

@@ -1,4 +1,4 @@
-package proxy
+package transport
 
 import (
 	"bytes"
@@ -44,7 +44,7 @@ func exportBinding(t *testing.T, c net.Conn) []byte {
 
 // linkPair opens one link with d, sends a byte so the gateway sees it,
 // and returns both ends after their handshakes.
-func linkPair(t *testing.T, ln LinkListener, d LinkDialer) (client, server net.Conn) {
+func linkPair(t *testing.T, ln net.Listener, d Dialer) (client, server net.Conn) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -89,12 +89,12 @@ func TestLinksExportChannelBindingMaterial(t *testing.T) {
 	stls, ctls := quicTestTLS(t)
 
 	t.Run("tls", func(t *testing.T) {
-		ln, err := Listen("tls", "127.0.0.1:0", stls)
+		ln, err := Listen(Config{Name: "tls", Addr: "127.0.0.1:0", TLS: stls})
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer ln.Close()
-		d, err := NewDialer("tls", ln.Addr().String(), ctls)
+		d, err := NewDialer(Config{Name: "tls", Addr: ln.Addr().String(), TLS: ctls})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -128,7 +128,7 @@ func TestLinksExportChannelBindingMaterial(t *testing.T) {
 			t.Fatalf("second stream of one connection: client %x, gateway %x, want %x", x, y, a)
 		}
 		// Another connection: different material on both ends.
-		d2, err := NewQUICDialer(ln.Addr().String(), ctls, qcfg)
+		d2, err := quicNewDialer(t, ln.Addr().String(), ctls, qcfg)
 		if err != nil {
 			t.Fatal(err)
 		}

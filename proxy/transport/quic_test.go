@@ -1,4 +1,4 @@
-package proxy
+package transport
 
 import (
 	"bytes"
@@ -9,6 +9,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -37,7 +38,13 @@ var (
 // quicTestTLS returns the gateway config and the client's pinned config.
 func quicTestTLS(t testing.TB) (server, client *tls.Config) {
 	t.Helper()
-	quicCertOnce.Do(func() { quicCert, quicCertFP, quicCertErr = SelfSignedTLS() })
+	quicCertOnce.Do(func() {
+		cert, err := SelfSignedCert()
+		quicCert, quicCertFP, quicCertErr = ServerTLS(cert), "", err
+		if err == nil {
+			quicCertFP = CertFingerprint(cert.Leaf.Raw)
+		}
+	})
 	if quicCertErr != nil {
 		t.Fatal(quicCertErr)
 	}
@@ -58,6 +65,16 @@ func (w quicLogWriter) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
+// quicListen and quicNewDialer open the quic transport's two ends, logging to
+// the test.
+func quicListen(t testing.TB, tc *tls.Config, q QUICConfig) (*quicListener, error) {
+	return listenQUIC(Config{Name: "quic", Addr: "127.0.0.1:0", TLS: tc, QUIC: &q, Logger: quicLogger(t)})
+}
+
+func quicNewDialer(t testing.TB, addr string, tc *tls.Config, q QUICConfig) (*quicDialer, error) {
+	return newQUICDialer(Config{Name: "quic", Addr: addr, TLS: tc, QUIC: &q, Logger: quicLogger(t)})
+}
+
 // quicNoLeaks checks, when the test and all its cleanups are done, that no
 // goroutine the test started is left.
 func quicNoLeaks(t *testing.T) {
@@ -74,7 +91,6 @@ func quicTestConfig(t testing.TB) QUICConfig {
 	c.IdleTimeout = 6 * time.Second
 	c.KeepAlivePeriod = time.Second
 	c.HandshakeTimeout = 2 * time.Second
-	c.Logger = quicLogger(t)
 	return c
 }
 
@@ -86,7 +102,6 @@ func quicSessionConfig(t testing.TB) *resume.Config {
 	c.HandshakeTimeout = 5 * time.Second
 	c.LingerTimeout = 10 * time.Second
 	c.Strategy = resume.Backoff{Initial: 10 * time.Millisecond, Max: 100 * time.Millisecond, Jitter: 0.2}
-	c.Logger = quicLogger(t)
 	return c
 }
 
@@ -104,7 +119,7 @@ func quicFastConfigs(t testing.TB) (QUICConfig, *resume.Config) {
 	return q, c
 }
 
-// quicEnv is a resume.Server fed by ListenQUIC, echoing every session, and
+// quicEnv is a resume.Server fed by listenQUIC, echoing every session, and
 // a QUIC dialer, optionally through a UDP fault relay.
 type quicEnv struct {
 	t      testing.TB
@@ -132,11 +147,11 @@ func newQUICEnv(t *testing.T, o quicEnvOpts) *quicEnv {
 		qcfg, scfg = quicFastConfigs(t)
 	}
 	e := &quicEnv{t: t, cfg: scfg}
-	ln, err := ListenQUIC("127.0.0.1:0", stls, qcfg)
+	ln, err := quicListen(t, stls, qcfg)
 	if err != nil {
 		t.Fatal(err)
 	}
-	e.ln = ln.(*quicListener)
+	e.ln = ln
 	sc := resume.DefaultServerConfig()
 	sc.Session = e.cfg
 	// Every session of a test comes from one QUIC connection, hence one
@@ -156,11 +171,11 @@ func newQUICEnv(t *testing.T, o quicEnvOpts) *quicEnv {
 		e.relay = relay
 		target = e.relay.Addr()
 	}
-	d, err := NewQUICDialer(target, ctls, qcfg)
+	d, err := quicNewDialer(t, target, ctls, qcfg)
 	if err != nil {
 		t.Fatal(err)
 	}
-	e.dialer = d.(*quicDialer)
+	e.dialer = d
 
 	e.wg.Add(2)
 	go func() { // links
@@ -283,40 +298,16 @@ func TestQUICConfigValidate(t *testing.T) {
 		if c.Validate() == nil {
 			t.Errorf("%s: Validate accepted it", name)
 		}
-		if _, err := ListenQUIC("127.0.0.1:0", nil, c); err == nil {
-			t.Errorf("%s: ListenQUIC accepted it", name)
+		if _, err := quicListen(t, nil, c); err == nil {
+			t.Errorf("%s: listenQUIC accepted it", name)
 		}
 	}
 }
 
-func TestQUICRegistered(t *testing.T) {
-	f, ok := transports["quic"]
-	if !ok || f.Listen == nil || f.Dial == nil {
-		t.Fatal("transport quic is not registered")
+func TestQUICKnown(t *testing.T) {
+	if !Known("quic") || !slices.Contains(Names(), "quic") || !UsesTLS("quic") {
+		t.Fatalf("transport quic is not known: %v", Names())
 	}
-}
-
-func TestQUICFingerprintParsing(t *testing.T) {
-	fp := strings.Repeat("ab", 32)
-	for _, s := range []string{fp, strings.ToUpper(fp), " " + fp + "\n", strings.ToUpper(strings.Join(chunks(fp, 2), ":"))} {
-		if _, err := ParseFingerprint(s); err != nil {
-			t.Errorf("ParseFingerprint(%q): %v", s, err)
-		}
-	}
-	for _, s := range []string{"", "abc", fp[:62], fp + "ab", strings.Repeat("zz", 32)} {
-		if _, err := ParseFingerprint(s); err == nil {
-			t.Errorf("ParseFingerprint(%q) accepted it", s)
-		}
-	}
-}
-
-func chunks(s string, n int) []string {
-	var out []string
-	for len(s) > n {
-		out = append(out, s[:n])
-		s = s[n:]
-	}
-	return append(out, s)
 }
 
 // TestQUICTLS: the pin admits the right certificate only; verification is
@@ -325,7 +316,7 @@ func TestQUICTLS(t *testing.T) {
 	quicNoLeaks(t)
 	stls, ctls := quicTestTLS(t)
 	qcfg := quicTestConfig(t)
-	ln, err := ListenQUIC("127.0.0.1:0", stls, qcfg)
+	ln, err := quicListen(t, stls, qcfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -350,7 +341,7 @@ func TestQUICTLS(t *testing.T) {
 	}()
 
 	dialOnce := func(tc *tls.Config) error {
-		d, err := NewQUICDialer(addr, tc, qcfg)
+		d, err := quicNewDialer(t, addr, tc, qcfg)
 		if err != nil {
 			return err
 		}
@@ -400,8 +391,8 @@ func TestQUICTLS(t *testing.T) {
 	if err := dialOnce(nil); err == nil {
 		t.Fatal("dial without a pin accepted a self-signed certificate")
 	}
-	if _, err := NewQUICDialer(addr, &tls.Config{InsecureSkipVerify: true}, qcfg); err == nil {
-		t.Fatal("NewQUICDialer accepted InsecureSkipVerify without a pin")
+	if _, err := quicNewDialer(t, addr, &tls.Config{InsecureSkipVerify: true}, qcfg); err == nil {
+		t.Fatal("newQUICDialer accepted InsecureSkipVerify without a pin")
 	}
 	// A client that does not speak lifeline/1 is refused in the handshake.
 	raw := ctls.Clone()
@@ -414,12 +405,12 @@ func TestQUICTLS(t *testing.T) {
 	} else if !strings.Contains(err.Error(), "application protocol") {
 		t.Logf("ALPN refusal: %v", err)
 	}
-	if _, err := ListenQUIC("127.0.0.1:0", nil, qcfg); err == nil {
-		t.Fatal("ListenQUIC without TLS config succeeded")
+	if _, err := quicListen(t, nil, qcfg); err == nil {
+		t.Fatal("listenQUIC without TLS config succeeded")
 	}
 	// A gateway config that hands out its certificate per handshake (as a
 	// reloading CertStore does), without ALPN and allowing TLS 1.2, works:
-	// ListenQUIC fixes up what GetConfigForClient returns.
+	// listenQUIC fixes up what GetConfigForClient returns.
 	dyn := &tls.Config{MinVersion: tls.VersionTLS12, GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) {
 		return &tls.Config{MinVersion: tls.VersionTLS12, Certificates: stls.Certificates}, nil
 	}}
@@ -430,16 +421,102 @@ func TestQUICTLS(t *testing.T) {
 	}
 	c2.Close()
 	s2.Close()
-	if _, err := ListenQUIC("127.0.0.1:0", &tls.Config{}, qcfg); err == nil {
-		t.Fatal("ListenQUIC without certificate succeeded")
+	if _, err := quicListen(t, &tls.Config{}, qcfg); err == nil {
+		t.Fatal("listenQUIC without certificate succeeded")
 	}
+}
+
+// A QUIC listener whose quic-go listener stops (not by Close) makes Accept
+// fail, so that the gateway's Serve returns and the process can end,
+// instead of blocking for ever: a gateway that takes no new links.
+func TestQUICListenerDeathNotSilent(t *testing.T) {
+	tc, _ := quicTestTLS(t)
+	ll, err := quicListen(t, tc, DefaultQUICConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ll.Close()
+	ll.ln.Close()
+	res := make(chan error, 1)
+	go func() {
+		c, err := ll.Accept()
+		if c != nil {
+			c.Close()
+		}
+		res <- err
+	}()
+	select {
+	case err := <-res:
+		if err == nil || errors.Is(err, net.ErrClosed) {
+			t.Fatalf("Accept after the listener died: %v, want an error that is not a Close", err)
+		}
+		t.Logf("Accept: %v", err)
+	case <-time.After(10 * time.Second):
+		ll.Close() // unblocks the Accept for goleak
+		<-res
+		t.Fatal("Accept still blocked 10s after the QUIC listener died")
+	}
+}
+
+// The quic transport logs to Config.Logger, in its format (JSON here),
+// and nothing to slog's default logger.
+func TestQUICLogsToConfigLogger(t *testing.T) {
+	quicNoLeaks(t)
+	var def, sink logSink
+	old := slog.Default()
+	slog.SetDefault(slog.New(slog.NewTextHandler(&def, nil)))
+	defer slog.SetDefault(old)
+	stls, ctls := quicTestTLS(t)
+	qcfg := quicTestConfig(t)
+	log := slog.New(slog.NewJSONHandler(&sink, nil))
+	ln, err := Listen(Config{Name: "quic", Addr: "127.0.0.1:0", TLS: stls, QUIC: &qcfg, Logger: log})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	d, err := NewDialer(Config{Name: "quic", Addr: ln.Addr().String(), TLS: ctls, QUIC: &qcfg, Logger: log})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	c, s, err := quicStreamPair(t, ln, d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	s.Close()
+	d.Close()
+	if got := sink.String(); !strings.Contains(got, `"msg":"quic: connected"`) {
+		t.Errorf("the logger given got %q, want a JSON \"quic: connected\" line", got)
+	}
+	if got := def.String(); got != "" {
+		t.Errorf("slog's default logger got %q", got)
+	}
+}
+
+// logSink is a log destination safe for concurrent writes.
+type logSink struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (l *logSink) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.Write(p)
+}
+
+func (l *logSink) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.String()
 }
 
 // ---------------------------------------------------------------------------
 // The stream as a net.Conn.
 
 // quicStreamPair returns both ends of one stream.
-func quicStreamPair(t testing.TB, ln LinkListener, d LinkDialer) (client, server net.Conn, err error) {
+func quicStreamPair(t testing.TB, ln net.Listener, d Dialer) (client, server net.Conn, err error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	c1, err := d.Dial(ctx)
@@ -464,14 +541,14 @@ func quicStreamPair(t testing.TB, ln LinkListener, d LinkDialer) (client, server
 	return c1, c2, nil
 }
 
-func quicPlainPair(t *testing.T, qcfg QUICConfig) (LinkListener, LinkDialer) {
+func quicPlainPair(t *testing.T, qcfg QUICConfig) (*quicListener, *quicDialer) {
 	t.Helper()
 	stls, ctls := quicTestTLS(t)
-	ln, err := ListenQUIC("127.0.0.1:0", stls, qcfg)
+	ln, err := quicListen(t, stls, qcfg)
 	if err != nil {
 		t.Fatal(err)
 	}
-	d, err := NewQUICDialer(ln.Addr().String(), ctls, qcfg)
+	d, err := quicNewDialer(t, ln.Addr().String(), ctls, qcfg)
 	if err != nil {
 		ln.Close()
 		t.Fatal(err)
@@ -613,7 +690,7 @@ func TestQUICStreamSemantics(t *testing.T) {
 			}
 			cs, ss = append(cs, c), append(ss, s)
 		}
-		ln.(*quicListener).connections()[0].CloseWithError(0x42, "test")
+		ln.connections()[0].CloseWithError(0x42, "test")
 		for i, c := range cs {
 			c.SetReadDeadline(time.Now().Add(5 * time.Second))
 			_, err := c.Read(make([]byte, 1))
@@ -631,7 +708,7 @@ func TestQUICStreamSemantics(t *testing.T) {
 		}
 		c.Close()
 		s.Close()
-		if n := d.(*quicDialer).dials.Load(); n != 2 {
+		if n := d.dials.Load(); n != 2 {
 			t.Fatalf("%d connections dialed, want 2", n)
 		}
 	})
@@ -643,11 +720,11 @@ func TestQUICListenerClose(t *testing.T) {
 	quicNoLeaks(t)
 	stls, ctls := quicTestTLS(t)
 	qcfg := quicTestConfig(t)
-	ln, err := ListenQUIC("127.0.0.1:0", stls, qcfg)
+	ln, err := quicListen(t, stls, qcfg)
 	if err != nil {
 		t.Fatal(err)
 	}
-	d, err := NewQUICDialer(ln.Addr().String(), ctls, qcfg)
+	d, err := quicNewDialer(t, ln.Addr().String(), ctls, qcfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -933,7 +1010,6 @@ const quicBenchSize = 32 << 20
 // over a QUIC link, "lifeline-tcp" through a session over loopback TCP.
 func BenchmarkQUICThroughput(b *testing.B) {
 	qcfg := DefaultQUICConfig()
-	qcfg.Logger = slog.New(slog.DiscardHandler)
 	scfg := resume.DefaultConfig()
 
 	b.Run("bare", func(b *testing.B) {
@@ -949,11 +1025,11 @@ func BenchmarkQUICThroughput(b *testing.B) {
 	})
 	b.Run("lifeline", func(b *testing.B) {
 		stls, ctls := quicTestTLS(b)
-		ln, err := ListenQUIC("127.0.0.1:0", stls, qcfg)
+		ln, err := quicListen(b, stls, qcfg)
 		if err != nil {
 			b.Fatal(err)
 		}
-		d, err := NewQUICDialer(ln.Addr().String(), ctls, qcfg)
+		d, err := quicNewDialer(b, ln.Addr().String(), ctls, qcfg)
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -1049,14 +1125,14 @@ func quicBenchCopy(b *testing.B, w io.Writer, r io.Reader) {
 
 // quicListenDial starts a QUIC link listener and a dialer to it, both
 // closed when the test ends.
-func quicListenDial(t testing.TB, stls, ctls *tls.Config, qcfg QUICConfig) (LinkListener, LinkDialer) {
+func quicListenDial(t testing.TB, stls, ctls *tls.Config, qcfg QUICConfig) (net.Listener, Dialer) {
 	t.Helper()
-	ln, err := ListenQUIC("127.0.0.1:0", stls, qcfg)
+	ln, err := quicListen(t, stls, qcfg)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { ln.Close() })
-	d, err := NewQUICDialer(ln.Addr().String(), ctls, qcfg)
+	d, err := quicNewDialer(t, ln.Addr().String(), ctls, qcfg)
 	if err != nil {
 		t.Fatal(err)
 	}

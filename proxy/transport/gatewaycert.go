@@ -1,4 +1,4 @@
-package proxy
+package transport
 
 import (
 	"crypto/tls"
@@ -31,7 +31,7 @@ type GatewayIdentity struct {
 }
 
 // ServerTLS is the gateway's TLS config serving the certificate.
-func (id *GatewayIdentity) ServerTLS() *tls.Config { return SelfSignedServerTLS(id.Certificate) }
+func (id *GatewayIdentity) ServerTLS() *tls.Config { return ServerTLS(id.Certificate) }
 
 // LoadOrCreateGatewayCert returns the gateway certificate kept in dir,
 // generating it on first use, so that its fingerprint (what clients pin)
@@ -103,7 +103,7 @@ func readGatewayCert(path string) (*GatewayIdentity, error) {
 // createGatewayCert generates a certificate and publishes it at path
 // unless a file is there already (then an error wrapping fs.ErrExist).
 func createGatewayCert(dir, path string) (*GatewayIdentity, error) {
-	cert, err := newSelfSignedCert()
+	cert, err := SelfSignedCert()
 	if err != nil {
 		return nil, err
 	}
