@@ -14,106 +14,67 @@ import (
 	"github.com/lifeline-proxy/lifeline/resume"
 )
 
-// ClientRoute is one local listener of a client sidecar: applications that
-// connect to it get a session on Route at the gateway reached by Dialer.
-type ClientRoute struct {
-	Route   string
-	Dialer  transport.Dialer
-	Session *resume.Config // nil: resume.DefaultConfig()
-	// Gateway names the gateway in logs.
-	Gateway string
-}
-
 // ClientConfig configures a Client.
 type ClientConfig struct {
 	Logger  *slog.Logger // nil: discard
 	Metrics Metrics      // nil: NopMetrics
 }
 
-// Client is the sidecar next to unmodified applications.
+// Client is the sidecar next to unmodified applications. It owns the
+// application listeners given to Serve and their routes' dialers.
 type Client struct {
-	log     *slog.Logger
-	metrics Metrics
-	tracker *Tracker
+	core
+	certLog certLog       // certificate failures, logged per listener
+	stop    chan struct{} // closed by Shutdown or Close: ends accept backoffs
+	accepts sync.WaitGroup
 
-	mu          sync.Mutex
-	listeners   map[net.Listener]struct{}
-	accepts     map[net.Listener]*acceptloop.State
-	dialers     []transport.Dialer
-	draining    bool
-	closed      bool
-	abort       context.Context // cancelled to force-close splices
-	abortCancel context.CancelFunc
-	stop        chan struct{} // closed by Shutdown or Close: ends accept backoffs
-	stopOnce    sync.Once
-	wg          sync.WaitGroup // accept loops
-	connWG      sync.WaitGroup // one per application connection
-	certLog     certLog        // certificate failures, logged per listener
+	mu        sync.Mutex
+	listeners map[net.Listener]*acceptloop.State // live ones; a dead one stays to report its error
+	dialers   []transport.Dialer
+	draining  bool
+	closed    bool
+	stopOnce  sync.Once
 }
 
 // NewClient returns a Client; call Serve for each local listener.
 func NewClient(cfg ClientConfig) *Client {
 	c := &Client{
-		log:       cfg.Logger,
-		metrics:   cfg.Metrics,
-		tracker:   newTracker(),
-		listeners: map[net.Listener]struct{}{},
-		accepts:   map[net.Listener]*acceptloop.State{},
+		listeners: map[net.Listener]*acceptloop.State{},
 		stop:      make(chan struct{}),
 	}
-	if c.log == nil {
-		c.log = slog.New(slog.DiscardHandler)
-	}
-	if c.metrics == nil {
-		c.metrics = NopMetrics{}
-	}
-	c.abort, c.abortCancel = context.WithCancel(context.Background())
+	c.init("client", "bytes_to_gateway", "bytes_from_gateway", cfg.Logger, cfg.Metrics)
 	c.metrics.Track("client", c.tracker)
 	return c
 }
-
-// Tracker is the set of live sessions.
-func (c *Client) Tracker() *Tracker { return c.tracker }
-
-// Sessions lists live sessions for the status endpoint.
-func (c *Client) Sessions() []SessionInfo { return c.tracker.Sessions("client") }
 
 // Serve accepts application connections on ln until ln or the client is
 // closed; each becomes a session on r. The client closes ln and r.Dialer
 // when it shuts down.
 func (c *Client) Serve(ln net.Listener, r ClientRoute) error {
-	cfg := r.Session
-	if cfg == nil {
-		cfg = resume.DefaultConfig()
-	}
-	if err := cfg.Validate(); err != nil {
+	if err := r.Validate(); err != nil {
 		ln.Close()
 		return err
 	}
-	if err := ValidateRouteName(r.Route); err != nil {
-		ln.Close()
-		return err
-	}
+	cfg := r.session()
 	c.mu.Lock()
 	if c.closed || c.draining {
 		c.mu.Unlock()
 		ln.Close()
 		return net.ErrClosed
 	}
-	c.listeners[ln] = struct{}{}
 	st := &acceptloop.State{Log: c.log.With("side", "client"), Name: ln.Addr().String()}
-	c.accepts[ln] = st
+	c.listeners[ln] = st
 	c.dialers = append(c.dialers, r.Dialer)
-	c.wg.Add(1)
+	c.accepts.Add(1)
 	c.mu.Unlock()
-	defer c.wg.Done()
+	defer c.accepts.Done()
 	for {
 		a, err := acceptloop.Accept(ln, st, c.stop)
 		if err != nil {
 			c.mu.Lock()
 			stopping := c.closed || c.draining
 			if stopping || errors.Is(err, net.ErrClosed) {
-				delete(c.accepts, ln)
+				delete(c.listeners, ln)
 			}
 			c.mu.Unlock()
 			if stopping || errors.Is(err, net.ErrClosed) {
@@ -128,11 +89,7 @@ func (c *Client) Serve(ln net.Listener, r ClientRoute) error {
 			a.Close()
 			continue
 		}
-		c.connWG.Add(1)
-		go func() {
-			defer c.connWG.Done()
-			c.handle(app, r, cfg)
-		}()
+		c.goSession(func() { c.handle(app, r, cfg) })
 	}
 }
 
@@ -141,8 +98,8 @@ func (c *Client) Serve(ln net.Listener, r ClientRoute) error {
 // listener has failed for good; /healthz reports it.
 func (c *Client) AcceptErr() error {
 	c.mu.Lock()
-	states := make([]*acceptloop.State, 0, len(c.accepts))
-	for _, st := range c.accepts {
+	states := make([]*acceptloop.State, 0, len(c.listeners))
+	for _, st := range c.listeners {
 		states = append(states, st)
 	}
 	c.mu.Unlock()
@@ -169,8 +126,7 @@ func (c *Client) handle(app *net.TCPConn, r ClientRoute, cfg *resume.Config) {
 	log := c.log.With("side", "client", "session", sess.SessionID().String(), "route", r.Route)
 	log.Info("session start", "app", appAddr, "gateway", r.Gateway, "link", sess.RemoteAddr(),
 		"reconnect_timeout", sess.ReconnectTimeout())
-	x := &tracked{conn: sess, route: r.Route, app: appAddr, started: start}
-	runSplice("client", app, sess, x, c.abort, c.tracker, c.metrics, log, "bytes_to_gateway", "bytes_from_gateway")
+	c.splice(app, &tracked{conn: sess, route: r.Route, app: appAddr, started: start}, log)
 }
 
 // open opens the session for a new application connection. Link failures
@@ -181,15 +137,8 @@ func (c *Client) handle(app *net.TCPConn, r ClientRoute, cfg *resume.Config) {
 // certificate that fails verification and a gateway that does not speak
 // TLS fail at once.
 func (c *Client) open(app *net.TCPConn, r ClientRoute, cfg *resume.Config) (*resume.Conn, error) {
-	ctx, cancel := context.WithCancel(context.Background())
+	ctx, cancel := context.WithCancel(c.abort) // Close cancels it
 	defer cancel()
-	go func() {
-		select {
-		case <-c.abort.Done():
-			cancel()
-		case <-ctx.Done():
-		}
-	}()
 	deadline := time.Now().Add(cfg.ReconnectTimeout)
 	for attempt := 0; ; attempt++ {
 		sess, err := resume.Dial(ctx, c.linkDial(r), r.Route, cfg)
@@ -236,9 +185,9 @@ func (c *Client) Shutdown(ctx context.Context) error {
 		ln.Close()
 	}
 	c.mu.Unlock()
-	c.wg.Wait()
+	c.accepts.Wait()
 	done := make(chan struct{})
-	go func() { c.connWG.Wait(); close(done) }()
+	go func() { c.sessions.Wait(); close(done) }()
 	var err error
 	select {
 	case <-done:
@@ -261,8 +210,8 @@ func (c *Client) Close() error {
 	c.dialers = nil
 	c.mu.Unlock()
 	c.abortCancel()
-	c.wg.Wait()
-	c.connWG.Wait()
+	c.accepts.Wait()
+	c.sessions.Wait()
 	for _, d := range dialers {
 		d.Close()
 	}

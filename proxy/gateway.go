@@ -15,24 +15,6 @@ import (
 	"github.com/lifeline-proxy/lifeline/resume"
 )
 
-// Route maps a route name to an upstream service on a gateway.
-type Route struct {
-	Name     string
-	Upstream string // host:port
-	// ConnectTimeout bounds the upstream dial (0: DefaultConnectTimeout).
-	ConnectTimeout time.Duration
-	// ProxyProtocol, if 1 or 2, sends a PROXY protocol header of that
-	// version to the upstream first, naming the client sidecar's address
-	// (as seen on the link) as the source.
-	ProxyProtocol int
-	// Session, if set, holds this route's session settings (reconnect
-	// timeout cap, buffers, liveness); nil: the gateway's.
-	Session *resume.Config
-}
-
-// DefaultConnectTimeout bounds an upstream dial.
-const DefaultConnectTimeout = 5 * time.Second
-
 // GatewayConfig configures a Gateway.
 type GatewayConfig struct {
 	Routes []Route
@@ -46,61 +28,25 @@ type GatewayConfig struct {
 // Gateway accepts links, opens a session per HELLO and splices it to a new
 // connection to the route's upstream.
 type Gateway struct {
-	routes  map[string]Route
-	srv     *resume.Server
-	log     *slog.Logger
-	metrics Metrics
-	tracker *Tracker
+	core
+	routes map[string]Route // immutable after NewGateway
+	srv    *resume.Server   // owns the link listeners: Serve hands them over
+	accept sync.WaitGroup   // the loop taking sessions from srv
 
-	mu          sync.Mutex
-	listeners   []net.Listener
-	draining    bool
-	abort       context.Context // cancelled to force-close splices
-	abortCancel context.CancelFunc
-	wg          sync.WaitGroup // accept loop and splices
+	mu       sync.Mutex
+	draining bool
 }
 
 // NewGateway validates cfg and returns a Gateway; call Serve with one or
 // more link listeners.
 func NewGateway(cfg GatewayConfig) (*Gateway, error) {
-	if len(cfg.Routes) == 0 {
-		return nil, errors.New("gateway: no routes")
+	routes, err := routeTable(cfg.Routes)
+	if err != nil {
+		return nil, err
 	}
-	g := &Gateway{
-		routes:  map[string]Route{},
-		log:     cfg.Logger,
-		metrics: cfg.Metrics,
-		tracker: newTracker(),
-	}
-	if g.log == nil {
-		g.log = slog.New(slog.DiscardHandler)
-	}
-	if g.metrics == nil {
-		g.metrics = NopMetrics{}
-	}
-	for _, r := range cfg.Routes {
-		if err := ValidateRouteName(r.Name); err != nil {
-			return nil, err
-		}
-		if _, dup := g.routes[r.Name]; dup {
-			return nil, fmt.Errorf("gateway: route %q defined twice", r.Name)
-		}
-		if err := ValidateHostPort(r.Upstream); err != nil {
-			return nil, fmt.Errorf("route %q upstream: %w", r.Name, err)
-		}
-		if r.ProxyProtocol != 0 && r.ProxyProtocol != 1 && r.ProxyProtocol != 2 {
-			return nil, fmt.Errorf("route %q: proxy protocol version %d (want 1 or 2)", r.Name, r.ProxyProtocol)
-		}
-		if r.ConnectTimeout <= 0 {
-			r.ConnectTimeout = DefaultConnectTimeout
-		}
-		if r.Session != nil {
-			if err := r.Session.Validate(); err != nil {
-				return nil, fmt.Errorf("route %q: %w", r.Name, err)
-			}
-		}
-		g.routes[r.Name] = r
-	}
+	// Up is what the upstream sent into the session, down what it got.
+	g := &Gateway{routes: routes}
+	g.init("gateway", "bytes_from_upstream", "bytes_to_upstream", cfg.Logger, cfg.Metrics)
 	sc := resume.DefaultServerConfig()
 	if cfg.Server != nil {
 		c := *cfg.Server
@@ -125,39 +71,16 @@ func NewGateway(cfg GatewayConfig) (*Gateway, error) {
 	}
 	srv, err := resume.NewServer(sc)
 	if err != nil {
+		g.abortCancel()
 		return nil, err
 	}
 	g.srv = srv
 	g.tracker.failures = srv.ResumeFailures
 	g.tracker.unconfirmed = srv.Unconfirmed
-	g.abort, g.abortCancel = context.WithCancel(context.Background())
 	g.metrics.Track("gateway", g.tracker)
-	g.wg.Add(1)
+	g.accept.Add(1)
 	go g.acceptLoop()
 	return g, nil
-}
-
-// ValidateRouteName checks a route name: 1 to 255 bytes.
-func ValidateRouteName(name string) error {
-	if name == "" {
-		return errors.New("route name is empty")
-	}
-	if len(name) > frame.MaxRoute {
-		return fmt.Errorf("route name %.20q... is longer than %d bytes", name, frame.MaxRoute)
-	}
-	return nil
-}
-
-// ValidateHostPort checks that addr is host:port with a numeric port.
-func ValidateHostPort(addr string) error {
-	_, port, err := net.SplitHostPort(addr)
-	if err != nil {
-		return fmt.Errorf("address %q: want host:port", addr)
-	}
-	if _, err := net.LookupPort("tcp", port); err != nil || port == "" {
-		return fmt.Errorf("address %q: bad port", addr)
-	}
-	return nil
 }
 
 // Server is the underlying session server.
@@ -168,40 +91,29 @@ func (g *Gateway) Server() *resume.Server { return g.srv }
 // good; /healthz reports it.
 func (g *Gateway) AcceptErr() error { return g.srv.AcceptErr() }
 
-// Tracker is the set of live sessions.
-func (g *Gateway) Tracker() *Tracker { return g.tracker }
-
-// Sessions lists live sessions for the status endpoint.
-func (g *Gateway) Sessions() []SessionInfo { return g.tracker.Sessions("gateway") }
-
 // Serve feeds links from l into the gateway until l or the gateway is
-// closed. The gateway closes l when it closes. Accept failures that can
-// pass (descriptor exhaustion) are retried with a backoff and reported by
-// AcceptErr; Serve returns nil once the gateway is closed, or the error
-// that broke l for good.
+// closed. The gateway's session server owns l from then on: it closes l
+// when the gateway closes (Serve closes l itself if the gateway is closed
+// already). Accept failures that can pass (descriptor exhaustion) are
+// retried with a backoff and reported by AcceptErr; Serve returns nil once
+// the gateway is closed, or the error that broke l for good.
 func (g *Gateway) Serve(l net.Listener) error {
-	g.mu.Lock()
-	g.listeners = append(g.listeners, l)
-	g.mu.Unlock()
 	err := g.srv.Serve(l)
 	if errors.Is(err, resume.ErrServerClosed) {
+		l.Close() // closed already by the server, unless it never took l
 		return nil
 	}
 	return err
 }
 
 func (g *Gateway) acceptLoop() {
-	defer g.wg.Done()
+	defer g.accept.Done()
 	for {
 		conn, err := g.srv.Accept()
 		if err != nil {
 			return
 		}
-		g.wg.Add(1)
-		go func() {
-			defer g.wg.Done()
-			g.handle(conn)
-		}()
+		g.goSession(func() { g.handle(conn) })
 	}
 }
 
@@ -231,9 +143,7 @@ func (g *Gateway) handle(conn *resume.Conn) {
 	tcp := up.(*net.TCPConn)
 	tcp.SetNoDelay(true)
 	log.Info("session start", "link", link, "upstream", route.Upstream, "upstream_local", tcp.LocalAddr())
-	x := &tracked{conn: conn, route: route.Name, app: route.Upstream, started: start}
-	// Up is what the upstream sent into the session, Down what it got.
-	runSplice("gateway", tcp, conn, x, g.abort, g.tracker, g.metrics, log, "bytes_from_upstream", "bytes_to_upstream")
+	g.splice(tcp, &tracked{conn: conn, route: route.Name, app: route.Upstream, started: start}, log)
 }
 
 func writeProxyHeader(up net.Conn, src net.Addr, version int) error {
@@ -273,29 +183,29 @@ func (g *Gateway) Draining() bool {
 	return g.draining
 }
 
-// Close aborts every session and stops the gateway.
+// Close aborts every session, closes the link listeners and stops the
+// gateway.
 func (g *Gateway) Close() error {
 	g.forceClose()
 	return nil
 }
 
+// forceClose aborts the splices, closes the session server (and with it
+// the link listeners) and waits for every goroutine of the gateway.
 func (g *Gateway) forceClose() {
 	g.abortCancel()
 	g.srv.Close()
-	g.mu.Lock()
-	for _, l := range g.listeners {
-		l.Close()
-	}
-	g.mu.Unlock()
-	g.wg.Wait()
+	g.accept.Wait()
+	g.sessions.Wait()
 }
 
 // ErrNoSession is returned by GoAway for an id that is not live here.
 var ErrNoSession = errors.New("no such session on this gateway")
 
 // GoAway asks the client of session id (as /sessions lists it) to move the
-// session to a new link while the current one keeps working: the seeds'
-// operator-initiated reconnection. The session continues without a gap.
+// session to a new link while the current one keeps working
+// (docs/protocol.md section 5.6, make-before-break migration). The session
+// continues without a gap.
 func (g *Gateway) GoAway(id, reason string) error {
 	conn := g.tracker.find(id)
 	if conn == nil {

@@ -51,14 +51,6 @@ type Tracker struct {
 	unconfirmed func() int
 }
 
-type tracked struct {
-	conn     *resume.Conn
-	route    string
-	app      string // application address (client) or upstream (gateway)
-	started  time.Time
-	up, down func() int64
-}
-
 // Totals sums session counters.
 type Totals struct {
 	Active, Parked int // gauges: live sessions with a link, without one

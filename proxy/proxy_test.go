@@ -303,7 +303,7 @@ func TestStatusHandler(t *testing.T) {
 }
 
 // POST /sessions/{id}/goaway on the gateway moves the session to a new
-// link (the seeds' operator-initiated reconnection) without a gap.
+// link (docs/protocol.md section 5.6) without a gap.
 func TestOperatorGoAway(t *testing.T) {
 	s := newStack(t, stackOpts{upstream: testnet.EchoServer(t)})
 	c := dialApp(t, s.appAddr)

@@ -4,20 +4,18 @@ import (
 	"context"
 	"errors"
 	"io"
-	"log/slog"
 	"net"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
-	"time"
 
 	"github.com/lifeline-proxy/lifeline/frame"
 	"github.com/lifeline-proxy/lifeline/resume"
 )
 
-// Session is the part of *resume.Conn the splice uses.
-type Session interface {
+// session is the part of *resume.Conn that join uses.
+type session interface {
 	net.Conn
 	io.ReaderFrom
 	io.WriterTo
@@ -59,8 +57,8 @@ type spliceResult struct {
 	Down  int64  // bytes from the session to the application
 }
 
-// splice joins a TCP application connection and a session until both
-// directions have ended, then closes both. A FIN from either side becomes a
+// join joins a TCP connection (an application's, or an upstream's) and a
+// session until both directions have ended, then closes both. A FIN from either side becomes a
 // FIN on the other after all data (half-close); an application RST becomes
 // a session RESET with APP_RESET, and a session abort (any code) resets the
 // application socket. abort, when closed, aborts the splice with code
@@ -69,7 +67,7 @@ type spliceResult struct {
 // It costs one goroutine besides the caller's (an idle session's memory is
 // mostly goroutine stacks): the caller runs the session -> application
 // direction, and the abort is a context.AfterFunc, not a watcher.
-func splice(app *net.TCPConn, sess Session, abort context.Context) spliceResult {
+func join(app *net.TCPConn, sess session, abort context.Context) spliceResult {
 	var (
 		up, down  atomic.Int64
 		once      sync.Once
@@ -181,27 +179,3 @@ func resetTCP(c *net.TCPConn) {
 }
 
 func isLocalClose(err error) bool { return errors.Is(err, net.ErrClosed) }
-
-// isReset reports whether err is a connection reset by the peer.
-func isReset(err error) bool {
-	return errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)
-}
-
-// runSplice tracks a session while it is spliced to its TCP connection,
-// counts it in the metrics and logs its end with the bytes each way (named
-// upName and downName for the side's point of view).
-func runSplice(side string, app *net.TCPConn, sess *resume.Conn, x *tracked, abort context.Context,
-	tr *Tracker, m Metrics, log *slog.Logger, upName, downName string) {
-	m.SessionStarted(side, x.route)
-	tr.add(x)
-	res := splice(app, sess, abort)
-	st := sess.Stats()
-	tr.remove(x)
-	m.SessionEnded(side, x.route, res.Cause)
-	args := []any{"cause", res.Cause, upName, res.Up, downName, res.Down,
-		"duration", time.Since(x.started).Round(time.Millisecond), "resumes", st.Resumes, "replayed", st.BytesReplayed}
-	if res.Err != nil {
-		args = append(args, "err", res.Err)
-	}
-	log.Info("session end", args...)
-}
