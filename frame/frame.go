@@ -56,8 +56,10 @@ const (
 	// session. CodeNone means an orderly full close after the sender's data
 	// and CLOSE_WRITE were acknowledged; any other code is an abort.
 	TypeReset Type = 0x06
-	// GOAWAY: code u16 then a reason. Sent by a gateway: move this session
-	// to a new link (dial and RESUME); the old link stays usable until then.
+	// GOAWAY: code u16, the address to move to (u8 length, then
+	// "host:port"; empty: the same one), a reason; see GoAway. Sent by a
+	// gateway: move this session to a new link (dial and RESUME); the old
+	// link stays usable until then.
 	TypeGoAway Type = 0x07
 
 	// HELLO opens a new session; see Hello for the layout.
@@ -68,8 +70,9 @@ const (
 	TypeResume Type = 0x12
 	// RESUMED accepts a RESUME; see Resumed.
 	TypeResumed Type = 0x13
-	// REJECT refuses a HELLO or RESUME: code u16 then a reason. The server
-	// closes the link after sending it.
+	// REJECT refuses a HELLO or RESUME: code u16, for THROTTLED a u32
+	// retry delay in ms, then a reason; see Reject. The server closes the
+	// link after sending it.
 	TypeReject Type = 0x14
 )
 
@@ -116,8 +119,12 @@ func maxLen(t Type) (min, max int, ok bool) {
 		return PingLen, PingLen, true
 	case TypeCloseWrite:
 		return CloseWriteLen, CloseWriteLen, true
-	case TypeReset, TypeGoAway, TypeReject:
+	case TypeReset:
 		return 2, 2 + MaxReason, true
+	case TypeGoAway:
+		return 3, 3 + MaxAddr + MaxReason, true
+	case TypeReject:
+		return 2, 2 + 4 + MaxReason, true
 	case TypeHello:
 		return helloFixed, helloFixed + MaxRoute, true
 	case TypeWelcome:
@@ -230,14 +237,16 @@ func ParseU64(p []byte) (uint64, error) {
 // without copying).
 func AppendDataHeader(b []byte, n int) []byte { return appendHeader(b, TypeData, n) }
 
-// CodeReason is the payload of RESET, GOAWAY and REJECT.
+// CodeReason is the payload of RESET, and of a REJECT whose code is not
+// THROTTLED (see Reject).
 type CodeReason struct {
 	Code   Code
 	Reason string
 }
 
-// AppendCodeReason appends a RESET, GOAWAY or REJECT frame. A reason longer
-// than MaxReason is truncated (at a byte boundary; it is for humans).
+// AppendCodeReason appends a RESET (or a REJECT without a retry delay) of
+// type t. A reason longer than MaxReason is truncated (at a byte boundary;
+// it is for humans).
 func AppendCodeReason(b []byte, t Type, c Code, reason string) []byte {
 	if len(reason) > MaxReason {
 		reason = reason[:MaxReason]
@@ -247,7 +256,7 @@ func AppendCodeReason(b []byte, t Type, c Code, reason string) []byte {
 	return append(b, reason...)
 }
 
-// ParseCodeReason decodes a RESET, GOAWAY or REJECT payload.
+// ParseCodeReason decodes a RESET payload.
 func ParseCodeReason(p []byte) (CodeReason, error) {
 	if len(p) < 2 || len(p) > 2+MaxReason {
 		return CodeReason{}, ErrLength

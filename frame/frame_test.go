@@ -9,6 +9,7 @@ import (
 	"strings"
 	"testing"
 	"testing/iotest"
+	"time"
 
 	"github.com/lifeline-proxy/lifeline/frame"
 )
@@ -102,6 +103,8 @@ var (
 	parseAck        = parseAny(frame.ParseAck)
 	parseU64        = parseAny(frame.ParseU64)
 	parseCodeReason = parseAny(frame.ParseCodeReason)
+	parseGoAway     = parseAny(frame.ParseGoAway)
+	parseReject     = parseAny(frame.ParseReject)
 	parseHello      = parseAny(frame.ParseHello)
 	parseWelcome    = parseAny(frame.ParseWelcome)
 	parseResume     = parseAny(frame.ParseResume)
@@ -130,8 +133,12 @@ func messageCases(t testing.TB) []msgCase {
 		{"close_write", frame.AppendU64(nil, frame.TypeCloseWrite, ^uint64(0)), frame.TypeCloseWrite, parseU64, ^uint64(0)},
 		{"reset none", frame.AppendCodeReason(nil, frame.TypeReset, frame.CodeNone, ""), frame.TypeReset, parseCodeReason, frame.CodeReason{}},
 		{"reset max reason", frame.AppendCodeReason(nil, frame.TypeReset, frame.CodeBufferLost, maxReason), frame.TypeReset, parseCodeReason, frame.CodeReason{Code: frame.CodeBufferLost, Reason: maxReason}},
-		{"goaway", frame.AppendCodeReason(nil, frame.TypeGoAway, frame.CodeShuttingDown, "draining"), frame.TypeGoAway, parseCodeReason, frame.CodeReason{Code: frame.CodeShuttingDown, Reason: "draining"}},
-		{"reject unknown code", frame.AppendCodeReason(nil, frame.TypeReject, frame.Code(0xffff), "é\x00\xff"), frame.TypeReject, parseCodeReason, frame.CodeReason{Code: 0xffff, Reason: "é\x00\xff"}},
+		{"goaway", must(t)(frame.AppendGoAway(nil, frame.GoAway{Code: frame.CodeShuttingDown, Reason: "draining"})), frame.TypeGoAway, parseGoAway, frame.GoAway{Code: frame.CodeShuttingDown, Reason: "draining"}},
+		{"goaway to", must(t)(frame.AppendGoAway(nil, frame.GoAway{Addr: "gw2.example.net:7000", Reason: "moving"})), frame.TypeGoAway, parseGoAway, frame.GoAway{Addr: "gw2.example.net:7000", Reason: "moving"}},
+		{"goaway max", must(t)(frame.AppendGoAway(nil, frame.GoAway{Addr: strings.Repeat("a", 255), Reason: maxReason})), frame.TypeGoAway, parseGoAway, frame.GoAway{Addr: strings.Repeat("a", 255), Reason: maxReason}},
+		{"reject unknown code", frame.AppendReject(nil, frame.Reject{Code: frame.Code(0xffff), Reason: "é\x00\xff"}), frame.TypeReject, parseReject, frame.Reject{Code: 0xffff, Reason: "é\x00\xff"}},
+		{"reject throttled", frame.AppendReject(nil, frame.Reject{Code: frame.CodeThrottled, RetryAfter: 1500 * time.Millisecond, Reason: "busy"}), frame.TypeReject, parseReject, frame.Reject{Code: frame.CodeThrottled, RetryAfter: 1500 * time.Millisecond, Reason: "busy"}},
+		{"reject throttled max", frame.AppendReject(nil, frame.Reject{Code: frame.CodeThrottled, Reason: maxReason}), frame.TypeReject, parseReject, frame.Reject{Code: frame.CodeThrottled, Reason: maxReason}},
 		{"hello", mustHello(t, &frame.Hello{Key: key(1), ReconnectTimeout: 60000, Buffer: 2 << 20, Route: "db"}), frame.TypeHello, parseHello, &frame.Hello{Key: key(1), ReconnectTimeout: 60000, Buffer: 2 << 20, Route: "db"}},
 		{"hello empty route", mustHello(t, &frame.Hello{}), frame.TypeHello, parseHello, &frame.Hello{}},
 		{"hello max route", mustHello(t, &frame.Hello{Key: key(9), ReconnectTimeout: ^uint32(0), Buffer: ^uint32(0), Route: longRoute}), frame.TypeHello, parseHello, &frame.Hello{Key: key(9), ReconnectTimeout: ^uint32(0), Buffer: ^uint32(0), Route: longRoute}},
@@ -187,6 +194,10 @@ func reencode(t testing.TB, b []byte, typ frame.Type, v any) []byte {
 		return frame.AppendU64(b, typ, v)
 	case frame.CodeReason:
 		return frame.AppendCodeReason(b, typ, v.Code, v.Reason)
+	case frame.GoAway:
+		return must(t)(frame.AppendGoAway(b, v))
+	case frame.Reject:
+		return frame.AppendReject(b, v)
 	case *frame.Hello:
 		return must(t)(frame.AppendHello(b, v))
 	case *frame.Welcome:
@@ -297,7 +308,9 @@ func TestGolden(t *testing.T) {
 		{"pong", frame.AppendU64(nil, frame.TypePong, 0x1122334455667788), "04 000008 1122334455667788"},
 		{"close_write", frame.AppendU64(nil, frame.TypeCloseWrite, 1<<20), "05 000008 0000000000100000"},
 		{"reset", frame.AppendCodeReason(nil, frame.TypeReset, frame.CodeBufferLost, "gone"), "06 000006 0007 676f6e65"},
-		{"goaway", frame.AppendCodeReason(nil, frame.TypeGoAway, frame.CodeShuttingDown, ""), "07 000002 0009"},
+		{"goaway", must(t)(frame.AppendGoAway(nil, frame.GoAway{Code: frame.CodeShuttingDown})), "07 000003 0009 00"},
+		{"goaway to", must(t)(frame.AppendGoAway(nil, frame.GoAway{Addr: "h:1", Reason: "x"})), "07 000007 0000 03 683a31 78"},
+		{"reject throttled", frame.AppendReject(nil, frame.Reject{Code: frame.CodeThrottled, RetryAfter: 1500 * time.Millisecond, Reason: "x"}), "14 000007 0004 000005dc 78"},
 		{"reject", frame.AppendCodeReason(nil, frame.TypeReject, frame.CodeAccessDenied, "no"), "14 000004 0001 6e6f"},
 		{"hello", mustHello(t, &frame.Hello{Key: [32]byte(unhex(t, k1)), ReconnectTimeout: 60000, Buffer: 2 << 20, Route: "db"}),
 			"10 00002b" + k1 + "0000ea60 00200000 02 6462"},
@@ -354,8 +367,8 @@ func TestHeaderBounds(t *testing.T) {
 		{frame.TypePong, 8, 8},
 		{frame.TypeCloseWrite, 8, 8},
 		{frame.TypeReset, 2, 2 + wantMaxReason},
-		{frame.TypeGoAway, 2, 2 + wantMaxReason},
-		{frame.TypeReject, 2, 2 + wantMaxReason},
+		{frame.TypeGoAway, 3, 3 + 255 + wantMaxReason},
+		{frame.TypeReject, 2, 2 + 4 + wantMaxReason},
 		{frame.TypeHello, wantHelloFixed, wantHelloFixed + wantMaxRoute},
 		{frame.TypeWelcome, wantWelcomeLen, wantWelcomeLen},
 		{frame.TypeResume, wantResumeLen, wantResumeLen},
@@ -513,7 +526,7 @@ func TestReasonTruncation(t *testing.T) {
 		// 255 ASCII bytes then a two-byte rune: cut inside the rune, at byte 256.
 		{"cut rune", strings.Repeat("d", 255) + "é", strings.Repeat("d", 255) + "\xc3"},
 	} {
-		for _, typ := range []frame.Type{frame.TypeReset, frame.TypeGoAway, frame.TypeReject} {
+		for _, typ := range []frame.Type{frame.TypeReset, frame.TypeReject} {
 			enc := frame.AppendCodeReason(nil, typ, frame.CodeTimeout, tc.reason)
 			if len(enc) != wantHeaderLen+2+len(tc.want) {
 				t.Errorf("%s/%v: %d bytes, want %d", tc.name, typ, len(enc), wantHeaderLen+2+len(tc.want))

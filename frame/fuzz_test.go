@@ -27,8 +27,8 @@ var wireBounds = map[frame.Type][2]int{
 	frame.TypePong:       {8, 8},
 	frame.TypeCloseWrite: {8, 8},
 	frame.TypeReset:      {2, 2 + wantMaxReason},
-	frame.TypeGoAway:     {2, 2 + wantMaxReason},
-	frame.TypeReject:     {2, 2 + wantMaxReason},
+	frame.TypeGoAway:     {3, 3 + 255 + wantMaxReason},
+	frame.TypeReject:     {2, 2 + 4 + wantMaxReason},
 	frame.TypeHello:      {wantHelloFixed, wantHelloFixed + wantMaxRoute},
 	frame.TypeWelcome:    {wantWelcomeLen, wantWelcomeLen},
 	frame.TypeResume:     {wantResumeLen, wantResumeLen},
@@ -93,8 +93,12 @@ func reencodeFrame(t *testing.T, typ frame.Type, p []byte) ([]byte, error) {
 		v, err = frame.ParseAck(p)
 	case frame.TypePing, frame.TypePong, frame.TypeCloseWrite:
 		v, err = frame.ParseU64(p)
-	case frame.TypeReset, frame.TypeGoAway, frame.TypeReject:
+	case frame.TypeReset:
 		v, err = frame.ParseCodeReason(p)
+	case frame.TypeGoAway:
+		v, err = frame.ParseGoAway(p)
+	case frame.TypeReject:
+		v, err = frame.ParseReject(p)
 	case frame.TypeHello:
 		v, err = frame.ParseHello(p)
 	case frame.TypeWelcome:
@@ -133,8 +137,12 @@ func reencodeParse(typ frame.Type, p []byte) (any, error) {
 		return frame.ParseAck(p)
 	case frame.TypePing, frame.TypePong, frame.TypeCloseWrite:
 		return frame.ParseU64(p)
-	case frame.TypeReset, frame.TypeGoAway, frame.TypeReject:
+	case frame.TypeReset:
 		return frame.ParseCodeReason(p)
+	case frame.TypeGoAway:
+		return frame.ParseGoAway(p)
+	case frame.TypeReject:
+		return frame.ParseReject(p)
 	case frame.TypeHello:
 		return frame.ParseHello(p)
 	case frame.TypeWelcome:
@@ -482,7 +490,7 @@ func FuzzParseAck(f *testing.F) {
 }
 
 func FuzzParseCodeReason(f *testing.F) {
-	addPayloadSeeds(f, frame.TypeReset, frame.TypeGoAway, frame.TypeReject)
+	addPayloadSeeds(f, frame.TypeReset)
 	f.Add([]byte{0})
 	f.Fuzz(func(t *testing.T, p []byte) {
 		cr, err := frame.ParseCodeReason(p)
@@ -498,9 +506,7 @@ func FuzzParseCodeReason(f *testing.F) {
 		if uint16(cr.Code) != uint16(p[0])<<8|uint16(p[1]) || cr.Reason != string(p[2:]) {
 			t.Fatalf("ParseCodeReason(%x) = %+v", p, cr)
 		}
-		for _, typ := range []frame.Type{frame.TypeReset, frame.TypeGoAway, frame.TypeReject} {
-			checkCanonical(t, typ, p)
-		}
+		checkCanonical(t, frame.TypeReset, p)
 		// Encoding a longer reason truncates it to a valid frame.
 		long := cr.Reason + strings.Repeat("+", 300)
 		enc := frame.AppendCodeReason(nil, frame.TypeReset, cr.Code, long)
@@ -511,5 +517,41 @@ func FuzzParseCodeReason(f *testing.F) {
 		if got, err := frame.ParseCodeReason(enc[frame.HeaderLen:]); err != nil || got.Reason != long[:wantMaxReason] {
 			t.Fatalf("long reason parsed as %q, %v", got.Reason, err)
 		}
+	})
+}
+
+func FuzzParseGoAway(f *testing.F) {
+	addPayloadSeeds(f, frame.TypeGoAway)
+	f.Add([]byte{0, 0, 5, 'a'})
+	f.Fuzz(func(t *testing.T, p []byte) {
+		g, err := frame.ParseGoAway(p)
+		if err != nil {
+			if !errors.Is(err, frame.ErrLength) {
+				t.Fatalf("ParseGoAway(%x): %v, want ErrLength", p, err)
+			}
+			return
+		}
+		if len(p) < 3 || len(g.Addr) != int(p[2]) || len(g.Reason) > wantMaxReason {
+			t.Fatalf("ParseGoAway(%x) = %+v", p, g)
+		}
+		checkCanonical(t, frame.TypeGoAway, p)
+	})
+}
+
+func FuzzParseReject(f *testing.F) {
+	addPayloadSeeds(f, frame.TypeReject)
+	f.Add([]byte{0, 4, 0})
+	f.Fuzz(func(t *testing.T, p []byte) {
+		r, err := frame.ParseReject(p)
+		if err != nil {
+			if !errors.Is(err, frame.ErrLength) {
+				t.Fatalf("ParseReject(%x): %v, want ErrLength", p, err)
+			}
+			return
+		}
+		if r.Code != frame.CodeThrottled && r.RetryAfter != 0 {
+			t.Fatalf("ParseReject(%x) = %+v: a retry delay on a %v", p, r, r.Code)
+		}
+		checkCanonical(t, frame.TypeReject, p)
 	})
 }

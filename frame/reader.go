@@ -6,8 +6,9 @@ import (
 	"io"
 )
 
-// maxControl is the largest non-DATA payload (a HELLO with the longest route).
-const maxControl = helloFixed + MaxRoute
+// maxControl is the largest non-DATA payload (a GOAWAY with the longest
+// address and reason).
+const maxControl = max(helloFixed+MaxRoute, 3+MaxAddr+MaxReason)
 
 // Reader decodes frames from a link. It never allocates per frame: control
 // payloads land in an internal array, DATA payloads are read by the caller
@@ -47,7 +48,7 @@ func (r *Reader) Next() (Header, error) {
 // Payload reads the payload of a control frame. The slice is valid until
 // the next call on r.
 func (r *Reader) Payload(h Header) ([]byte, error) {
-	if h.Type == TypeData || h.Len > len(r.ctl) {
+	if lo, hi, ok := maxLen(h.Type); h.Type == TypeData || !ok || h.Len < lo || h.Len > hi || h.Len > len(r.ctl) {
 		return nil, fmt.Errorf("%w: Payload(%v, %d)", ErrLength, h.Type, h.Len)
 	}
 	p := r.ctl[:h.Len]

@@ -136,11 +136,17 @@ func readHandshake(fr *frame.Reader) (frame.Header, []byte, error) {
 }
 
 func rejectError(p []byte, sid SessionID) error {
-	cr, err := frame.ParseCodeReason(p)
+	r, err := frame.ParseReject(p)
 	if err != nil {
 		return err
 	}
-	return &Error{Code: cr.Code, Reason: cr.Reason, Remote: true, Session: sid}
+	return &Error{Code: r.Code, Reason: r.Reason, Remote: true, Session: sid, RetryAfter: r.RetryAfter}
+}
+
+// redirect makes every later link of the session go to addr (a GOAWAY
+// that names another gateway address). Caller holds mu.
+func (c *clientPart) redirect(dialAddr func(context.Context, string) (net.Conn, error), addr string) {
+	c.dial = func(ctx context.Context) (net.Conn, error) { return dialAddr(ctx, addr) }
 }
 
 // startRedial runs the reconnect loop if it is not running. Caller holds mu.
@@ -176,8 +182,9 @@ func (s *session) redialLoop(migrate bool) {
 		}
 		s.unlock()
 	}()
+	var retryAfter time.Duration // a THROTTLED gateway's own suggestion
 	for attempt := 0; ; attempt++ {
-		if d := s.cfg.Strategy.Delay(attempt); d > 0 || migrate && attempt > 0 {
+		if d := max(s.cfg.Strategy.Delay(attempt), retryAfter); d > 0 || migrate && attempt > 0 {
 			t := time.NewTimer(max(d, time.Millisecond))
 			select {
 			case <-t.C:
@@ -202,6 +209,10 @@ func (s *session) redialLoop(migrate bool) {
 		}
 		var re *Error
 		fatal := errors.As(err, &re) && re.Remote && !re.Code.Retryable()
+		retryAfter = 0
+		if errors.As(err, &re) && re.Remote && re.Code == frame.CodeThrottled {
+			retryAfter = re.RetryAfter
+		}
 		s.mu.Lock()
 		switch {
 		case s.state == StateClosed:

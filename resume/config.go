@@ -1,10 +1,12 @@
 package resume
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"net"
 	"time"
 
 	"github.com/lifeline-proxy/lifeline/frame"
@@ -62,6 +64,12 @@ type Config struct {
 	// acknowledge what was written (it may not be reading). Past it the
 	// session is aborted with CodeTimeout, so Close always returns.
 	LingerTimeout time.Duration
+
+	// DialAddr, if set, dials a link to a given gateway address: a client
+	// uses it when its gateway sends GOAWAY naming another address (an
+	// operator moving sessions to another listener). nil: such a GOAWAY
+	// moves the session to a new link at the usual address.
+	DialAddr func(ctx context.Context, addr string) (net.Conn, error)
 
 	// Strategy decides when a client retries after a link failure.
 	Strategy ReconnectStrategy

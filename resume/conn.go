@@ -276,8 +276,17 @@ func (c *Conn) Err() error {
 // GoAway asks the client to move the session to a new link (GameLift's
 // backend-initiated reconnection). Only the gateway side may call it; the
 // old link keeps carrying data until the new one is attached.
-func (c *Conn) GoAway(reason string) error {
+func (c *Conn) GoAway(reason string) error { return c.GoAwayTo("", reason) }
+
+// GoAwayTo is GoAway to another gateway address ("host:port"; empty: the
+// same one): the client dials its new link there, and every later one
+// (Config.DialAddr). The address must reach this same gateway process,
+// which holds the session, e.g. another of its listeners.
+func (c *Conn) GoAwayTo(addr, reason string) error {
 	s := c.s
+	if len(addr) > frame.MaxAddr {
+		return newError(frame.CodeValidation, s.id, "GOAWAY address longer than %d bytes", frame.MaxAddr)
+	}
 	s.mu.Lock()
 	defer s.unlock()
 	if s.cl != nil {
@@ -286,7 +295,7 @@ func (c *Conn) GoAway(reason string) error {
 	if s.link == nil {
 		return newError(frame.CodeConflict, s.id, "no link attached")
 	}
-	s.link.goAway = &frame.CodeReason{Code: frame.CodeNone, Reason: reason}
+	s.link.goAway = &frame.GoAway{Code: frame.CodeNone, Addr: addr, Reason: reason}
 	s.kick()
 	return nil
 }

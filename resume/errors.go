@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"time"
 
 	"github.com/lifeline-proxy/lifeline/frame"
 )
@@ -19,6 +20,9 @@ type Error struct {
 	Reason  string
 	Remote  bool
 	Session SessionID
+	// RetryAfter is the delay a gateway suggested with REJECT THROTTLED
+	// (0: none).
+	RetryAfter time.Duration
 }
 
 func (e *Error) Error() string {

@@ -6,8 +6,10 @@ import (
 	"errors"
 	"io"
 	"net"
+	"strings"
 	"sync"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/lifeline-proxy/lifeline/frame"
@@ -560,4 +562,135 @@ func TestGoAwayMigrates(t *testing.T) {
 	}
 	c.Reset(CodeAppReset, "")
 	s.Close()
+}
+
+// GOAWAY naming another address moves the session's link there, with no
+// gap in the stream, and later links after a failure go there too: an
+// operator moving sessions off a listener.
+func TestGoAwayToAnotherAddress(t *testing.T) {
+	srv, addr1 := tcpGateway(t, serverConfig(testConfig()))
+	ln2, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { srv.Serve(ln2); close(done) }()
+	t.Cleanup(func() { srv.Close(); <-done })
+	addr2 := ln2.Addr().String()
+
+	cfg := testConfig()
+	var d net.Dialer
+	cfg.DialAddr = func(ctx context.Context, addr string) (net.Conn, error) { return d.DialContext(ctx, "tcp", addr) }
+	c, err := Dial(context.Background(), dialTo(addr1, nil), "r", cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, _ := srv.Accept()
+	if got := c.RemoteAddr().String(); got != addr1 {
+		t.Fatalf("first link to %s, want %s", got, addr1)
+	}
+	// A stream that runs across the move.
+	var sent []byte
+	for i := 0; i < 50; i++ {
+		msg := bytes.Repeat([]byte{byte(i)}, 1000)
+		sent = append(sent, msg...)
+		c.Write(msg)
+		if i == 10 {
+			if err := s.GoAwayTo(addr2, "move to listener 2"); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	got := make([]byte, len(sent))
+	s.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.ReadFull(s, got); err != nil || !bytes.Equal(got, sent) {
+		t.Fatalf("stream across the move: %v (equal %v)", err, bytes.Equal(got, sent))
+	}
+	for i := 0; c.RemoteAddr().String() != addr2; i++ {
+		if i > 1000 {
+			t.Fatalf("client still on %s", c.RemoteAddr())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	// After a failure, the client resumes at the new address too.
+	c.Kill()
+	for i := 0; c.Stats().Resumes < 2; i++ {
+		if i > 1000 {
+			t.Fatal("client never resumed after the kill")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if got := c.RemoteAddr().String(); got != addr2 {
+		t.Fatalf("resumed to %s after the move, want %s", got, addr2)
+	}
+	if err := s.GoAwayTo(strings.Repeat("x", 300), ""); !errors.Is(err, ErrValidation) {
+		t.Fatalf("GOAWAY to a 300-byte address: %v, want VALIDATION", err)
+	}
+	c.Reset(CodeAppReset, "")
+	s.Close()
+}
+
+// A THROTTLED REJECT carries the gateway's suggested delay, and a client
+// waits at least that long before it tries again.
+func TestThrottledRejectRetryAfterIsHonoured(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		cfg := DefaultConfig()
+		e := memEnv(t, serverConfig(cfg), nil)
+		defer e.stop()
+		const retry = 3 * time.Second
+		var mu sync.Mutex
+		var dials []time.Time
+		throttle := true
+		dial := func(ctx context.Context) (net.Conn, error) {
+			mu.Lock()
+			dials = append(dials, time.Now())
+			busy := throttle && len(dials) > 1 // the first dial is the HELLO
+			mu.Unlock()
+			if !busy {
+				return e.dial(ctx)
+			}
+			a, b := net.Pipe()
+			go func() { // a gateway that sheds load
+				defer b.Close()
+				fr := frame.NewReader(b, 4096)
+				if _, err := fr.ReadPreamble(); err != nil {
+					return
+				}
+				if _, _, err := readHandshake(fr); err != nil {
+					return
+				}
+				b.Write(frame.AppendReject(nil, frame.Reject{Code: frame.CodeThrottled, RetryAfter: retry, Reason: "busy"}))
+			}()
+			return a, nil
+		}
+		c, err := Dial(context.Background(), dial, "r", cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		s, _ := e.srv.Accept()
+		synctest.Wait()
+		c.Kill()
+		time.Sleep(retry / 2)
+		synctest.Wait()
+		mu.Lock()
+		if n := len(dials); n != 2 {
+			mu.Unlock()
+			t.Fatalf("%d dials %v after the kill, want the HELLO and one throttled RESUME", n-1, retry/2)
+		}
+		throttle = false
+		mu.Unlock()
+		time.Sleep(retry)
+		synctest.Wait()
+		mu.Lock()
+		gap := dials[2].Sub(dials[1])
+		mu.Unlock()
+		if gap < retry {
+			t.Fatalf("retried %v after a THROTTLED REJECT that asked for %v", gap, retry)
+		}
+		if c.State() != StateActive {
+			t.Fatalf("client %v after the gateway had room", c.State())
+		}
+		c.Reset(CodeAppReset, "")
+		s.Close()
+	})
 }

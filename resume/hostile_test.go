@@ -1432,7 +1432,8 @@ func TestHalfCloseDuringMigrationDoesNotAbort(t *testing.T) {
 	}
 	l1.until(t, "ACK of the first bytes on link 1", isAck(r0, 0))
 	// GOAWAY: the client dials link 2 and RESUMEs from R0.
-	if err := l1.send(frame.AppendCodeReason(nil, frame.TypeGoAway, frame.CodeNone, "move")); err != nil {
+	goaway, _ := frame.AppendGoAway(nil, frame.GoAway{Code: frame.CodeNone, Reason: "move"})
+	if err := l1.send(goaway); err != nil {
 		t.Fatal(err)
 	}
 	l2, rf := fg.accept(t)

@@ -59,7 +59,7 @@ type link struct {
 	pingDue bool
 	pongDue bool
 	pongVal uint64
-	goAway  *frame.CodeReason // GOAWAY to send
+	goAway  *frame.GoAway     // GOAWAY to send
 	final   bool              // write what is queued, then close
 	reset   *frame.CodeReason // RESET to send as the final frame
 	// awaitClose: the RESET sent as final frame, kept until the peer
@@ -492,11 +492,26 @@ func (l *link) readControl(h frame.Header) error {
 		}
 		return &Error{Code: cr.Code, Reason: cr.Reason, Remote: true, Session: s.id}
 	case frame.TypeGoAway:
-		cr, _ := frame.ParseCodeReason(p)
+		g, err := frame.ParseGoAway(p)
+		if err != nil {
+			return err
+		}
 		if s.cl == nil {
 			return newError(frame.CodeValidation, s.id, "GOAWAY from a client")
 		}
-		s.log.Info("gateway asked to move the session", "code", cr.Code, "reason", cr.Reason)
+		if g.Addr != "" {
+			if s.cfg.DialAddr == nil {
+				s.after(func() {
+					s.log.Warn("gateway asked to move the session to another address; this client cannot dial one, it moves to a new link at the same address",
+						"to", g.Addr, "reason", g.Reason)
+				})
+			} else {
+				s.cl.redirect(s.cfg.DialAddr, g.Addr)
+			}
+		}
+		s.after(func() {
+			s.log.Info("gateway asked to move the session", "code", g.Code, "to", g.Addr, "reason", g.Reason)
+		})
 		s.startMigration()
 	default:
 		return newError(frame.CodeValidation, s.id, "%v frame after the handshake", h.Type)
@@ -603,7 +618,7 @@ func (l *link) collect() int {
 		}
 	}
 	if l.goAway != nil {
-		l.scratch = frame.AppendCodeReason(l.scratch, frame.TypeGoAway, l.goAway.Code, l.goAway.Reason)
+		l.scratch, _ = frame.AppendGoAway(l.scratch, *l.goAway) // GoAwayTo checked the address
 		l.goAway = nil
 	}
 	if l.final {

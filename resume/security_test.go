@@ -362,7 +362,8 @@ func TestConcurrentHellosCannotOvershootUnconfirmedCap(t *testing.T) {
 				// timeout, whatever happens to its link.
 				welcomes.Add(1)
 			case h.Type == frame.TypeReject:
-				if cr, _ := frame.ParseCodeReason(p); cr.Code == frame.CodeThrottled {
+				// THROTTLED, with the time the gateway needs to free a place.
+				if r, _ := frame.ParseReject(p); r.Code == frame.CodeThrottled && r.RetryAfter == sc.Session.HandshakeTimeout {
 					throttled.Add(1)
 				}
 			}

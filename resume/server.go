@@ -392,7 +392,7 @@ func (srv *Server) handshake(c net.Conn) {
 			return
 		}
 		srv.refused(RefuseHandshakeBusy, frame.CodeThrottled, remote, "link refused: too many handshakes in progress")
-		srv.refuse(c, frame.CodeThrottled, "too many handshakes in progress")
+		srv.refuseRetry(c, frame.CodeThrottled, "too many handshakes in progress", srv.retryBusy())
 		return
 	}
 	if h.Type == frame.TypeHello {
@@ -403,11 +403,29 @@ func (srv *Server) handshake(c net.Conn) {
 	srv.handshk.Release(1)
 }
 
-// refuse sends REJECT and closes the link.
+// refuse sends REJECT and closes the link. A THROTTLED refusal suggests
+// when to try again (retryFor).
 func (srv *Server) refuse(c net.Conn, code Code, reason string) {
+	srv.refuseRetry(c, code, reason, 0)
+}
+
+func (srv *Server) refuseRetry(c net.Conn, code Code, reason string, retry time.Duration) {
 	c.SetWriteDeadline(time.Now().Add(finalWriteTimeout))
-	c.Write(frame.AppendCodeReason(nil, frame.TypeReject, code, reason))
+	c.Write(frame.AppendReject(nil, frame.Reject{Code: code, Reason: reason, RetryAfter: retry}))
 	c.Close()
+}
+
+// Retry delays suggested with REJECT THROTTLED: what frees the resource.
+func (srv *Server) retryBusy() time.Duration {
+	return 50 * time.Millisecond // a handshake slot frees in about a handshake's CPU time
+}
+
+func (srv *Server) retryUnconfirmed() time.Duration {
+	return srv.cfg.Session.HandshakeTimeout // the oldest unconfirmed session is gone by then
+}
+
+func (srv *Server) retryFailures() time.Duration {
+	return time.Duration(float64(time.Second) / float64(srv.cfg.FailureRate)) // one token
 }
 
 // hello opens a session. The caller's handshake slot is released as soon
@@ -465,10 +483,11 @@ func (srv *Server) hello(ctx context.Context, c net.Conn, fr *frame.Reader, p []
 	defer unreserve()
 	// deny frees the reservation before the REJECT goes out: the client
 	// may try again the moment it reads it.
-	deny := func(code Code, reason string) {
+	denyRetry := func(code Code, reason string, retry time.Duration) {
 		unreserve()
-		srv.refuse(c, code, reason)
+		srv.refuseRetry(c, code, reason, retry)
 	}
+	deny := func(code Code, reason string) { denyRetry(code, reason, 0) }
 	switch {
 	case draining:
 		srv.refused(RefuseDraining, frame.CodeShuttingDown, remote, "session refused: draining")
@@ -485,12 +504,12 @@ func (srv *Server) hello(ctx context.Context, c net.Conn, fr *frame.Reader, p []
 	case unconfSrc >= srv.cfg.MaxUnconfirmedPerSource:
 		srv.refused(RefuseUnconfirmed, frame.CodeThrottled, remote, "session refused: too many unconfirmed sessions from this source",
 			"max", srv.cfg.MaxUnconfirmedPerSource)
-		deny(frame.CodeThrottled, "too many unconfirmed sessions from this source")
+		denyRetry(frame.CodeThrottled, "too many unconfirmed sessions from this source", srv.retryUnconfirmed())
 		return
 	case unconf >= srv.cfg.MaxUnconfirmed:
 		srv.refused(RefuseUnconfirmed, frame.CodeThrottled, remote, "session refused: too many unconfirmed sessions",
 			"max", srv.cfg.MaxUnconfirmed)
-		deny(frame.CodeThrottled, "too many unconfirmed sessions")
+		denyRetry(frame.CodeThrottled, "too many unconfirmed sessions", srv.retryUnconfirmed())
 		return
 	case !admitted: // unreachable: the cases above cover every refusal
 		deny(frame.CodeInternal, "not admitted")
@@ -670,11 +689,13 @@ func (srv *Server) resume(c net.Conn, fr *frame.Reader, p []byte, binding []byte
 	fail := func(label string, code Code, format string, args ...any) {
 		reason := fmt.Sprintf(format, args...)
 		srv.failures.Add(1)
+		var retry time.Duration
 		if !srv.limiter(remote).Allow() {
 			label, code, reason = RefuseResumeThrottled, frame.CodeThrottled, "too many failed resumes from this source"
+			retry = srv.retryFailures()
 		}
 		srv.refused(label, code, remote, "resume refused", "reason", reason)
-		srv.refuse(c, code, reason)
+		srv.refuseRetry(c, code, reason, retry)
 	}
 	r, err := frame.ParseResume(p)
 	if err != nil {
