@@ -34,43 +34,6 @@ func (d *duration) UnmarshalYAML(n *yaml.Node) error {
 	return nil
 }
 
-// durationFlag and sizeFlag let flags fill the same fields as the file.
-type durationFlag struct{ d *duration }
-
-func (f durationFlag) String() string {
-	if f.d == nil {
-		return ""
-	}
-	return f.d.D.String()
-}
-
-func (f durationFlag) Set(s string) error {
-	v, err := time.ParseDuration(s)
-	if err != nil || v < 0 {
-		return fmt.Errorf("bad duration %q (want e.g. 250ms, 5s, 1m)", s)
-	}
-	f.d.D, f.d.Set = v, true
-	return nil
-}
-
-type sizeFlag struct{ s *size }
-
-func (f sizeFlag) String() string {
-	if f.s == nil {
-		return ""
-	}
-	return formatSize(f.s.N)
-}
-
-func (f sizeFlag) Set(v string) error {
-	n, err := parseSize(v)
-	if err != nil {
-		return err
-	}
-	f.s.N, f.s.Set = n, true
-	return nil
-}
-
 // size is a byte count written as "2MiB", "512KiB", "8M", "65536".
 type size struct {
 	N   int64

@@ -44,24 +44,6 @@ func (a *autoInt) UnmarshalYAML(n *yaml.Node) error {
 	return nil
 }
 
-type autoIntFlag struct{ a *autoInt }
-
-func (f autoIntFlag) String() string {
-	if f.a == nil || !f.a.Set {
-		return "auto"
-	}
-	return strconv.Itoa(f.a.N)
-}
-
-func (f autoIntFlag) Set(s string) error {
-	v, err := parseAutoInt(s)
-	if err != nil {
-		return err
-	}
-	*f.a = v
-	return nil
-}
-
 // autoSize is a byte count that is "auto" unless Set.
 type autoSize struct {
 	N   int64
@@ -85,24 +67,6 @@ func (a *autoSize) UnmarshalYAML(n *yaml.Node) error {
 		return fmt.Errorf("line %d: %v", n.Line, err)
 	}
 	*a = v
-	return nil
-}
-
-type autoSizeFlag struct{ a *autoSize }
-
-func (f autoSizeFlag) String() string {
-	if f.a == nil || !f.a.Set {
-		return "auto"
-	}
-	return formatSize(f.a.N)
-}
-
-func (f autoSizeFlag) Set(s string) error {
-	v, err := parseAutoSize(s)
-	if err != nil {
-		return err
-	}
-	*f.a = v
 	return nil
 }
 

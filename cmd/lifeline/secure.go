@@ -102,3 +102,10 @@ func isLoopbackHostPort(addr string) bool {
 	h := strings.ToLower(strings.TrimSuffix(host, "."))
 	return h == "localhost" || strings.HasSuffix(h, ".localhost")
 }
+
+func tlsStore(name string, tf transport.TLSFiles) (*transport.CertStore, error) {
+	if !transport.UsesTLS(name) {
+		return nil, nil
+	}
+	return transport.NewCertStore(tf)
+}

@@ -1,0 +1,75 @@
+package main
+
+import (
+	"crypto/tls"
+	"fmt"
+	"log/slog"
+	"net"
+
+	"github.com/lifeline-proxy/lifeline/proxy"
+	"github.com/lifeline-proxy/lifeline/proxy/transport"
+)
+
+// startClient assembles a client sidecar from its config section: one
+// application listener and gateway dialer per listener entry, all opened
+// before any serves. A listener's fatal error goes to failed. It returns
+// the certificate stores that SIGHUP reloads.
+func startClient(c *clientFile, log *slog.Logger, metrics proxy.Metrics, failed chan<- error) (*proxy.Client, []*transport.CertStore, error) {
+	cl := proxy.NewClient(proxy.ClientConfig{Logger: log, Metrics: metrics})
+	var stores []*transport.CertStore
+	type pending struct {
+		ln net.Listener
+		r  proxy.ClientRoute
+	}
+	var ps []pending
+	fail := func(err error) (*proxy.Client, []*transport.CertStore, error) {
+		for _, p := range ps {
+			p.ln.Close()
+			p.r.Dialer.Close()
+		}
+		cl.Close()
+		return nil, nil, err
+	}
+	for _, l := range c.Listeners {
+		sess, err := l.sessionFile.sessionConfig()
+		if err != nil {
+			return fail(usageError{err})
+		}
+		sess.Logger = log
+		warnQUICIdle(log, l.Transport, sess.LivenessTimeout)
+		warnPlaintext(log, l.Transport, "gateway", l.Gateway)
+		store, err := tlsStore(l.Transport, l.TLS)
+		if err != nil {
+			return fail(err)
+		}
+		var tc *tls.Config
+		if store != nil {
+			stores = append(stores, store)
+			tc = store.ClientConfig()
+		}
+		d, err := transport.NewDialer(transport.Config{Name: l.Transport, Addr: l.Gateway, TLS: tc, Logger: log})
+		if err != nil {
+			return fail(err)
+		}
+		ln, err := net.Listen("tcp", l.Listen)
+		if err != nil {
+			d.Close()
+			return fail(fmt.Errorf("cannot listen on %s: %s", l.Listen, errText(err)))
+		}
+		ps = append(ps, pending{ln, proxy.ClientRoute{Route: l.Route, Dialer: d, Session: sess, Gateway: l.Gateway}})
+	}
+	for _, p := range ps {
+		ln := p.ln
+		if testHookListener != nil {
+			ln = testHookListener(ln)
+		}
+		go func() {
+			if err := cl.Serve(ln, p.r); err != nil {
+				listenerFailed(failed, fmt.Errorf("client listener %s: %w", ln.Addr(), err))
+			}
+		}()
+		log.Info("client listening", "addr", p.ln.Addr().String(), "gateway", p.r.Gateway, "route", p.r.Route,
+			"reconnect_timeout", p.r.Session.ReconnectTimeout)
+	}
+	return cl, stores, nil
+}

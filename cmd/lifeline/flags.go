@@ -1,0 +1,189 @@
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"strconv"
+	"time"
+
+	"github.com/lifeline-proxy/lifeline/proxy"
+	"github.com/lifeline-proxy/lifeline/proxy/transport"
+	"github.com/lifeline-proxy/lifeline/resume"
+)
+
+// options are the command-line flags of gateway and client.
+type options struct {
+	config       string
+	listen       string
+	upstream     string // gateway
+	gateway      string // client
+	route        string
+	transport    string
+	tls          transport.TLSFiles
+	session      sessionFile
+	logFormat    string
+	logLevel     string
+	statusAddr   string
+	drainTimeout duration
+	// gateway limits ("auto" unless set)
+	maxSessions    autoInt
+	memoryBudget   autoSize
+	connectTimeout duration
+	proxyProtocol  int
+	stateDir       string // gateway
+}
+
+func newFlagSet(cmd string, o *options, stdout io.Writer) *flag.FlagSet {
+	fs := flag.NewFlagSet("lifeline "+cmd, flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	def := resume.DefaultConfig()
+	o.session.ReconnectTimeout.D = def.ReconnectTimeout
+	o.session.ReconnectInterval.D = 5 * time.Second
+	o.session.Buffer.N = int64(def.BufferSize)
+	o.session.DisconnectedBuffer.N = int64(def.DisconnectedBufferSize)
+	o.session.PingInterval.D = def.PingInterval
+	o.session.LivenessTimeout.D = def.LivenessTimeout
+	o.session.HandshakeTimeout.D = def.HandshakeTimeout
+	o.drainTimeout.D = 30 * time.Second
+	o.connectTimeout.D = proxy.DefaultConnectTimeout
+
+	fs.StringVar(&o.config, "config", "", "YAML config `file` (several routes); other flags then only set logging, status and drain")
+	if cmd == "gateway" {
+		fs.StringVar(&o.listen, "listen", "", "`address` to accept links from client sidecars on, e.g. 0.0.0.0:7000")
+		fs.StringVar(&o.upstream, "upstream", "", "`address` of the service behind the gateway, e.g. 127.0.0.1:6379")
+		fs.Var(autoIntFlag{&o.maxSessions}, "max-sessions", "maximum `number` of live sessions, new ones refused beyond (default auto: (soft RLIMIT_NOFILE - 64) / 2; 0: no limit)")
+		fs.Var(autoSizeFlag{&o.memoryBudget}, "memory-budget", "`bytes` of buffers for all sessions, new sessions refused beyond (default auto: a quarter of the machine's memory or of its cgroup's limit; 0: no limit)")
+		fs.Var(durationFlag{&o.connectTimeout}, "connect-timeout", "upstream connect timeout; the application gets a reset past it")
+		fs.StringVar(&o.stateDir, "state-dir", "", "`directory` where a tls or quic gateway without --tls-cert keeps the key pair it generates once (default: "+stateDirHelp+"; here "+processStateDir()+")")
+		fs.IntVar(&o.proxyProtocol, "proxy-protocol", 0, "send a PROXY protocol header of this `version` (1 or 2) to the upstream, naming the client sidecar's address (0: off)")
+	} else {
+		fs.StringVar(&o.listen, "listen", "", "local `address` applications connect to, e.g. 127.0.0.1:6380")
+		fs.StringVar(&o.gateway, "gateway", "", "gateway `address`, e.g. gw.example.net:7000")
+	}
+	fs.StringVar(&o.route, "route", "default", "route `name` (the gateway maps it to an upstream)")
+	fs.StringVar(&o.transport, "transport", "tls", "link transport: tls, quic, or tcp (unauthenticated and unencrypted: for trusted networks only)")
+	fs.Var(durationFlag{&o.session.ReconnectTimeout}, "reconnect-timeout", "how long a session waits for a new link (0 disables resumption)")
+	fs.StringVar(&o.session.ReconnectStrategy, "reconnect-strategy", "backoff", "client redial strategy: backoff (at once, then 50ms doubling to 1s, jittered) or fixed")
+	fs.Var(durationFlag{&o.session.ReconnectInterval}, "reconnect-interval", "redial interval of the fixed strategy")
+	fs.Var(sizeFlag{&o.session.Buffer}, "buffer", "replay buffer limit per direction (`bytes`, e.g. 2MiB)")
+	fs.Var(sizeFlag{&o.session.DisconnectedBuffer}, "disconnected-buffer", "larger replay limit while the link is down (`bytes`)")
+	fs.Var(durationFlag{&o.session.PingInterval}, "ping-interval", "send a PING after this long without traffic")
+	fs.Var(durationFlag{&o.session.LivenessTimeout}, "liveness-timeout", "declare a link dead after this long without traffic")
+	fs.Var(durationFlag{&o.session.HandshakeTimeout}, "handshake-timeout", "bound on dialing plus the session handshake of a link")
+	fs.StringVar(&o.tls.Cert, "tls-cert", "", "TLS certificate `file` (PEM); reloaded on SIGHUP")
+	fs.StringVar(&o.tls.Key, "tls-key", "", "TLS private key `file` (PEM); reloaded on SIGHUP")
+	if cmd == "gateway" {
+		fs.StringVar(&o.tls.CA, "tls-ca", "", "CA `file`: client certificates must chain to it (turns on mTLS)")
+	} else {
+		fs.StringVar(&o.tls.CA, "tls-ca", "", "CA `file` the gateway's certificate must chain to (default: system roots)")
+	}
+	fs.StringVar(&o.tls.ServerName, "tls-server-name", "", "expected gateway certificate `name` (default: the gateway host)")
+	if cmd == "gateway" {
+		o.tls.Pin = ""
+	} else {
+		fs.StringVar(&o.tls.Pin, "tls-pin", "", "SHA-256 `fingerprint` of the gateway's certificate (for a self-signed gateway; instead of --tls-ca)")
+	}
+	fs.StringVar(&o.logFormat, "log-format", "text", "log format: text or json")
+	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
+	fs.StringVar(&o.statusAddr, "status-addr", "", "`address` for /metrics, /healthz and /sessions (off if empty)")
+	fs.Var(durationFlag{&o.drainTimeout}, "drain-timeout", "on SIGTERM/SIGINT, let sessions finish this long, then close them")
+	fs.Usage = func() {
+		fmt.Fprintf(stdout, "Usage of lifeline %s:\n", cmd)
+		fs.SetOutput(stdout)
+		fs.PrintDefaults()
+		fs.SetOutput(io.Discard)
+	}
+	return fs
+}
+
+// parseFlags parses args with fs. --help prints fs.Usage once and returns
+// flag.ErrHelp; a bad flag or value is a one-line usage error with a hint,
+// without the usage text (the flag package would print it first).
+func parseFlags(fs *flag.FlagSet, args []string) error {
+	usage := fs.Usage
+	fs.Usage = func() {}
+	defer func() { fs.Usage = usage }()
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			usage()
+			return err
+		}
+		return usagef("%v; run '%s --help' for usage", err, fs.Name())
+	}
+	return nil
+}
+
+// durationFlag and sizeFlag let flags fill the same fields as the file.
+type durationFlag struct{ d *duration }
+
+func (f durationFlag) String() string {
+	if f.d == nil {
+		return ""
+	}
+	return f.d.D.String()
+}
+
+func (f durationFlag) Set(s string) error {
+	v, err := time.ParseDuration(s)
+	if err != nil || v < 0 {
+		return fmt.Errorf("bad duration %q (want e.g. 250ms, 5s, 1m)", s)
+	}
+	f.d.D, f.d.Set = v, true
+	return nil
+}
+
+type sizeFlag struct{ s *size }
+
+func (f sizeFlag) String() string {
+	if f.s == nil {
+		return ""
+	}
+	return formatSize(f.s.N)
+}
+
+func (f sizeFlag) Set(v string) error {
+	n, err := parseSize(v)
+	if err != nil {
+		return err
+	}
+	f.s.N, f.s.Set = n, true
+	return nil
+}
+
+type autoIntFlag struct{ a *autoInt }
+
+func (f autoIntFlag) String() string {
+	if f.a == nil || !f.a.Set {
+		return "auto"
+	}
+	return strconv.Itoa(f.a.N)
+}
+
+func (f autoIntFlag) Set(s string) error {
+	v, err := parseAutoInt(s)
+	if err != nil {
+		return err
+	}
+	*f.a = v
+	return nil
+}
+
+type autoSizeFlag struct{ a *autoSize }
+
+func (f autoSizeFlag) String() string {
+	if f.a == nil || !f.a.Set {
+		return "auto"
+	}
+	return formatSize(f.a.N)
+}
+
+func (f autoSizeFlag) Set(s string) error {
+	v, err := parseAutoSize(s)
+	if err != nil {
+		return err
+	}
+	*f.a = v
+	return nil
+}

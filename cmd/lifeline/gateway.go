@@ -1,0 +1,97 @@
+package main
+
+import (
+	"crypto/tls"
+	"fmt"
+	"log/slog"
+	"strings"
+
+	"github.com/lifeline-proxy/lifeline/proxy"
+	"github.com/lifeline-proxy/lifeline/proxy/transport"
+	"github.com/lifeline-proxy/lifeline/resume"
+)
+
+// startGateway assembles a gateway from its config section and starts
+// serving its link listener; the listener's fatal error goes to failed.
+// It returns the certificate stores that SIGHUP reloads.
+func startGateway(g *gatewayFile, log *slog.Logger, metrics proxy.Metrics, failed chan<- error) (*proxy.Gateway, []*transport.CertStore, error) {
+	sess, err := g.sessionFile.sessionConfig()
+	if err != nil {
+		return nil, nil, usageError{err}
+	}
+	sess.Logger = log
+	warnQUICIdle(log, g.Transport, sess.LivenessTimeout)
+	sc := resume.DefaultServerConfig()
+	sc.Session = sess
+	var logLimits func()
+	sc.MaxSessions, sc.MemoryBudget, logLimits = gatewayLimits(g, log)
+	if g.MaxHandshakes > 0 {
+		sc.MaxHandshakes = g.MaxHandshakes
+	}
+	var routes []proxy.Route
+	for _, r := range g.Routes {
+		ct := r.ConnectTimeout.D
+		if !r.ConnectTimeout.Set && g.ConnectTimeout.Set {
+			ct = g.ConnectTimeout.D
+		}
+		rs, err := g.sessionFile.over(r.sessionFile).sessionConfig()
+		if err != nil {
+			return nil, nil, usageError{fmt.Errorf("route %q: %w", r.Name, err)}
+		}
+		rs.Logger = log
+		routes = append(routes, proxy.Route{Name: r.Name, Upstream: r.Upstream, ConnectTimeout: ct,
+			ProxyProtocol: r.ProxyProtocol, Session: rs})
+	}
+	var store *transport.CertStore
+	var id *transport.GatewayIdentity
+	var tc *tls.Config
+	if transport.UsesTLS(g.Transport) && g.TLS.Cert == "" {
+		// No certificate: a self-signed one, made once and kept in the
+		// state directory, whose fingerprint clients pin (--tls-pin).
+		// Clients never skip verification.
+		if tc, id, err = gatewayIdentity(g); err != nil {
+			return nil, nil, err
+		}
+	} else if store, err = tlsStore(g.Transport, g.TLS); err != nil {
+		return nil, nil, err
+	} else if store != nil {
+		c, err := store.ServerConfig()
+		if err != nil {
+			return nil, nil, err
+		}
+		tc = c
+	}
+	gw, err := proxy.NewGateway(proxy.GatewayConfig{Routes: routes, Server: sc, Logger: log, Metrics: metrics})
+	if err != nil {
+		return nil, nil, usageError{err}
+	}
+	ll, err := transport.Listen(transport.Config{Name: g.Transport, Addr: g.Listen, TLS: tc, Logger: log})
+	if err != nil {
+		gw.Close()
+		return nil, nil, fmt.Errorf("cannot listen on %s: %s", g.Listen, errText(err))
+	}
+	if testHookListener != nil {
+		ll = testHookListener(ll)
+	}
+	go func() {
+		if err := gw.Serve(ll); err != nil {
+			listenerFailed(failed, fmt.Errorf("gateway listener %s: %w", ll.Addr(), err))
+		}
+	}()
+	names := make([]string, 0, len(routes))
+	for _, r := range routes {
+		names = append(names, r.Name+"="+r.Upstream)
+	}
+	log.Info("gateway listening", "addr", ll.Addr().String(), "transport", g.Transport, "routes", strings.Join(names, ","),
+		"reconnect_timeout", sess.ReconnectTimeout, "mtls", g.TLS.CA != "")
+	logLimits()
+	if id != nil {
+		logGatewayPin(log, id, g.Transport, ll.Addr())
+	}
+	warnPlaintext(log, g.Transport, "listen", g.Listen)
+	var stores []*transport.CertStore
+	if store != nil {
+		stores = append(stores, store)
+	}
+	return gw, stores, nil
+}

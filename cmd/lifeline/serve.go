@@ -1,0 +1,129 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/lifeline-proxy/lifeline/internal/acceptloop"
+	"github.com/lifeline-proxy/lifeline/proxy"
+	"github.com/lifeline-proxy/lifeline/proxy/transport"
+)
+
+// runProxy runs a gateway or client until SIGTERM/SIGINT and a drain.
+func runProxy(cmd string, args []string, stdout, stderr io.Writer) error {
+	st, err := parseOptions(cmd, args, stdout)
+	if err != nil {
+		return err
+	}
+	log := newLogger(stderr, st.logFormat, st.logLevel)
+	metrics := proxy.NewPromMetrics()
+
+	sigs, stopSignals := notifySignals()
+	defer stopSignals()
+
+	// failed gets the error of a listener that broke for good: the
+	// process then ends with it instead of living on without accepting.
+	failed := make(chan error, 8)
+	var (
+		srv    server
+		stores []*transport.CertStore
+		status http.Handler
+	)
+	if cmd == "gateway" {
+		gw, s, err := startGateway(st.fc.Gateway, log, metrics, failed)
+		if err != nil {
+			return err
+		}
+		srv, stores, status = gw, s, proxy.GatewayStatusHandler(metrics.Registry(), gw)
+	} else {
+		cl, s, err := startClient(st.fc.Client, log, metrics, failed)
+		if err != nil {
+			return err
+		}
+		srv, stores, status = cl, s, proxy.ClientStatusHandler(metrics.Registry(), cl)
+	}
+	if st.statusAddr != "" {
+		stop, err := serveStatus(st.statusAddr, status, log, failed)
+		if err != nil {
+			srv.Close()
+			return err
+		}
+		defer stop()
+	}
+	return waitForSignals(log, sigs, failed, srv, stores, st.drainTimeout)
+}
+
+// serveStatus serves /metrics, /healthz and /sessions with h on addr
+// until stop.
+func serveStatus(addr string, h http.Handler, log *slog.Logger, failed chan<- error) (stop func(), err error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("cannot listen on status address %s: %v", addr, errText(err))
+	}
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second,
+		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
+	addr = ln.Addr().String()
+	// Accept failures are retried and logged once a second by
+	// acceptloop rather than by net/http at every retry.
+	done := make(chan struct{})
+	sl := acceptloop.Listener(ln, &acceptloop.State{Log: log.With("side", "status"), Name: addr}, done)
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		if err := srv.Serve(sl); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			listenerFailed(failed, fmt.Errorf("status listener %s: %w", addr, err))
+		}
+	}()
+	log.Info("status listening", "addr", addr)
+	return func() {
+		close(done)
+		srv.Close()
+		wg.Wait()
+	}, nil
+}
+
+// listenerFailed reports a listener's Serve error on failed. Serve returns
+// nil when its gateway or client was closed, so any error here, even one
+// that says the listener was closed, means it died under a running proxy
+// (runProxy stops listening on failed once it drains).
+func listenerFailed(failed chan<- error, err error) {
+	if err == nil {
+		return
+	}
+	select {
+	case failed <- err:
+	default: // the process is ending with an earlier one
+	}
+}
+
+// testHookListener, if set by a test, wraps each gateway link listener
+// and client application listener.
+var testHookListener func(net.Listener) net.Listener
+
+// errText shortens "listen tcp 1.2.3.4:80: bind: ..." to the cause.
+func errText(err error) string {
+	var oe *net.OpError
+	if errors.As(err, &oe) && oe.Err != nil {
+		return oe.Err.Error()
+	}
+	return err.Error()
+}
+
+// warnQUICIdle says so when QUIC's idle timeout would close a connection
+// before lifeline's liveness check decides (a long --liveness-timeout).
+func warnQUICIdle(log *slog.Logger, name string, liveness time.Duration) {
+	if name != "quic" {
+		return
+	}
+	if err := transport.DefaultQUICConfig().CheckLiveness(liveness); err != nil {
+		log.Warn("QUIC connections will time out before lifeline's liveness check; keep --liveness-timeout under the QUIC idle timeout",
+			"liveness_timeout", liveness, "quic_idle_timeout", transport.DefaultQUICConfig().IdleTimeout)
+	}
+}

@@ -1,0 +1,99 @@
+package main
+
+import (
+	"context"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/lifeline-proxy/lifeline/proxy/transport"
+)
+
+// The signals a gateway or client handles: SIGTERM and SIGINT drain the
+// sessions and stop, a second one stops at once; SIGHUP reloads the TLS
+// certificates.
+var (
+	shutdownSignals = []os.Signal{syscall.SIGTERM, syscall.SIGINT}
+	reloadSignals   = []os.Signal{syscall.SIGHUP}
+)
+
+// notifySignals starts catching the shutdown and reload signals; stop
+// ends that.
+func notifySignals() (sigs <-chan os.Signal, stop func()) {
+	c := make(chan os.Signal, 4)
+	signal.Notify(c, append(append([]os.Signal{}, shutdownSignals...), reloadSignals...)...)
+	return c, func() { signal.Stop(c) }
+}
+
+func isReloadSignal(sig os.Signal) bool {
+	for _, s := range reloadSignals {
+		if sig == s {
+			return true
+		}
+	}
+	return false
+}
+
+// server is a running gateway or client.
+type server interface {
+	Shutdown(context.Context) error
+	Close() error
+}
+
+// waitForSignals serves until a shutdown signal, then drains srv for at
+// most drainTimeout and returns nil; or until a listener fails for good
+// (on failed), then closes srv and returns the listener's error. A reload
+// signal reloads every certificate store in stores.
+func waitForSignals(log *slog.Logger, sigs <-chan os.Signal, failed <-chan error, srv server, stores []*transport.CertStore, drainTimeout time.Duration) error {
+	for {
+		var sig os.Signal
+		select {
+		case sig = <-sigs:
+		case err := <-failed:
+			log.Error("listener failed; exiting", "err", err)
+			srv.Close()
+			return err
+		}
+		if isReloadSignal(sig) {
+			reloadCerts(log, stores)
+			continue
+		}
+		drain(log, sig, sigs, srv, drainTimeout)
+		return nil
+	}
+}
+
+// reloadCerts reloads each store; one that fails keeps its old
+// certificates.
+func reloadCerts(log *slog.Logger, stores []*transport.CertStore) {
+	for _, s := range stores {
+		if err := s.Reload(); err != nil {
+			log.Error("certificate reload failed; keeping the old ones", "err", err)
+		} else {
+			log.Info("certificates reloaded")
+		}
+	}
+}
+
+// drain shuts srv down after sig: its sessions may finish within timeout,
+// then the rest are closed; another signal closes them at once.
+func drain(log *slog.Logger, sig os.Signal, sigs <-chan os.Signal, srv server, timeout time.Duration) {
+	log.Info("draining", "signal", sig.String(), "timeout", timeout)
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- srv.Shutdown(ctx) }()
+	select {
+	case err := <-done:
+		if err != nil {
+			log.Warn("drain timeout passed; closed the remaining sessions")
+		}
+	case sig := <-sigs:
+		log.Warn("second signal: closing now", "signal", sig.String())
+		cancel()
+		<-done
+	}
+	log.Info("stopped")
+}
