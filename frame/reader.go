@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"fmt"
 	"io"
+	"sync"
 )
 
 // maxControl is the largest non-DATA payload (a GOAWAY with the longest
@@ -14,15 +15,54 @@ const maxControl = max(helloFixed+MaxRoute, 3+MaxAddr+MaxReason)
 // payloads land in an internal array, DATA payloads are read by the caller
 // straight into its own buffer with ReadData.
 type Reader struct {
-	br      *bufio.Reader
+	src     io.Reader
+	size    int
+	br      *bufio.Reader // nil while parked in an idle wait
 	hdr     [HeaderLen]byte
 	ctl     [maxControl]byte
 	pending int // DATA bytes of the current frame not yet read
+	// idle, if set, blocks until src has something to read (see
+	// SetIdleWait).
+	idle func() error
 }
 
 // NewReader returns a Reader with a read-ahead buffer of size bytes.
 func NewReader(r io.Reader, size int) *Reader {
-	return &Reader{br: bufio.NewReaderSize(r, size)}
+	return &Reader{src: r, size: size, br: bufio.NewReaderSize(r, size)}
+}
+
+// readAheads recycles read-ahead buffers between idle readers.
+var readAheads sync.Pool
+
+// SetIdleWait makes the Reader give its read-ahead buffer back whenever it
+// is empty at a frame boundary, and call wait, which must block until the
+// source has data (or an error, returned by Next), before it takes one
+// again. An idle link then holds no buffer while it waits. wait nil turns
+// this off.
+func (r *Reader) SetIdleWait(wait func() error) { r.idle = wait }
+
+// Release gives the read-ahead buffer back; the Reader must not be used
+// after.
+func (r *Reader) Release() {
+	if r.br != nil {
+		r.park()
+	}
+}
+
+func (r *Reader) park() {
+	r.br.Reset(nil)
+	readAheads.Put(r.br)
+	r.br = nil
+}
+
+// wake takes a read-ahead buffer for src.
+func (r *Reader) wake() {
+	if br, ok := readAheads.Get().(*bufio.Reader); ok && br.Size() == r.size {
+		br.Reset(r.src)
+		r.br = br
+		return
+	}
+	r.br = bufio.NewReaderSize(r.src, r.size)
 }
 
 // Next reads and validates the next header. After a DATA header the caller
@@ -31,6 +71,15 @@ func NewReader(r io.Reader, size int) *Reader {
 func (r *Reader) Next() (Header, error) {
 	if r.pending != 0 {
 		return Header{}, fmt.Errorf("frame: Next with %d DATA bytes unread", r.pending)
+	}
+	if r.idle != nil && r.br != nil && r.br.Buffered() == 0 {
+		r.park()
+		if err := r.idle(); err != nil {
+			return Header{}, err
+		}
+	}
+	if r.br == nil {
+		r.wake()
 	}
 	if _, err := io.ReadFull(r.br, r.hdr[:]); err != nil {
 		return Header{}, err

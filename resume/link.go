@@ -93,6 +93,14 @@ func newLink(s *session, conn net.Conn, fr *frame.Reader, rxStart uint64) *link 
 	case *net.TCPConn, *net.UnixConn:
 		l.vectored = true
 	}
+	// An idle link waits for its next frame in the poller, without a
+	// read-ahead buffer (TLS keeps its own record buffers, so only plain
+	// sockets gain from it).
+	if sc, ok := conn.(syscall.Conn); ok {
+		if rc, err := sc.SyscallConn(); err == nil {
+			fr.SetIdleWait(func() error { return waitReadable(rc) })
+		}
+	}
 	l.lastRecv.Store(time.Now().UnixNano())
 	return l
 }
@@ -320,7 +328,10 @@ func (l *link) readLoop(prev *link) {
 	defer close(l.readerDone)
 	// The session keeps its last link (for addresses) while parked: let
 	// the read-ahead buffer go with the reader.
-	defer func() { l.fr, l.discard = nil, nil }()
+	defer func() {
+		l.fr.Release()
+		l.fr, l.discard = nil, nil
+	}()
 	if prev != nil {
 		// Our DATA goes into the receive buffer's tail without the lock;
 		// the previous link's reader may still be doing the same.
