@@ -3,7 +3,6 @@ package proxy
 import (
 	"context"
 	"errors"
-	"fmt"
 	"log/slog"
 	"net"
 	"sync"
@@ -224,6 +223,3 @@ func (c *Client) Draining() bool {
 	defer c.mu.Unlock()
 	return c.draining || c.closed
 }
-
-// String names the client for logs.
-func (c *Client) String() string { return fmt.Sprintf("client(%d sessions)", c.tracker.Len()) }

@@ -83,9 +83,6 @@ func NewGateway(cfg GatewayConfig) (*Gateway, error) {
 	return g, nil
 }
 
-// Server is the underlying session server.
-func (g *Gateway) Server() *resume.Server { return g.srv }
-
 // AcceptErr is non-nil while accepting links fails (descriptor
 // exhaustion, retried with a backoff) or a link listener has failed for
 // good; /healthz reports it.

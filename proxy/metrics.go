@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"github.com/lifeline-proxy/lifeline/resume"
 )
@@ -195,7 +196,7 @@ func NewPromMetrics() *PromMetrics {
 		trackers: map[string][]*Tracker{},
 	}
 	m.reg.MustRegister(m.starts, m.ends, m.dialErr, m.refused, collector{m},
-		prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
 

@@ -217,9 +217,6 @@ func (r *Relay) Reset() int { return r.Break(Reset) }
 // CloseConns closes every current connection with a FIN both ways.
 func (r *Relay) CloseConns() int { return r.Break(Close) }
 
-// Blackhole silently stops forwarding on every current connection.
-func (r *Relay) Blackhole() int { return r.Break(Blackhole) }
-
 // Close stops the relay and closes every connection.
 func (r *Relay) Close() error {
 	r.mu.Lock()

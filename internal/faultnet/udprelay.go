@@ -24,7 +24,6 @@ type UDPRelay struct {
 	closed    bool
 
 	wg       sync.WaitGroup
-	forward  atomic.Int64 // packets relayed, both ways
 	dropped  atomic.Int64
 	rebinds  atomic.Int64
 	upstream atomic.Int64 // upstream sockets opened
@@ -137,7 +136,6 @@ func (r *UDPRelay) fromClients() {
 			continue
 		}
 		up.Write(buf[:n])
-		r.forward.Add(1)
 	}
 }
 
@@ -156,7 +154,6 @@ func (r *UDPRelay) fromGateway(c *udpClient, up *net.UDPConn) {
 			continue
 		}
 		r.pc.WriteToUDP(buf[:n], c.addr)
-		r.forward.Add(1)
 	}
 }
 
@@ -175,9 +172,6 @@ func (r *UDPRelay) Close() {
 	r.mu.Unlock()
 	r.wg.Wait()
 }
-
-// Forwarded counts the packets relayed, both ways.
-func (r *UDPRelay) Forwarded() int64 { return r.forward.Load() }
 
 // Dropped counts the packets dropped by Drop, both ways.
 func (r *UDPRelay) Dropped() int64 { return r.dropped.Load() }

@@ -172,14 +172,3 @@ func (l *quicListener) Close() error {
 }
 
 func (l *quicListener) Addr() net.Addr { return l.udp.LocalAddr() }
-
-// connections returns the live connections (for tests).
-func (l *quicListener) connections() []*quic.Conn {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	out := make([]*quic.Conn, 0, len(l.conns))
-	for qc := range l.conns {
-		out = append(out, qc)
-	}
-	return out
-}

@@ -75,6 +75,17 @@ func quicNewDialer(t testing.TB, addr string, tc *tls.Config, q QUICConfig) (*qu
 	return newQUICDialer(Config{Name: "quic", Addr: addr, TLS: tc, QUIC: &q, Logger: quicLogger(t)})
 }
 
+// connections returns the live connections .
+func (l *quicListener) connections() []*quic.Conn {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	out := make([]*quic.Conn, 0, len(l.conns))
+	for qc := range l.conns {
+		out = append(out, qc)
+	}
+	return out
+}
+
 // quicNoLeaks checks, when the test and all its cleanups are done, that no
 // goroutine the test started is left.
 func quicNoLeaks(t *testing.T) {
