@@ -5,7 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/lifeline-proxy/lifeline/internal/testnet"
+	"github.com/lifeline-proxy/lifeline/internal/faultnet"
 	"io"
 	"log/slog"
 	"math/rand/v2"
@@ -232,10 +232,10 @@ func runFaultSession(e *env, acc *acceptor, cfg *Config, id uint64, abort bool, 
 		}
 	}
 	if !bytes.Equal(gotUp, up) {
-		return fmt.Errorf("session %d: upstream differs: got %d bytes, want %d (first diff at %d)", id, len(gotUp), len(up), testnet.FirstDiff(gotUp, up))
+		return fmt.Errorf("session %d: upstream differs: got %d bytes, want %d (first diff at %d)", id, len(gotUp), len(up), faultnet.FirstDiff(gotUp, up))
 	}
 	if !bytes.Equal(gotDown, down) {
-		return fmt.Errorf("session %d: downstream differs: got %d bytes, want %d (first diff at %d)", id, len(gotDown), len(down), testnet.FirstDiff(gotDown, down))
+		return fmt.Errorf("session %d: downstream differs: got %d bytes, want %d (first diff at %d)", id, len(gotDown), len(down), faultnet.FirstDiff(gotDown, down))
 	}
 	// Both directions closed and acked: the session ends on both sides
 	// without parking.

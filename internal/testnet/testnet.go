@@ -13,8 +13,6 @@ import (
 	"syscall"
 	"testing"
 	"time"
-
-	"github.com/lifeline-proxy/lifeline/internal/faultnet"
 )
 
 // TCPServer runs handle for each connection on a loopback listener until
@@ -91,9 +89,3 @@ func ExpectReset(t testing.TB, c net.Conn, within time.Duration) {
 		t.Fatalf("read ended with %v, want ECONNRESET", err)
 	}
 }
-
-// FirstDiff is faultnet.FirstDiff, for the tests of package resume until
-// they call that one.
-//
-// Deprecated: use faultnet.FirstDiff.
-func FirstDiff(a, b []byte) int { return faultnet.FirstDiff(a, b) }
