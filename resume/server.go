@@ -219,7 +219,8 @@ func (srv *Server) Accept() (*Conn, error) {
 	}
 }
 
-// Serve accepts links from l until the server or l is closed. A
+// Serve accepts links from l until the server or l is closed, and closes
+// l when the server closes (also if it already has). A
 // temporary accept failure (descriptor exhaustion) is retried with a
 // backoff, logged at most once a second and reported by AcceptErr; any
 // other failure is returned (the listener is dead: do not ignore it).
@@ -227,6 +228,7 @@ func (srv *Server) Serve(l net.Listener) error {
 	srv.mu.Lock()
 	if srv.isClosed {
 		srv.mu.Unlock()
+		l.Close() // Serve owns l, whenever it is called
 		return ErrServerClosed
 	}
 	health := &acceptloop.State{Log: srv.log}
