@@ -90,14 +90,13 @@ func (g *Gateway) AcceptErr() error { return g.srv.AcceptErr() }
 
 // Serve feeds links from l into the gateway until l or the gateway is
 // closed. The gateway's session server owns l from then on: it closes l
-// when the gateway closes (Serve closes l itself if the gateway is closed
-// already). Accept failures that can pass (descriptor exhaustion) are
+// when the gateway closes, or at once if the gateway is closed already.
+// Accept failures that can pass (descriptor exhaustion) are
 // retried with a backoff and reported by AcceptErr; Serve returns nil once
 // the gateway is closed, or the error that broke l for good.
 func (g *Gateway) Serve(l net.Listener) error {
 	err := g.srv.Serve(l)
 	if errors.Is(err, resume.ErrServerClosed) {
-		l.Close() // closed already by the server, unless it never took l
 		return nil
 	}
 	return err
