@@ -79,6 +79,9 @@ type Config struct {
 	// ServerConfig.MemoryBudget instead.
 	Budget *Budget
 
+	// Hooks, if set, report session events for metrics.
+	Hooks *Hooks
+
 	// Logger receives state transitions and session events. nil: discard.
 	Logger *slog.Logger
 }
@@ -217,4 +220,17 @@ func (b Backoff) Delay(attempt int) time.Duration {
 // instant after a shared outage.
 func DefaultStrategy() ReconnectStrategy {
 	return Backoff{Initial: 50 * time.Millisecond, Max: time.Second, Jitter: 0.2}
+}
+
+// Hooks are called on session events, after the session's lock is
+// released, on the goroutine where the event happened: they must not
+// block. Any of them may be nil.
+type Hooks struct {
+	// Resumed: a new link is attached after a failure or a migration;
+	// outage is from the link's loss to now (0 for a migration).
+	Resumed func(outage time.Duration)
+	// FirstByte: the first DATA byte moved (either way) on a resumed link,
+	// this long after the link was attached: what an application waits
+	// after the network is back, on top of the handshake.
+	FirstByte func(sinceAttach time.Duration)
 }

@@ -694,3 +694,45 @@ func TestThrottledRejectRetryAfterIsHonoured(t *testing.T) {
 		s.Close()
 	})
 }
+
+// Hooks report each resume with its outage and the first byte after it.
+func TestHooksReportResumeAndFirstByte(t *testing.T) {
+	e := tcpEnv(t, serverConfig(testConfig()), nil)
+	defer e.stop()
+	var mu sync.Mutex
+	var outages, firsts []time.Duration
+	cfg := testConfig()
+	cfg.Hooks = &Hooks{
+		Resumed:   func(d time.Duration) { mu.Lock(); outages = append(outages, d); mu.Unlock() },
+		FirstByte: func(d time.Duration) { mu.Lock(); firsts = append(firsts, d); mu.Unlock() },
+	}
+	c, s := e.pair(cfg)
+	c.Write([]byte("a"))
+	io.ReadFull(s, make([]byte, 1))
+	mu.Lock()
+	if len(outages)+len(firsts) != 0 {
+		t.Fatalf("hooks on a first link: %v %v", outages, firsts)
+	}
+	mu.Unlock()
+	c.Kill()
+	for i := 0; c.Stats().Resumes == 0; i++ {
+		if i > 1000 {
+			t.Fatal("never resumed")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	c.Write([]byte("b"))
+	if _, err := io.ReadFull(s, make([]byte, 1)); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(outages) != 1 || outages[0] <= 0 || outages[0] > 5*time.Second {
+		t.Fatalf("Resumed hook: %v, want one outage", outages)
+	}
+	if len(firsts) != 1 || firsts[0] < 0 || firsts[0] > 5*time.Second {
+		t.Fatalf("FirstByte hook: %v, want one", firsts)
+	}
+	c.Reset(CodeAppReset, "")
+	s.Close()
+}

@@ -51,6 +51,9 @@ type link struct {
 	// Under s.mu.
 	grace  *time.Timer // a retired link's grace period
 	pingAt int64       // UnixNano of the last PING sent
+	// resumedAt is when a resumed link was attached, until its first DATA
+	// byte moves (zero after, and on first links).
+	resumedAt time.Time
 	// busyAt is when the link last turned busy (UnixNano): silence on a
 	// busy link counts from then or from the last frame, whichever is
 	// later, as TCP's user timeout counts from the oldest unacknowledged
@@ -431,6 +434,9 @@ func (l *link) readData(n int) error {
 			return errStale
 		}
 		l.rxOff += uint64(k)
+		if k > 0 {
+			l.firstByte()
+		}
 		if !dup {
 			if s.recv.shut {
 				s.recv.Commit(k)
@@ -657,6 +663,7 @@ func (l *link) collect() int {
 			budget -= n
 		}
 		if s.send.next > from {
+			l.firstByte()
 			// The writev reads these bytes after we unlock: keep them.
 			s.send.pin(from)
 			l.pinned, l.pinAt = true, from
@@ -745,4 +752,17 @@ func closeRaw(c net.Conn) {
 		}
 	}
 	c.Close()
+}
+
+// firstByte reports the first DATA byte moved on a resumed link (Hooks).
+// Caller holds s.mu.
+func (l *link) firstByte() {
+	if l.resumedAt.IsZero() {
+		return
+	}
+	d := time.Since(l.resumedAt)
+	l.resumedAt = time.Time{}
+	if h := l.s.cfg.Hooks; h != nil && h.FirstByte != nil {
+		l.s.after(func() { h.FirstByte(d) })
+	}
 }

@@ -516,6 +516,11 @@ func (s *session) attach(l *link, peerReceived, peerWindow uint64, peerFlags uin
 		if !s.downAt.IsZero() {
 			s.stats.LastOutage = time.Since(s.downAt)
 		}
+		if h := s.cfg.Hooks; h != nil && h.Resumed != nil {
+			outage := s.stats.LastOutage
+			s.after(func() { h.Resumed(outage) })
+		}
+		l.resumedAt = time.Now()
 	}
 	// Trust the handshake over older ACKs: what the peer lacks is resent.
 	s.send.acked = peerReceived
