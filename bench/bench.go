@@ -33,15 +33,15 @@ type Options struct {
 	Configs []string
 	// Short runs everything small and once: the CI mode.
 	Short bool
-	// Duration of one throughput measurement (default 2s, short 300ms).
+	// The sizes of the run; zero means DefaultOptions(Short)'s.
+	// Duration of one throughput measurement.
 	Duration time.Duration
-	// Runs of each measurement; medians are reported (default 3, short 1).
+	// Runs of each measurement; medians are reported.
 	Runs int
-	// Sessions held open by the sessions scenario (default 1000, short
-	// 100), lowered to what the descriptor limit allows.
+	// Sessions held open by the sessions scenario, lowered to what the
+	// descriptor limit allows.
 	Sessions int
-	// SoakDuration (default 45s, short 3s) and SoakSessions (default 64,
-	// short 16) size the soak.
+	// SoakDuration and SoakSessions size the soak.
 	SoakDuration time.Duration
 	SoakSessions int
 	// OutDir, if set, receives bench.json, bench.md, throughput.svg and
@@ -52,6 +52,17 @@ type Options struct {
 	// BinaryPath is the lifeline binary to run the proxies from (default:
 	// this executable).
 	BinaryPath string
+}
+
+// DefaultOptions returns the sizes a run uses where Options leaves them
+// zero (Duration, Runs, Sessions, SoakDuration, SoakSessions): a full
+// run's, or a short one's.
+func DefaultOptions(short bool) Options {
+	if short {
+		return Options{Short: true, Duration: 300 * time.Millisecond, Runs: 1, Sessions: 100,
+			SoakDuration: 3 * time.Second, SoakSessions: 16}
+	}
+	return Options{Duration: 2 * time.Second, Runs: 3, Sessions: 1000, SoakDuration: 45 * time.Second, SoakSessions: 64}
 }
 
 // ErrFailed is returned (with the report) when a check failed: a soak
@@ -173,27 +184,22 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 		}
 	}
 	o.Configs = cfgs
-	def := func(v *time.Duration, full, short time.Duration) {
-		if *v <= 0 {
-			*v = full
-			if o.Short {
-				*v = short
-			}
-		}
+	def := DefaultOptions(o.Short)
+	if o.Duration <= 0 {
+		o.Duration = def.Duration
 	}
-	defi := func(v *int, full, short int) {
-		if *v <= 0 {
-			*v = full
-			if o.Short {
-				*v = short
-			}
-		}
+	if o.SoakDuration <= 0 {
+		o.SoakDuration = def.SoakDuration
 	}
-	def(&o.Duration, 2*time.Second, 300*time.Millisecond)
-	def(&o.SoakDuration, 45*time.Second, 3*time.Second)
-	defi(&o.Runs, 3, 1)
-	defi(&o.Sessions, 1000, 100)
-	defi(&o.SoakSessions, 64, 16)
+	if o.Runs <= 0 {
+		o.Runs = def.Runs
+	}
+	if o.Sessions <= 0 {
+		o.Sessions = def.Sessions
+	}
+	if o.SoakSessions <= 0 {
+		o.SoakSessions = def.SoakSessions
+	}
 	if o.BinaryPath == "" {
 		exe, err := os.Executable()
 		if err != nil {

@@ -22,11 +22,13 @@ func runBench(args []string, stdout, stderr io.Writer) error {
 	short := fs.Bool("short", false, "small sizes and one run of each measurement (the CI mode, seconds per scenario)")
 	out := fs.String("out", "bench/out", "`directory` for bench.json, bench.md, throughput.svg and latency.svg")
 	configs := fs.String("configs", strings.Join(bench.AllConfigs, ","), "comma-separated `configurations` (direct and relay always run as baselines)")
-	dur := fs.Duration("duration", 0, "length of one throughput measurement (default 2s, 300ms with --short)")
-	runs := fs.Int("runs", 0, "runs of each measurement, medians reported (default 3, 1 with --short)")
-	sessions := fs.Int("sessions", 0, "idle sessions for the sessions scenario (default 1000, 100 with --short; capped by the descriptor limit)")
-	soak := fs.Duration("soak-duration", 0, "length of the soak (default 45s, 3s with --short)")
-	soakSessions := fs.Int("soak-sessions", 0, "sessions in the soak (default 64, 16 with --short)")
+	// 0: bench's default, of a full or a short run.
+	fullRun, shortRun := bench.DefaultOptions(false), bench.DefaultOptions(true)
+	dur := fs.Duration("duration", 0, fmt.Sprintf("length of one throughput measurement (default %v, %v with --short)", fullRun.Duration, shortRun.Duration))
+	runs := fs.Int("runs", 0, fmt.Sprintf("runs of each measurement, medians reported (default %d, %d with --short)", fullRun.Runs, shortRun.Runs))
+	sessions := fs.Int("sessions", 0, fmt.Sprintf("idle sessions for the sessions scenario (default %d, %d with --short; capped by the descriptor limit)", fullRun.Sessions, shortRun.Sessions))
+	soak := fs.Duration("soak-duration", 0, fmt.Sprintf("length of the soak (default %v, %v with --short)", fullRun.SoakDuration, shortRun.SoakDuration))
+	soakSessions := fs.Int("soak-sessions", 0, fmt.Sprintf("sessions in the soak (default %d, %d with --short)", fullRun.SoakSessions, shortRun.SoakSessions))
 	quiet := fs.Bool("quiet", false, "no progress line")
 	fs.Usage = func() {
 		fmt.Fprintf(stdout, "Usage: lifeline bench [scenario...] [flags]\n\nScenarios: %s (default: all).\nConfigurations: %s.\n\nFlags:\n",

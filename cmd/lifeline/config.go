@@ -19,6 +19,19 @@ import (
 	"github.com/lifeline-proxy/lifeline/resume"
 )
 
+// Defaults of what the config file (and the flags) may leave out that no
+// library fills in. The session settings default to resume's
+// (resume.DefaultConfig), the connect timeout to proxy's
+// (proxy.DefaultConnectTimeout).
+const (
+	defaultTransport = "tls"
+	defaultRoute     = "default"
+	// defaultFixedInterval is the redial interval of the fixed strategy
+	// (resume.FixedInterval), Diffusion's default.
+	defaultFixedInterval = 5 * time.Second
+	defaultDrainTimeout  = 30 * time.Second
+)
+
 // duration is a time.Duration written as "60s", "250ms", "1m30s".
 type duration struct {
 	D   time.Duration
@@ -291,7 +304,7 @@ func (s sessionFile) sessionConfig() (*resume.Config, error) {
 			return nil, errors.New("reconnect_interval applies to the fixed strategy only")
 		}
 	case "fixed":
-		iv := 5 * time.Second
+		iv := defaultFixedInterval
 		if s.ReconnectInterval.Set {
 			iv = s.ReconnectInterval.D
 		}
@@ -301,9 +314,6 @@ func (s sessionFile) sessionConfig() (*resume.Config, error) {
 		c.Strategy = resume.FixedInterval{Interval: iv}
 	default:
 		return nil, fmt.Errorf("reconnect strategy %q: want backoff or fixed", s.ReconnectStrategy)
-	}
-	if c.DisconnectedBufferSize < c.BufferSize {
-		c.DisconnectedBufferSize = c.BufferSize
 	}
 	if err := c.Validate(); err != nil {
 		return nil, errors.New(strings.TrimPrefix(err.Error(), "resume: "))
@@ -347,7 +357,7 @@ func validateGateway(g *gatewayFile) error {
 		return fmt.Errorf("gateway listen: %v", err)
 	}
 	if g.Transport == "" {
-		g.Transport = "tls"
+		g.Transport = defaultTransport
 	}
 	if err := checkTransport(g.Transport, g.TLS, true); err != nil {
 		return fmt.Errorf("gateway: %v", err)
@@ -420,13 +430,13 @@ func validateClient(c *clientFile) error {
 			return fmt.Errorf("%s gateway: %v", name, err)
 		}
 		if l.Route == "" {
-			l.Route = "default"
+			l.Route = defaultRoute
 		}
 		if err := proxy.ValidateRouteName(l.Route); err != nil {
 			return fmt.Errorf("%s: %v", name, err)
 		}
 		if l.Transport == "" {
-			l.Transport = "tls"
+			l.Transport = defaultTransport
 		}
 		if err := checkTransport(l.Transport, l.TLS, false); err != nil {
 			return fmt.Errorf("%s: %v", name, err)

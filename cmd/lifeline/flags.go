@@ -35,25 +35,28 @@ type options struct {
 	stateDir       string // gateway
 }
 
+// newFlagSet defines the flags of gateway or client on o. The defaults
+// shown are the ones that apply: the session settings' are resume's
+// (resume.DefaultConfig), the connect timeout's proxy's.
 func newFlagSet(cmd string, o *options, stdout io.Writer) *flag.FlagSet {
 	fs := flag.NewFlagSet("lifeline "+cmd, flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	def := resume.DefaultConfig()
 	o.session.ReconnectTimeout.D = def.ReconnectTimeout
-	o.session.ReconnectInterval.D = 5 * time.Second
+	o.session.ReconnectInterval.D = defaultFixedInterval
 	o.session.Buffer.N = int64(def.BufferSize)
 	o.session.DisconnectedBuffer.N = int64(def.DisconnectedBufferSize)
 	o.session.PingInterval.D = def.PingInterval
 	o.session.LivenessTimeout.D = def.LivenessTimeout
 	o.session.HandshakeTimeout.D = def.HandshakeTimeout
-	o.drainTimeout.D = 30 * time.Second
+	o.drainTimeout.D = defaultDrainTimeout
 	o.connectTimeout.D = proxy.DefaultConnectTimeout
 
 	fs.StringVar(&o.config, "config", "", "YAML config `file` (several routes); other flags then only set logging, status and drain")
 	if cmd == "gateway" {
 		fs.StringVar(&o.listen, "listen", "", "`address` to accept links from client sidecars on, e.g. 0.0.0.0:7000")
 		fs.StringVar(&o.upstream, "upstream", "", "`address` of the service behind the gateway, e.g. 127.0.0.1:6379")
-		fs.Var(autoIntFlag{&o.maxSessions}, "max-sessions", "maximum `number` of live sessions, new ones refused beyond (default auto: (soft RLIMIT_NOFILE - 64) / 2; 0: no limit)")
+		fs.Var(autoIntFlag{&o.maxSessions}, "max-sessions", fmt.Sprintf("maximum `number` of live sessions, new ones refused beyond (default auto: (soft RLIMIT_NOFILE - %d) / 2; 0: no limit)", reservedFDs))
 		fs.Var(autoSizeFlag{&o.memoryBudget}, "memory-budget", "`bytes` of buffers for all sessions, new sessions refused beyond (default auto: a quarter of the machine's memory or of its cgroup's limit; 0: no limit)")
 		fs.Var(durationFlag{&o.connectTimeout}, "connect-timeout", "upstream connect timeout; the application gets a reset past it")
 		fs.StringVar(&o.stateDir, "state-dir", "", "`directory` where a tls or quic gateway without --tls-cert keeps the key pair it generates once (default: "+stateDirHelp+"; here "+processStateDir()+")")
@@ -62,10 +65,10 @@ func newFlagSet(cmd string, o *options, stdout io.Writer) *flag.FlagSet {
 		fs.StringVar(&o.listen, "listen", "", "local `address` applications connect to, e.g. 127.0.0.1:6380")
 		fs.StringVar(&o.gateway, "gateway", "", "gateway `address`, e.g. gw.example.net:7000")
 	}
-	fs.StringVar(&o.route, "route", "default", "route `name` (the gateway maps it to an upstream)")
-	fs.StringVar(&o.transport, "transport", "tls", "link transport: tls, quic, or tcp (unauthenticated and unencrypted: for trusted networks only)")
+	fs.StringVar(&o.route, "route", defaultRoute, "route `name` (the gateway maps it to an upstream)")
+	fs.StringVar(&o.transport, "transport", defaultTransport, "link transport: tls, quic, or tcp (unauthenticated and unencrypted: for trusted networks only)")
 	fs.Var(durationFlag{&o.session.ReconnectTimeout}, "reconnect-timeout", "how long a session waits for a new link (0 disables resumption)")
-	fs.StringVar(&o.session.ReconnectStrategy, "reconnect-strategy", "backoff", "client redial strategy: backoff (at once, then 50ms doubling to 1s, jittered) or fixed")
+	fs.StringVar(&o.session.ReconnectStrategy, "reconnect-strategy", "backoff", "client redial strategy: "+backoffHelp()+" or fixed")
 	fs.Var(durationFlag{&o.session.ReconnectInterval}, "reconnect-interval", "redial interval of the fixed strategy")
 	fs.Var(sizeFlag{&o.session.Buffer}, "buffer", "replay buffer limit per direction (`bytes`, e.g. 2MiB)")
 	fs.Var(sizeFlag{&o.session.DisconnectedBuffer}, "disconnected-buffer", "larger replay limit while the link is down (`bytes`)")
@@ -96,6 +99,14 @@ func newFlagSet(cmd string, o *options, stdout io.Writer) *flag.FlagSet {
 		fs.SetOutput(io.Discard)
 	}
 	return fs
+}
+
+// backoffHelp describes resume's default redial strategy.
+func backoffHelp() string {
+	if b, ok := resume.DefaultStrategy().(resume.Backoff); ok {
+		return fmt.Sprintf("backoff (at once, then %v doubling to %v, jittered)", b.Initial, b.Max)
+	}
+	return "backoff"
 }
 
 // parseFlags parses args with fs. --help prints fs.Usage once and returns
