@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -348,16 +349,42 @@ func checkTransport(name string, tf transport.TLSFiles, gateway bool) error {
 	return nil
 }
 
-// validateGateway checks a gateway section completely.
+// withDefaults returns fc with what a config may leave out filled in: the
+// transport of the gateway and of each client listener, and the route of
+// each client listener. fc is not changed.
+func (fc *fileConfig) withDefaults() *fileConfig {
+	out := *fc
+	if fc.Gateway != nil {
+		g := *fc.Gateway
+		if g.Transport == "" {
+			g.Transport = defaultTransport
+		}
+		out.Gateway = &g
+	}
+	if fc.Client != nil {
+		c := clientFile{Listeners: slices.Clone(fc.Client.Listeners)}
+		for i := range c.Listeners {
+			l := &c.Listeners[i]
+			if l.Route == "" {
+				l.Route = defaultRoute
+			}
+			if l.Transport == "" {
+				l.Transport = defaultTransport
+			}
+		}
+		out.Client = &c
+	}
+	return &out
+}
+
+// validateGateway checks a gateway section, defaults filled in
+// (withDefaults), completely. It does not change g.
 func validateGateway(g *gatewayFile) error {
 	if g.Listen == "" {
 		return errors.New("gateway: listen address missing")
 	}
 	if err := proxy.ValidateHostPort(g.Listen); err != nil {
 		return fmt.Errorf("gateway listen: %v", err)
-	}
-	if g.Transport == "" {
-		g.Transport = defaultTransport
 	}
 	if err := checkTransport(g.Transport, g.TLS, true); err != nil {
 		return fmt.Errorf("gateway: %v", err)
@@ -404,14 +431,14 @@ func validateGateway(g *gatewayFile) error {
 	return nil
 }
 
-// validateClient checks a client section completely.
+// validateClient checks a client section, defaults filled in
+// (withDefaults), completely. It does not change c.
 func validateClient(c *clientFile) error {
 	if len(c.Listeners) == 0 {
 		return errors.New("client: no listeners")
 	}
 	seen := map[string]bool{}
-	for i := range c.Listeners {
-		l := &c.Listeners[i]
+	for i, l := range c.Listeners {
 		name := fmt.Sprintf("client listener %d", i+1)
 		if l.Listen == "" {
 			return fmt.Errorf("%s: listen address missing", name)
@@ -429,14 +456,8 @@ func validateClient(c *clientFile) error {
 		if err := proxy.ValidateHostPort(l.Gateway); err != nil {
 			return fmt.Errorf("%s gateway: %v", name, err)
 		}
-		if l.Route == "" {
-			l.Route = defaultRoute
-		}
 		if err := proxy.ValidateRouteName(l.Route); err != nil {
 			return fmt.Errorf("%s: %v", name, err)
-		}
-		if l.Transport == "" {
-			l.Transport = defaultTransport
 		}
 		if err := checkTransport(l.Transport, l.TLS, false); err != nil {
 			return fmt.Errorf("%s: %v", name, err)

@@ -9,8 +9,8 @@ import (
 var namesLine = regexp.MustCompile(`^config f\.yaml: (file is empty|.*\bline [0-9]+\b)`)
 
 // FuzzConfigFile feeds arbitrary bytes to the config loader and the
-// validation after it: never a panic, and every decoding error names the
-// file and the line.
+// validation after it (defaults filled in first, as parseOptions does):
+// never a panic, and every decoding error names the file and the line.
 func FuzzConfigFile(f *testing.F) {
 	for _, s := range []string{
 		readmeConfig,
@@ -41,6 +41,7 @@ func FuzzConfigFile(f *testing.F) {
 			}
 			return
 		}
+		fc = fc.withDefaults()
 		if fc.Gateway != nil {
 			if validateGateway(fc.Gateway) == nil {
 				for _, r := range fc.Gateway.Routes {
