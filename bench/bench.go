@@ -131,8 +131,6 @@ func (r *runner) progress(format string, args ...any) {
 	fmt.Fprintf(r.opt.Progress, "\r%s%s", s, pad)
 }
 
-func (r *runner) has(cfg string) bool { return slices.Contains(r.opt.Configs, cfg) }
-
 // unavailable records a configuration that could not run. Only QUIC may
 // be unavailable; any other failure to start is an error.
 func (r *runner) unavailable(cfg string, err error) error {

@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -61,12 +62,12 @@ func runBench(args []string, stdout, stderr io.Writer) error {
 		o.Progress = stderr
 	}
 	for _, s := range names {
-		if !contains(bench.Scenarios(), s) {
+		if !slices.Contains(bench.Scenarios(), s) {
 			return usagef("unknown scenario %q (want %s)", s, strings.Join(bench.Scenarios(), ", "))
 		}
 	}
 	for _, c := range o.Configs {
-		if !contains(bench.AllConfigs, c) {
+		if !slices.Contains(bench.AllConfigs, c) {
 			return usagef("unknown configuration %q (want %s)", c, strings.Join(bench.AllConfigs, ", "))
 		}
 	}
@@ -81,15 +82,6 @@ func runBench(args []string, stdout, stderr io.Writer) error {
 		}
 	}
 	return err
-}
-
-func contains(xs []string, s string) bool {
-	for _, x := range xs {
-		if x == s {
-			return true
-		}
-	}
-	return false
 }
 
 // runBenchRelay is the hidden "lifeline bench-relay" command, the plain
