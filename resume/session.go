@@ -16,11 +16,10 @@ import (
 // buffers, and at most one link at a time. Everything under mu; the link
 // goroutines take mu for bookkeeping and never hold it across I/O.
 type session struct {
-	cfg    *Config
-	log    *slog.Logger
-	id     SessionID
-	client bool
-	route  string
+	cfg   *Config
+	log   *slog.Logger
+	id    SessionID
+	route string
 
 	// reconnectTimeout is the negotiated value (0: no resumption).
 	reconnectTimeout time.Duration
