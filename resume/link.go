@@ -51,6 +51,7 @@ type link struct {
 	// Under s.mu.
 	grace  *time.Timer // a retired link's grace period
 	pingAt int64       // UnixNano of the last PING sent
+	sentAt int64       // UnixNano of the last DATA sent
 	// resumedAt is when a resumed link was attached, until its first DATA
 	// byte moves (zero after, and on first links).
 	resumedAt time.Time
@@ -236,10 +237,12 @@ func (l *link) start() {
 // Liveness is acknowledgement-driven, as TCP's user timeout is, so that an
 // idle session costs (almost) nothing:
 //
-//   - A busy link (DATA sent and not yet acknowledged, or a PING not yet
-//     answered) must hear from the peer within LivenessTimeout. After
-//     PingInterval of silence it sends a PING, so that a peer with nothing
-//     to say still answers.
+//   - A busy link (DATA sent and not yet acknowledged, a PING not yet
+//     answered, or DATA sent within the last KeepaliveInterval: an
+//     application that sent a request waits for the answer, and must learn
+//     fast that the path died under it) must hear from the peer within
+//     LivenessTimeout. After PingInterval of silence it sends a PING, so
+//     that a peer with nothing to say still answers.
 //   - An idle link only keeps its path alive: after KeepaliveInterval of
 //     silence the client sends a PING (it keeps NAT bindings, and the
 //     PING makes the link busy, so a path that died is found a
@@ -252,7 +255,14 @@ func (l *link) start() {
 
 // busy reports whether the link waits for the peer. Caller holds s.mu.
 func (l *link) busy() bool {
-	return l.s.send.next > l.s.send.acked || l.pingAt > l.lastRecv.Load()
+	if l.s.send.next > l.s.send.acked || l.pingAt > l.lastRecv.Load() {
+		return true
+	}
+	attention := l.s.cfg.KeepaliveInterval
+	if attention == 0 {
+		attention = DefaultKeepaliveInterval
+	}
+	return l.sentAt != 0 && time.Since(time.Unix(0, l.sentAt)) < attention
 }
 
 // keepalive is how long an idle link may stay silent before this side
@@ -663,6 +673,7 @@ func (l *link) collect() int {
 			budget -= n
 		}
 		if s.send.next > from {
+			l.sentAt = time.Now().UnixNano()
 			l.firstByte()
 			// The writev reads these bytes after we unlock: keep them.
 			s.send.pin(from)

@@ -142,6 +142,36 @@ func TestLivenessBusyLinkBlackholed(t *testing.T) {
 	})
 }
 
+// A client that sent a request and waits for the answer (its DATA was
+// acknowledged, nothing is outstanding) still finds a path that dies under
+// it within the liveness timeout: a link that sent DATA within the last
+// KeepaliveInterval counts as busy.
+func TestLivenessAwaitingAnswerBlackholed(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		cfg := DefaultConfig()
+		wrap, hole := holes()
+		e := memEnv(t, serverConfig(cfg), wrap)
+		defer e.stop()
+		c, s := e.pair(cfg)
+		c.Write([]byte("request"))
+		if _, err := io.ReadFull(s, make([]byte, 7)); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(10 * time.Millisecond) // the ACK is back: nothing outstanding
+		synctest.Wait()
+		hole(0).silent.Store(true)
+		start := time.Now()
+		bound := cfg.PingInterval + cfg.LivenessTimeout
+		time.Sleep(bound)
+		synctest.Wait()
+		if f := c.Stats().LinkFailures; f != 1 {
+			t.Fatalf("client waiting for an answer: %d link failures %v after the path died, want 1 (bound %v)", f, time.Since(start), bound)
+		}
+		c.Reset(CodeAppReset, "done")
+		s.Reset(CodeAppReset, "done")
+	})
+}
+
 // An idle link on a path that goes silent costs nothing until the client's
 // keepalive: its PING makes the link busy, and it is declared dead
 // LivenessTimeout later. The gateway, whose client no longer pings, probes
