@@ -60,22 +60,22 @@ func tlsGateway(t testing.TB, sc *ServerConfig) (*Server, DialFunc) {
 	return srv, dial
 }
 
+// tlsEnv is an env whose links are TLS over loopback.
+func tlsEnv(t testing.TB) *env {
+	srv, dial := tlsGateway(t, serverConfig(testConfig()))
+	return &env{t: t, srv: srv, dial: dial, stop: func() {}}
+}
+
 // A RESUME recorded on one TLS connection (or anywhere the proof was seen)
 // is worthless on another: the proof covers keying material only the two
 // ends of the original connection can compute. The same RESUME with the
 // binding of the connection it travels on is accepted, so the refusal is
 // the binding's doing.
 func TestResumeProofBoundToTLSLink(t *testing.T) {
-	srv, dial := tlsGateway(t, serverConfig(testConfig()))
-	c, err := Dial(context.Background(), dial, "r", testConfig())
-	if err != nil {
-		t.Fatal(err)
-	}
+	e := tlsEnv(t)
+	dial := e.dial
+	c, s := e.pair(testConfig())
 	defer c.Close()
-	s, err := srv.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
 	defer s.Close()
 	if _, err := c.Write([]byte("ping")); err != nil {
 		t.Fatal(err)
@@ -156,16 +156,8 @@ func TestResumeProofBoundToTLSLink(t *testing.T) {
 // The real client resumes over TLS through any number of link losses:
 // both ends compute the same binding.
 func TestResumeOverTLSWithBinding(t *testing.T) {
-	srv, dial := tlsGateway(t, serverConfig(testConfig()))
-	c, err := Dial(context.Background(), dial, "r", testConfig())
-	if err != nil {
-		t.Fatal(err)
-	}
+	c, s := tlsEnv(t).pair(testConfig())
 	defer c.Close()
-	s, err := srv.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
 	defer s.Close()
 	var sent []byte
 	for i := 0; i < 3; i++ {
