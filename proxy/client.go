@@ -3,11 +3,13 @@ package proxy
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net"
 	"sync"
 	"time"
 
+	"github.com/lifeline-proxy/lifeline/frame"
 	"github.com/lifeline-proxy/lifeline/internal/acceptloop"
 	"github.com/lifeline-proxy/lifeline/proxy/transport"
 	"github.com/lifeline-proxy/lifeline/resume"
@@ -17,29 +19,46 @@ import (
 type ClientConfig struct {
 	Logger  *slog.Logger // nil: discard
 	Metrics Metrics      // nil: NopMetrics
+	// RedialLogEvery is how often a session whose link is down logs a
+	// summary of its failing redials, after the first failure (logged at
+	// once); each attempt is logged at debug. 0: DefaultRedialLogEvery.
+	RedialLogEvery time.Duration
 }
+
+// DefaultRedialLogEvery is ClientConfig.RedialLogEvery's default: two
+// lines a minute per parked session, not one per attempt.
+const DefaultRedialLogEvery = 30 * time.Second
 
 // Client is the sidecar next to unmodified applications. It owns the
 // application listeners given to Serve and their routes' dialers.
 type Client struct {
 	core
-	certLog certLog       // certificate failures, logged per listener
-	stop    chan struct{} // closed by Shutdown or Close: ends accept backoffs
-	accepts sync.WaitGroup
+	certLog     certLog       // certificate failures, logged per listener
+	stop        chan struct{} // closed by Shutdown or Close: ends accept backoffs
+	accepts     sync.WaitGroup
+	redialEvery time.Duration
 
 	mu        sync.Mutex
 	listeners map[net.Listener]*acceptloop.State // live ones; a dead one stays to report its error
 	dialers   []transport.Dialer
-	draining  bool
-	closed    bool
-	stopOnce  sync.Once
+	// moved are the dialers to other addresses of a route's gateway that
+	// a GOAWAY sent sessions to, by route dialer and address.
+	moved    map[movedKey]transport.Dialer
+	draining bool
+	closed   bool
+	stopOnce sync.Once
 }
 
 // NewClient returns a Client; call Serve for each local listener.
 func NewClient(cfg ClientConfig) *Client {
 	c := &Client{
-		listeners: map[net.Listener]*acceptloop.State{},
-		stop:      make(chan struct{}),
+		listeners:   map[net.Listener]*acceptloop.State{},
+		moved:       map[movedKey]transport.Dialer{},
+		stop:        make(chan struct{}),
+		redialEvery: cfg.RedialLogEvery,
+	}
+	if c.redialEvery <= 0 {
+		c.redialEvery = DefaultRedialLogEvery
 	}
 	c.init("client", "bytes_to_gateway", "bytes_from_gateway", cfg.Logger, cfg.Metrics)
 	c.metrics.Track("client", c.tracker)
@@ -54,7 +73,10 @@ func (c *Client) Serve(ln net.Listener, r ClientRoute) error {
 		ln.Close()
 		return err
 	}
-	cfg := r.session()
+	cfg := c.withHooks(r.session())
+	if r.NewDialer != nil {
+		cfg.DialAddr = c.dialAddr(r)
+	}
 	c.mu.Lock()
 	if c.closed || c.draining {
 		c.mu.Unlock()
@@ -115,7 +137,23 @@ func (c *Client) handle(app *net.TCPConn, r ClientRoute, cfg *resume.Config) {
 	app.SetNoDelay(true)
 	start := time.Now()
 	appAddr := app.RemoteAddr().String()
-	sess, err := c.open(app, r, cfg)
+	// The session's own copy of cfg, so that its redials, to the usual
+	// address or one a GOAWAY named, go through its redial log.
+	rl := &redialLog{every: c.redialEvery}
+	scfg := *cfg
+	if cfg.DialAddr != nil {
+		scfg.DialAddr = func(ctx context.Context, addr string) (net.Conn, error) {
+			conn, err := cfg.DialAddr(ctx, addr)
+			rl.attempt(addr, err)
+			return conn, err
+		}
+	}
+	dial := c.linkDial(r)
+	sess, err := c.open(app, r, &scfg, func(ctx context.Context) (net.Conn, error) {
+		conn, err := dial(ctx)
+		rl.attempt(r.Gateway, err)
+		return conn, err
+	})
 	if err != nil {
 		c.log.Warn("session open failed", "side", "client", "route", r.Route, "gateway", r.Gateway, "app", appAddr, "err", err)
 		c.metrics.DialFailed("client", r.Route)
@@ -123,9 +161,11 @@ func (c *Client) handle(app *net.TCPConn, r ClientRoute, cfg *resume.Config) {
 		return
 	}
 	log := c.log.With("side", "client", "session", sess.SessionID().String(), "route", r.Route)
+	x := c.track(sess, r.Route, appAddr, start)
+	rl.start(x, log)
 	log.Info("session start", "app", appAddr, "gateway", r.Gateway, "link", sess.RemoteAddr(),
 		"reconnect_timeout", sess.ReconnectTimeout())
-	c.splice(app, &tracked{conn: sess, route: r.Route, app: appAddr, started: start}, log)
+	c.splice(app, x, log)
 }
 
 // open opens the session for a new application connection. Link failures
@@ -135,17 +175,21 @@ func (c *Client) handle(app *net.TCPConn, r ClientRoute, cfg *resume.Config) {
 // refusal by the gateway (unknown route, limits, draining), a gateway
 // certificate that fails verification and a gateway that does not speak
 // TLS fail at once.
-func (c *Client) open(app *net.TCPConn, r ClientRoute, cfg *resume.Config) (*resume.Conn, error) {
+//
+// A gateway that refuses with THROTTLED and a retry delay is not asked
+// again before that delay.
+func (c *Client) open(app *net.TCPConn, r ClientRoute, cfg *resume.Config, dial resume.DialFunc) (*resume.Conn, error) {
 	ctx, cancel := context.WithCancel(c.abort) // Close cancels it
 	defer cancel()
 	deadline := time.Now().Add(cfg.ReconnectTimeout)
 	for attempt := 0; ; attempt++ {
-		sess, err := resume.Dial(ctx, c.linkDial(r), r.Route, cfg)
+		sess, err := resume.Dial(ctx, dial, r.Route, cfg)
 		if err == nil {
 			return sess, nil
 		}
 		var re *resume.Error
-		if errors.As(err, &re) && re.Remote && !re.Code.Retryable() || ctx.Err() != nil {
+		remote := errors.As(err, &re) && re.Remote
+		if remote && !re.Code.Retryable() || ctx.Err() != nil {
 			// A final refusal (unknown route, LIMIT, ...). THROTTLED and
 			// the other retryable codes are tried again below, within
 			// the reconnect timeout: a gateway shedding a burst of
@@ -159,10 +203,13 @@ func (c *Client) open(app *net.TCPConn, r ClientRoute, cfg *resume.Config) (*res
 			return nil, err
 		}
 		d := max(cfg.Strategy.Delay(attempt+1), 10*time.Millisecond)
+		if remote && re.Code == frame.CodeThrottled {
+			d = max(d, re.RetryAfter)
+		}
 		if time.Now().Add(d).After(deadline) {
 			return nil, err
 		}
-		c.log.Debug("session open attempt failed", "side", "client", "route", r.Route, "attempt", attempt, "err", err)
+		c.log.Debug("session open attempt failed", "side", "client", "route", r.Route, "attempt", attempt, "err", err, "retry_in", d)
 		t := time.NewTimer(d)
 		select {
 		case <-t.C:
@@ -207,8 +254,12 @@ func (c *Client) Close() error {
 	}
 	dialers := c.dialers
 	c.dialers = nil
+	for k, d := range c.moved {
+		dialers = append(dialers, d)
+		delete(c.moved, k)
+	}
 	c.mu.Unlock()
-	c.abortCancel()
+	c.abortCancel(shutdownEnd)
 	c.accepts.Wait()
 	c.sessions.Wait()
 	for _, d := range dialers {
@@ -222,4 +273,124 @@ func (c *Client) Draining() bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.draining || c.closed
+}
+
+// Sessions lists the live sessions, oldest first.
+func (c *Client) Sessions() []SessionInfo { return c.tracker.Sessions(c.side) }
+
+// Session returns the live session id (as Sessions lists it).
+func (c *Client) Session(id string) (SessionInfo, error) {
+	x := c.tracker.find(id)
+	if x == nil {
+		return SessionInfo{}, fmt.Errorf("%w: %s", ErrNoSession, id)
+	}
+	return c.tracker.info(c.side, x.conn, x, time.Now()), nil
+}
+
+// End ends session id now: the application gets a reset, and the gateway
+// a RESET that resets the upstream connection (through a new link if the
+// session is parked). It returns the session as it was ended.
+func (c *Client) End(id, reason string) (SessionInfo, error) { return c.end(id, reason) }
+
+type movedKey struct {
+	d    transport.Dialer // the route's own dialer
+	addr string
+}
+
+// dialAddr is what a route's sessions dial another address of their
+// gateway with, when a GOAWAY names one: a dialer made by r.NewDialer
+// for that address, kept for every session the route moves there and
+// closed with the client.
+func (c *Client) dialAddr(r ClientRoute) func(ctx context.Context, addr string) (net.Conn, error) {
+	return func(ctx context.Context, addr string) (net.Conn, error) {
+		key := movedKey{r.Dialer, addr}
+		c.mu.Lock()
+		d := c.moved[key]
+		if d == nil && !c.closed {
+			nd, err := r.NewDialer(addr)
+			if err != nil {
+				c.mu.Unlock()
+				return nil, fmt.Errorf("dialer for %s: %w", addr, err)
+			}
+			d = nd
+			c.moved[key] = d
+		}
+		c.mu.Unlock()
+		if d == nil {
+			return nil, net.ErrClosed
+		}
+		conn, err := d.Dial(ctx)
+		if err != nil {
+			c.certLog.report(c.log, ClientRoute{Route: r.Route, Dialer: d, Gateway: addr}, err)
+		}
+		return conn, err
+	}
+}
+
+// redialLog logs one client session's failing redials: the first failed
+// attempt of an outage at once, then a summary every `every` while they
+// go on, each attempt at debug. A mass outage then costs two lines a
+// minute per session, not two per attempt.
+type redialLog struct {
+	every time.Duration
+
+	mu       sync.Mutex
+	x        *tracked // nil until the session is open
+	log      *slog.Logger
+	outage   int // the LinkFailures count of the outage being logged
+	since    time.Time
+	attempts int
+	failed   int
+	lastErr  error
+	logged   bool
+	lastLine time.Time
+}
+
+// start begins logging for the open session x.
+func (l *redialLog) start(x *tracked, log *slog.Logger) {
+	l.mu.Lock()
+	l.x, l.log = x, log
+	l.mu.Unlock()
+}
+
+// attempt records one dial of a new link to addr and its error.
+func (l *redialLog) attempt(addr string, err error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.x == nil {
+		return // the session's first link: Client.open logs its failures
+	}
+	st := l.x.conn.Stats()
+	if st.State != resume.StateDisconnected && st.State != resume.StateReconnecting {
+		// A GOAWAY migration (the old link still works) or a RESET
+		// being delivered after the end: not an outage.
+		if err != nil {
+			l.log.Debug("link dial failed", "gateway", addr, "state", st.State.String(), "err", err)
+		}
+		return
+	}
+	now := time.Now()
+	// The first redial of an outage follows the loss at once (with the
+	// default backoff): the best estimate of when it began.
+	l.x.parkedSince(st.LinkFailures, now)
+	if st.LinkFailures != l.outage { // a new outage
+		l.outage, l.since, l.attempts, l.failed, l.lastErr, l.logged = st.LinkFailures, now, 0, 0, nil, false
+	}
+	l.attempts++
+	if err == nil {
+		l.log.Debug("link dialed", "gateway", addr, "attempt", l.attempts)
+		return
+	}
+	l.failed++
+	l.lastErr = err
+	l.log.Debug("link dial failed", "gateway", addr, "attempt", l.attempts, "err", err)
+	switch {
+	case !l.logged:
+		l.log.Info("link down, redialing; next summary in "+l.every.String(), "gateway", addr, "err", err)
+		l.logged, l.lastLine = true, now
+	case now.Sub(l.lastLine) >= l.every:
+		l.log.Info("link still down", "gateway", addr, "for", now.Sub(l.since).Round(time.Millisecond),
+			"attempts", l.attempts, "failed_dials", l.failed, "last_err", l.lastErr)
+		l.lastLine = now
+	}
 }

@@ -2,11 +2,14 @@ package proxy
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"log/slog"
 	"net"
 	"sync"
 	"time"
 
+	"github.com/lifeline-proxy/lifeline/frame"
 	"github.com/lifeline-proxy/lifeline/resume"
 )
 
@@ -25,8 +28,11 @@ type core struct {
 	metrics Metrics
 	tracker *Tracker
 
-	abort       context.Context // cancelled to force-close splices
-	abortCancel context.CancelFunc
+	// abort is cancelled, with an *endCause, to force-close every splice
+	// (Close, or a drain that ran out of time); each session's own context
+	// derives from it.
+	abort       context.Context
+	abortCancel context.CancelCauseFunc
 	sessions    sync.WaitGroup // one per session being opened or spliced
 }
 
@@ -40,14 +46,26 @@ func (c *core) init(side, upName, downName string, log *slog.Logger, m Metrics) 
 	}
 	c.side, c.upName, c.downName = side, upName, downName
 	c.log, c.metrics, c.tracker = log, m, newTracker()
-	c.abort, c.abortCancel = context.WithCancel(context.Background())
+	c.abort, c.abortCancel = context.WithCancelCause(context.Background())
+}
+
+// hooks reports resumes and first resumed bytes to the metrics.
+func (c *core) hooks() *resume.Hooks {
+	return &resume.Hooks{
+		Resumed:   func(outage time.Duration) { c.metrics.Resumed(c.side, outage) },
+		FirstByte: func(d time.Duration) { c.metrics.FirstResumedByte(c.side, d) },
+	}
+}
+
+// withHooks returns a copy of cfg that reports to the metrics.
+func (c *core) withHooks(cfg *resume.Config) *resume.Config {
+	cp := *cfg
+	cp.Hooks = c.hooks()
+	return &cp
 }
 
 // Tracker is the set of live sessions.
 func (c *core) Tracker() *Tracker { return c.tracker }
-
-// Sessions lists live sessions for the status endpoint.
-func (c *core) Sessions() []SessionInfo { return c.tracker.Sessions(c.side) }
 
 // goSession runs f, the life of one session, counted by c.sessions.
 func (c *core) goSession(f func()) {
@@ -58,15 +76,30 @@ func (c *core) goSession(f func()) {
 	}()
 }
 
+// track starts tracking conn: it is listed and counted from now on, and
+// End can end it. The caller must call c.untrack or c.splice with it.
+func (c *core) track(conn *resume.Conn, route, app string, started time.Time) *tracked {
+	ctx, cancel := context.WithCancelCause(c.abort)
+	x := &tracked{conn: conn, route: route, app: app, started: started, ctx: ctx, end: cancel, done: make(chan struct{})}
+	c.tracker.add(x)
+	return x
+}
+
+// untrack ends tracking x (its session is over).
+func (c *core) untrack(x *tracked) {
+	c.tracker.remove(x)
+	x.end(nil)
+	close(x.done)
+}
+
 // splice joins x's session and its TCP connection conn until both
-// directions have ended (see join), tracking the session meanwhile; then
-// it counts the end in the metrics and logs it with the bytes each way.
+// directions have ended (see join); then it counts the end in the metrics
+// and logs it with the bytes each way.
 func (c *core) splice(conn *net.TCPConn, x *tracked, log *slog.Logger) {
 	c.metrics.SessionStarted(c.side, x.route)
-	c.tracker.add(x)
-	res := join(conn, x.conn, c.abort)
+	res := join(conn, x.conn, x.ctx)
 	st := x.conn.Stats()
-	c.tracker.remove(x)
+	c.untrack(x)
 	c.metrics.SessionEnded(c.side, x.route, res.Cause)
 	args := []any{"cause", res.Cause, c.upName, res.Up, c.downName, res.Down,
 		"duration", time.Since(x.started).Round(time.Millisecond), "resumes", st.Resumes, "replayed", st.BytesReplayed}
@@ -76,10 +109,68 @@ func (c *core) splice(conn *net.TCPConn, x *tracked, log *slog.Logger) {
 	log.Info("session end", args...)
 }
 
+// endWait bounds how long End waits for a splice to finish after it
+// aborted it: the TCP connection is reset at once, but a client's RESET
+// to a gateway it has no link to may take a handshake timeout.
+const endWait = 2 * time.Second
+
+// end ends the tracked session id now: its TCP connection gets a reset,
+// the peer a RESET (a parked session's at its next resume, on a gateway).
+// It returns the session as it was ended, after its splice finished or
+// endWait passed.
+func (c *core) end(id, reason string) (SessionInfo, error) {
+	x := c.tracker.find(id)
+	if x == nil {
+		return SessionInfo{}, fmt.Errorf("%w: %s", ErrNoSession, id)
+	}
+	x.end(adminEnd(reason))
+	t := time.NewTimer(endWait)
+	defer t.Stop()
+	select {
+	case <-x.done:
+	case <-t.C:
+	}
+	return c.tracker.info(c.side, x.conn, x, time.Now()), nil
+}
+
+// ErrNoSession is returned for an id that is not live here.
+var ErrNoSession = errors.New("no such session")
+
 // tracked is a live session as the Tracker sees it.
 type tracked struct {
 	conn    *resume.Conn
 	route   string
 	app     string // application address (client) or upstream (gateway)
 	started time.Time
+	// ctx is the session's: cancelled with an *endCause to abort its
+	// splice (End, or the proxy's abort), and when it is over.
+	ctx  context.Context
+	end  context.CancelCauseFunc
+	done chan struct{} // closed when the session is no longer tracked
+
+	// When the current outage was first seen (see outageSoFar).
+	downMu       sync.Mutex
+	downFailures int
+	downSeen     time.Time
+}
+
+// endCause is why a session is ended from outside its splice: the code
+// and reason its peer gets in RESET, and the cause in logs and metrics.
+type endCause struct {
+	code   resume.Code
+	reason string
+	cause  string
+}
+
+func (e *endCause) Error() string { return e.reason }
+
+// shutdownEnd aborts the splices left when a drain runs out of time or
+// the proxy is closed.
+var shutdownEnd = &endCause{code: frame.CodeShuttingDown, reason: "proxy shutting down", cause: "shutting_down"}
+
+// adminEnd is an operator's DELETE /sessions/{id}. The peer gets
+// APP_RESET: its application is reset, as by an application's own RST,
+// and a gateway answers a later RESUME of the session with it.
+func adminEnd(reason string) *endCause {
+	return &endCause{code: frame.CodeAppReset, reason: reason, cause: "admin"}
 }

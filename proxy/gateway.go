@@ -55,10 +55,17 @@ func NewGateway(cfg GatewayConfig) (*Gateway, error) {
 	if sc.Session == nil {
 		sc.Session = resume.DefaultConfig()
 	}
+	sc.Session = g.withHooks(sc.Session)
+	for name, r := range g.routes {
+		if r.Session != nil {
+			r.Session = g.withHooks(r.Session)
+			g.routes[name] = r
+		}
+	}
 	sc.SessionFor = func(route string) *resume.Config { return g.routes[route].Session }
 	onRefuse := sc.OnRefuse
 	sc.OnRefuse = func(reason string, code frame.Code) {
-		g.metrics.Refused(reason)
+		g.metrics.Refused(reason, code)
 		if onRefuse != nil {
 			onRefuse(reason, code)
 		}
@@ -71,12 +78,13 @@ func NewGateway(cfg GatewayConfig) (*Gateway, error) {
 	}
 	srv, err := resume.NewServer(sc)
 	if err != nil {
-		g.abortCancel()
+		g.abortCancel(shutdownEnd)
 		return nil, err
 	}
 	g.srv = srv
 	g.tracker.failures = srv.ResumeFailures
 	g.tracker.unconfirmed = srv.Unconfirmed
+	g.tracker.all = srv.Sessions
 	g.metrics.Track("gateway", g.tracker)
 	g.accept.Add(1)
 	go g.acceptLoop()
@@ -115,11 +123,28 @@ func (g *Gateway) acceptLoop() {
 
 func (g *Gateway) handle(conn *resume.Conn) {
 	route := g.routes[conn.Route()]
-	start := time.Now()
+	// Tracked from now on, so that the upstream connect can be listed
+	// and ended too.
+	x := g.track(conn, route.Name, route.Upstream, time.Now())
 	log := g.log.With("side", "gateway", "session", conn.SessionID().String(), "route", route.Name)
+	select {
+	case <-conn.Done():
+		// Ended while it waited to be taken (an operator's End): no
+		// connection to the upstream for it.
+		g.untrack(x)
+		cause := "closed"
+		if err := conn.Err(); err != nil {
+			code, _ := sessionCode(err)
+			cause = causeOf(code)
+		}
+		g.metrics.SessionEnded("gateway", route.Name, cause)
+		log.Info("session end", "cause", cause, "err", conn.Err(), "during", "accept")
+		return
+	default:
+	}
 	link := conn.RemoteAddr()
 	d := net.Dialer{Timeout: route.ConnectTimeout}
-	ctx, cancel := context.WithTimeout(context.Background(), route.ConnectTimeout)
+	ctx, cancel := context.WithTimeout(x.ctx, route.ConnectTimeout)
 	up, err := d.DialContext(ctx, "tcp", route.Upstream)
 	cancel()
 	if err == nil && route.ProxyProtocol != 0 {
@@ -129,17 +154,28 @@ func (g *Gateway) handle(conn *resume.Conn) {
 		}
 	}
 	if err != nil {
+		var ec *endCause
+		if errors.As(context.Cause(x.ctx), &ec) {
+			// Ended (by an operator, or the gateway closing) while
+			// connecting: the upstream never saw the session.
+			conn.Reset(ec.code, ec.reason)
+			g.untrack(x)
+			g.metrics.SessionEnded("gateway", route.Name, ec.cause)
+			log.Info("session end", "cause", ec.cause, "err", ec, "during", "upstream connect")
+			return
+		}
 		reason := fmt.Sprintf("upstream %s: %v", route.Upstream, err)
 		log.Warn("upstream connect failed", "upstream", route.Upstream, "link", link, "err", err)
 		g.metrics.DialFailed("gateway", route.Name)
 		g.metrics.SessionEnded("gateway", route.Name, "upstream")
 		conn.Reset(frame.CodeUpstream, reason)
+		g.untrack(x)
 		return
 	}
 	tcp := up.(*net.TCPConn)
 	tcp.SetNoDelay(true)
 	log.Info("session start", "link", link, "upstream", route.Upstream, "upstream_local", tcp.LocalAddr())
-	g.splice(tcp, &tracked{conn: conn, route: route.Name, app: route.Upstream, started: start}, log)
+	g.splice(tcp, x, log)
 }
 
 func writeProxyHeader(up net.Conn, src net.Addr, version int) error {
@@ -189,23 +225,110 @@ func (g *Gateway) Close() error {
 // forceClose aborts the splices, closes the session server (and with it
 // the link listeners) and waits for every goroutine of the gateway.
 func (g *Gateway) forceClose() {
-	g.abortCancel()
+	g.abortCancel(shutdownEnd)
 	g.srv.Close()
 	g.accept.Wait()
 	g.sessions.Wait()
 }
 
-// ErrNoSession is returned by GoAway for an id that is not live here.
-var ErrNoSession = errors.New("no such session on this gateway")
+// Sessions lists the live sessions, oldest first, those not yet confirmed
+// by their client (or not yet taken by the gateway) included, last.
+func (g *Gateway) Sessions() []SessionInfo {
+	out := g.tracker.Sessions(g.side)
+	seen := make(map[string]bool, len(out))
+	for _, si := range out {
+		seen[si.ID] = true
+	}
+	now := time.Now()
+	for _, conn := range g.srv.Sessions() {
+		if id := conn.SessionID().String(); !seen[id] {
+			if si := g.untrackedInfo(conn, now); si.State != resume.StateClosed.String() {
+				out = append(out, si)
+			}
+		}
+	}
+	return out
+}
+
+// Session returns the live session id (as Sessions lists it).
+func (g *Gateway) Session(id string) (SessionInfo, error) {
+	if x := g.tracker.find(id); x != nil {
+		return g.tracker.info(g.side, x.conn, x, time.Now()), nil
+	}
+	if conn := g.untracked(id); conn != nil {
+		return g.untrackedInfo(conn, time.Now()), nil
+	}
+	return SessionInfo{}, fmt.Errorf("%w: %s", ErrNoSession, id)
+}
+
+// untracked returns the live session id that the gateway has not taken
+// yet (unconfirmed, or waiting in the accept backlog), or nil.
+func (g *Gateway) untracked(id string) *resume.Conn {
+	for _, conn := range g.srv.Sessions() {
+		if conn.SessionID().String() == id {
+			return conn
+		}
+	}
+	return nil
+}
+
+func (g *Gateway) untrackedInfo(conn *resume.Conn, now time.Time) SessionInfo {
+	return g.tracker.info(g.side, conn, &tracked{conn: conn, route: conn.Route(), app: g.routes[conn.Route()].Upstream}, now)
+}
+
+// End ends session id now, parked or not: the upstream connection gets a
+// reset at once, and the client a RESET (a parked session's client gets
+// it as the answer to its next RESUME) that resets its application. It
+// returns the session as it was ended.
+func (g *Gateway) End(id, reason string) (SessionInfo, error) {
+	si, err := g.end(id, reason)
+	if !errors.Is(err, ErrNoSession) {
+		return si, err
+	}
+	conn := g.untracked(id)
+	if conn == nil {
+		return SessionInfo{}, err
+	}
+	// Not spliced yet: no upstream connection to reset.
+	ec := adminEnd(reason)
+	conn.Reset(ec.code, ec.reason)
+	return g.untrackedInfo(conn, time.Now()), nil
+}
 
 // GoAway asks the client of session id (as /sessions lists it) to move the
 // session to a new link while the current one keeps working
 // (docs/protocol.md section 5.6, make-before-break migration). The session
 // continues without a gap.
-func (g *Gateway) GoAway(id, reason string) error {
-	conn := g.tracker.find(id)
-	if conn == nil {
+func (g *Gateway) GoAway(id, reason string) error { return g.GoAwayTo(id, "", reason) }
+
+// GoAwayTo is GoAway to another address of this gateway ("host:port"; ""
+// for the usual one): the client dials its new link there, and every
+// later one. The address must reach this same gateway process, e.g.
+// another of its listeners; the gateway cannot check that. A parked
+// session, or one with resumption off, cannot move: the error is then a
+// *resume.Error with code CONFLICT.
+func (g *Gateway) GoAwayTo(id, addr, reason string) error {
+	var conn *resume.Conn
+	if x := g.tracker.find(id); x != nil {
+		conn = x.conn
+	} else if conn = g.untracked(id); conn == nil {
 		return fmt.Errorf("%w: %s", ErrNoSession, id)
 	}
-	return conn.GoAway(reason)
+	if addr != "" {
+		if err := ValidateHostPort(addr); err != nil {
+			return &resume.Error{Code: frame.CodeValidation, Reason: err.Error()}
+		}
+	}
+	if conn.ReconnectTimeout() == 0 {
+		return &resume.Error{Code: frame.CodeConflict, Reason: "session " + id + " has resumption off (reconnect timeout 0): it cannot move"}
+	}
+	if err := conn.GoAwayTo(addr, reason); err != nil {
+		var re *resume.Error
+		if errors.As(err, &re) && re.Code == frame.CodeConflict {
+			return &resume.Error{Code: frame.CodeConflict, Reason: "session " + id + " is " + conn.State().String() +
+				": it has no link to send GOAWAY on (its client moves by resuming)"}
+		}
+		return err
+	}
+	return nil
 }

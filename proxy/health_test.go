@@ -80,7 +80,7 @@ func TestClientSurvivesAcceptExhaustion(t *testing.T) {
 	go func() {
 		served <- cl.Serve(ln, ClientRoute{Route: "default", Dialer: d, Session: fastConfig(), Gateway: s.gwAddr})
 	}()
-	h := ClientStatusHandler(nil, cl)
+	h := clientAdmin(t, cl, AdminConfig{})
 
 	body := waitHealthz(t, h, http.StatusServiceUnavailable)
 	if !strings.Contains(body, "accept on "+real.Addr().String()+": too many open files") {
@@ -128,7 +128,7 @@ func TestGatewaySurvivesAcceptExhaustion(t *testing.T) {
 	ln.failing.Store(true)
 	served := make(chan error, 1)
 	go func() { served <- s.gw.Serve(ln) }()
-	h := GatewayStatusHandler(s.metrics.Registry(), s.gw)
+	h := s.gwAdmin(t)
 
 	body := waitHealthz(t, h, http.StatusServiceUnavailable)
 	// The session server keeps one accept State for all its listeners, so
@@ -172,7 +172,7 @@ func TestGatewaySurvivesAcceptExhaustion(t *testing.T) {
 // lifeline_sessions_unconfirmed: a flood of either is visible.
 func TestRefusalsAndUnconfirmedInMetrics(t *testing.T) {
 	s := newStack(t, stackOpts{upstream: testnet.EchoServer(t)})
-	h := GatewayStatusHandler(s.metrics.Registry(), s.gw)
+	h := s.gwAdmin(t)
 	metric := func(name string) string {
 		for _, line := range strings.Split(get(t, h, "/metrics"), "\n") {
 			if strings.HasPrefix(line, name+" ") {

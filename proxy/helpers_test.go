@@ -71,6 +71,13 @@ type stackOpts struct {
 	clientTLS *tls.Config
 	routes    []Route
 	noRelay   bool // dial the gateway directly (benchmarks)
+	// log, if set, replaces the test log (a fuzz target must not log to
+	// its F).
+	log *slog.Logger
+	// movable: the client can follow a GOAWAY to another address
+	// (ClientRoute.NewDialer).
+	movable     bool
+	redialEvery time.Duration // ClientConfig.RedialLogEvery
 }
 
 func newStack(t testing.TB, o stackOpts) *stack {
@@ -91,7 +98,10 @@ func newStack(t testing.TB, o stackOpts) *stack {
 	if o.routes == nil {
 		o.routes = []Route{{Name: "default", Upstream: o.upstream, ConnectTimeout: time.Second}}
 	}
-	log := testLogger(t)
+	log := o.log
+	if log == nil {
+		log = testLogger(t)
+	}
 	o.server.Session.Logger = log
 	o.cfg.Logger = log
 	m := NewPromMetrics()
@@ -116,12 +126,18 @@ func newStack(t testing.TB, o stackOpts) *stack {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cl := NewClient(ClientConfig{Logger: log, Metrics: m})
+	cl := NewClient(ClientConfig{Logger: log, Metrics: m, RedialLogEvery: o.redialEvery})
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	go cl.Serve(ln, ClientRoute{Route: o.route, Dialer: dialer, Session: o.cfg, Gateway: linkAddr})
+	r := ClientRoute{Route: o.route, Dialer: dialer, Session: o.cfg, Gateway: linkAddr}
+	if o.movable {
+		r.NewDialer = func(addr string) (transport.Dialer, error) {
+			return transport.NewDialer(transport.Config{Name: o.transport, Addr: addr, TLS: o.clientTLS, Logger: log})
+		}
+	}
+	go cl.Serve(ln, r)
 	s := &stack{gw: gw, client: cl, relay: relay, appAddr: ln.Addr().String(), gwAddr: ll.Addr().String(), metrics: m}
 	t.Cleanup(func() {
 		cl.Close()
@@ -189,4 +205,29 @@ func get(t testing.TB, h http.Handler, path string) string {
 	rec := httptest.NewRecorder()
 	h.ServeHTTP(rec, httptest.NewRequest("GET", path, nil))
 	return rec.Body.String()
+}
+
+// gwAdmin is the gateway's admin API, without a token.
+func (s *stack) gwAdmin(t testing.TB) http.Handler {
+	t.Helper()
+	h, err := GatewayAdmin(s.gw, AdminConfig{Registry: s.metrics.Registry()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return h
+}
+
+// clAdmin is the client sidecar's admin API, without a token.
+func (s *stack) clAdmin(t testing.TB) http.Handler {
+	t.Helper()
+	return clientAdmin(t, s.client, AdminConfig{Registry: s.metrics.Registry()})
+}
+
+func clientAdmin(t testing.TB, c *Client, cfg AdminConfig) http.Handler {
+	t.Helper()
+	h, err := ClientAdmin(c, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return h
 }

@@ -26,18 +26,27 @@ type Metrics interface {
 	// the per-session counters (bytes, resumes, link failures, replays).
 	Track(side string, t *Tracker)
 	// Refused counts a link or handshake the gateway refused, by a short
-	// fixed reason (resume.ServerConfig.OnRefuse's labels).
-	Refused(reason string)
+	// fixed reason (resume.ServerConfig.OnRefuse's labels) and the REJECT
+	// code sent (CodeNone: the link was closed without one).
+	Refused(reason string, code resume.Code)
+	// Resumed observes the outage a session resumed after (0 for a
+	// GOAWAY migration, which has none).
+	Resumed(side string, outage time.Duration)
+	// FirstResumedByte observes how long after a resume the first byte
+	// moved on the new link.
+	FirstResumedByte(side string, sinceAttach time.Duration)
 }
 
 // NopMetrics discards everything.
 type NopMetrics struct{}
 
-func (NopMetrics) SessionStarted(string, string)       {}
-func (NopMetrics) SessionEnded(string, string, string) {}
-func (NopMetrics) DialFailed(string, string)           {}
-func (NopMetrics) Track(string, *Tracker)              {}
-func (NopMetrics) Refused(string)                      {}
+func (NopMetrics) SessionStarted(string, string)          {}
+func (NopMetrics) SessionEnded(string, string, string)    {}
+func (NopMetrics) DialFailed(string, string)              {}
+func (NopMetrics) Track(string, *Tracker)                 {}
+func (NopMetrics) Refused(string, resume.Code)            {}
+func (NopMetrics) Resumed(string, time.Duration)          {}
+func (NopMetrics) FirstResumedByte(string, time.Duration) {}
 
 // Tracker is the set of live sessions of a Client or Gateway, plus totals
 // of the ones that ended, so that counters never go backwards.
@@ -50,6 +59,10 @@ type Tracker struct {
 	// unconfirmed, if set, counts sessions that got WELCOME but were not
 	// yet confirmed by their client (the gateway's server).
 	unconfirmed func() int
+	// all, if set, lists every live session, tracked or not (the
+	// gateway's server, whose unconfirmed sessions are not tracked), for
+	// the sessions-by-state gauge.
+	all func() []*resume.Conn
 }
 
 // Totals sums session counters.
@@ -62,6 +75,9 @@ type Totals struct {
 	BytesReplayed  uint64
 	ResumeFailures uint64
 	Unconfirmed    int // gauge: gateway sessions not yet confirmed
+	// ByState counts live sessions by state (resume.State's names), the
+	// gateway's unconfirmed ones included.
+	ByState map[string]int
 }
 
 func newTracker() *Tracker { return &Tracker{live: map[*tracked]struct{}{}} }
@@ -98,8 +114,14 @@ func (t *Tracker) Totals() Totals {
 	if t.unconfirmed != nil {
 		tt.Unconfirmed = t.unconfirmed()
 	}
+	tt.ByState = map[string]int{}
+	now := time.Now()
 	for x := range t.live {
 		st := x.conn.Stats()
+		t.outageSoFar(x, st, now) // notes when an outage is first seen
+		if t.all == nil {
+			tt.ByState[st.State.String()]++
+		}
 		tt.BytesSent += st.BytesSent
 		tt.BytesReceived += st.BytesReceived
 		tt.Resumes += uint64(st.Resumes)
@@ -112,26 +134,67 @@ func (t *Tracker) Totals() Totals {
 			tt.Parked++
 		}
 	}
+	if t.all != nil {
+		for _, c := range t.all() {
+			if st := c.State(); st != resume.StateClosed {
+				tt.ByState[st.String()]++
+			}
+		}
+	}
 	return tt
 }
 
-// SessionInfo describes one live session for the status endpoint.
+// SessionInfo describes one live session for the admin API.
 type SessionInfo struct {
-	ID            string    `json:"id"`
-	Side          string    `json:"side"`
-	Route         string    `json:"route"`
-	State         string    `json:"state"`
-	Peer          string    `json:"peer"` // app address (client) or upstream (gateway)
-	Link          string    `json:"link"`
-	Started       time.Time `json:"started"`
-	BytesSent     uint64    `json:"bytes_sent"`
-	BytesReceived uint64    `json:"bytes_received"`
-	Resumes       int       `json:"resumes"`
-	LinkFailures  int       `json:"link_failures"`
-	LastOutageMS  int64     `json:"last_outage_ms"`
-	BytesReplayed uint64    `json:"bytes_replayed"`
-	Buffered      int       `json:"buffered"`
-	RTTMS         float64   `json:"rtt_ms"`
+	ID    string `json:"id"`
+	Side  string `json:"side"` // "client" or "gateway"
+	Route string `json:"route"`
+	State string `json:"state"` // CONNECTING, ACTIVE, DISCONNECTED, RECONNECTING (docs/protocol.md section 5.4); CLOSED once ended
+	// Confirmed: the client has shown it holds the session (always true
+	// on a client; a gateway's sessions are unconfirmed from WELCOME to
+	// the client's first frame).
+	Confirmed bool `json:"confirmed"`
+	// Peer is the other proxy, as the current (or last) link sees it: the
+	// gateway's address on a client, the client sidecar's on a gateway.
+	Peer string `json:"peer"`
+	// App is the TCP end this side splices the session to: the
+	// application's address on a client, the upstream's on a gateway.
+	App string `json:"app"`
+	// Started is when this side took the session (zero for a gateway
+	// session not taken yet: unconfirmed, or waiting to be); AgeMS is
+	// the time since then.
+	Started time.Time `json:"started,omitzero"`
+	AgeMS   int64     `json:"age_ms"`
+	// OutageMS is how long the link has been down, while the session is
+	// DISCONNECTED or RECONNECTING; 0 while a link is attached.
+	OutageMS           int64   `json:"outage_ms"`
+	LastOutageMS       int64   `json:"last_outage_ms"` // the outage the last resume ended
+	ReconnectTimeoutMS int64   `json:"reconnect_timeout_ms"`
+	BytesSent          uint64  `json:"bytes_sent"`     // from this side's TCP end into the session
+	BytesReceived      uint64  `json:"bytes_received"` // from the peer to this side's TCP end
+	Resumes            int     `json:"resumes"`
+	LinkFailures       int     `json:"link_failures"`
+	BytesReplayed      uint64  `json:"bytes_replayed"`
+	Buffered           int     `json:"buffered"`
+	RTTMS              float64 `json:"rtt_ms"`
+}
+
+// info describes x (whose conn is conn) at now.
+func (t *Tracker) info(side string, conn *resume.Conn, x *tracked, now time.Time) SessionInfo {
+	st := conn.Stats()
+	si := SessionInfo{
+		ID: conn.SessionID().String(), Side: side, Route: x.route, State: st.State.String(), Confirmed: conn.Confirmed(),
+		Peer: conn.RemoteAddr().String(), App: x.app, Started: x.started,
+		OutageMS: t.outageSoFar(x, st, now).Milliseconds(), LastOutageMS: st.LastOutage.Milliseconds(),
+		ReconnectTimeoutMS: conn.ReconnectTimeout().Milliseconds(),
+		BytesSent:          st.BytesSent, BytesReceived: st.BytesReceived, Resumes: st.Resumes,
+		LinkFailures: st.LinkFailures, BytesReplayed: st.BytesReplayed, Buffered: st.Buffered,
+		RTTMS: float64(st.RTT.Microseconds()) / 1000,
+	}
+	if !x.started.IsZero() {
+		si.AgeMS = now.Sub(x.started).Milliseconds()
+	}
+	return si
 }
 
 // Sessions lists the live sessions, oldest first.
@@ -142,19 +205,12 @@ func (t *Tracker) Sessions(side string) []SessionInfo {
 		xs = append(xs, x)
 	}
 	t.mu.Unlock()
+	now := time.Now()
 	out := make([]SessionInfo, 0, len(xs))
 	for _, x := range xs {
-		st := x.conn.Stats()
-		out = append(out, SessionInfo{
-			ID: x.conn.SessionID().String(), Side: side, Route: x.route, State: st.State.String(),
-			Peer: x.app, Link: x.conn.RemoteAddr().String(), Started: x.started,
-			BytesSent: st.BytesSent, BytesReceived: st.BytesReceived, Resumes: st.Resumes,
-			LinkFailures: st.LinkFailures, LastOutageMS: st.LastOutage.Milliseconds(),
-			BytesReplayed: st.BytesReplayed, Buffered: st.Buffered,
-			RTTMS: float64(st.RTT.Microseconds()) / 1000,
-		})
+		out = append(out, t.info(side, x.conn, x, now))
 	}
-	sort.Slice(out, func(i, j int) bool { return out[i].Started.Before(out[j].Started) })
+	sort.SliceStable(out, func(i, j int) bool { return out[i].Started.Before(out[j].Started) })
 	return out
 }
 
@@ -172,6 +228,10 @@ type PromMetrics struct {
 	ends    *prometheus.CounterVec
 	dialErr *prometheus.CounterVec
 	refused *prometheus.CounterVec
+
+	outage    *prometheus.HistogramVec
+	firstByte *prometheus.HistogramVec
+	refusedBy *prometheus.CounterVec
 
 	mu       sync.Mutex
 	trackers map[string][]*Tracker
@@ -193,9 +253,22 @@ func NewPromMetrics() *PromMetrics {
 		refused: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "lifeline_refusals_total", Help: "Links and handshakes the gateway refused, by reason (pending_flood, unconfirmed_limit, max_sessions, memory_budget, draining, bad_preamble, resume_proof, ...).",
 		}, []string{"reason"}),
+		refusedBy: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "lifeline_handshake_refusals_total", Help: "Gateway only: links and handshakes refused, by the REJECT code sent (NONE: closed without one).",
+		}, []string{"code"}),
+		outage: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "lifeline_outage_seconds",
+			Help:    "Outages that sessions resumed after, from the link's loss (as this side saw it) to the resume; a GOAWAY migration counts as 0.",
+			Buckets: []float64{0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300},
+		}, []string{"side"}),
+		firstByte: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "lifeline_resume_first_byte_seconds",
+			Help:    "Time from a resumed link's attach to the first byte moved on it, either way.",
+			Buckets: []float64{0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5},
+		}, []string{"side"}),
 		trackers: map[string][]*Tracker{},
 	}
-	m.reg.MustRegister(m.starts, m.ends, m.dialErr, m.refused, collector{m},
+	m.reg.MustRegister(m.starts, m.ends, m.dialErr, m.refused, m.refusedBy, m.outage, m.firstByte, collector{m},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -213,7 +286,18 @@ func (m *PromMetrics) SessionEnded(side, route, cause string) {
 
 func (m *PromMetrics) DialFailed(side, route string) { m.dialErr.WithLabelValues(side, route).Inc() }
 
-func (m *PromMetrics) Refused(reason string) { m.refused.WithLabelValues(reason).Inc() }
+func (m *PromMetrics) Refused(reason string, code resume.Code) {
+	m.refused.WithLabelValues(reason).Inc()
+	m.refusedBy.WithLabelValues(code.String()).Inc()
+}
+
+func (m *PromMetrics) Resumed(side string, outage time.Duration) {
+	m.outage.WithLabelValues(side).Observe(outage.Seconds())
+}
+
+func (m *PromMetrics) FirstResumedByte(side string, d time.Duration) {
+	m.firstByte.WithLabelValues(side).Observe(d.Seconds())
+}
 
 func (m *PromMetrics) Track(side string, t *Tracker) {
 	m.mu.Lock()
@@ -230,12 +314,16 @@ var (
 	descResFail  = prometheus.NewDesc("lifeline_resume_failures_total", "Resumes refused by the gateway.", []string{"side"}, nil)
 	descReplayed = prometheus.NewDesc("lifeline_replayed_bytes_total", "Bytes sent again after resumes.", []string{"side"}, nil)
 	descUnconf   = prometheus.NewDesc("lifeline_sessions_unconfirmed", "Gateway sessions that got WELCOME but whose client has not yet confirmed them.", nil, nil)
+	descByState  = prometheus.NewDesc("lifeline_sessions", "Live sessions by state (CONNECTING, ACTIVE, DISCONNECTED, RECONNECTING); a gateway's unconfirmed sessions included.", []string{"side", "state"}, nil)
 )
+
+// liveStates are the states lifeline_sessions always exports, 0 or not.
+var liveStates = []resume.State{resume.StateConnecting, resume.StateActive, resume.StateDisconnected, resume.StateReconnecting}
 
 type collector struct{ m *PromMetrics }
 
 func (c collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descActive, descParked, descBytes, descResumes, descLinkFail, descReplayed, descResFail, descUnconf} {
+	for _, d := range []*prometheus.Desc{descActive, descParked, descBytes, descResumes, descLinkFail, descReplayed, descResFail, descUnconf, descByState} {
 		ch <- d
 	}
 }
@@ -248,9 +336,12 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	c.m.mu.Unlock()
 	for side, ts := range sides {
-		var t Totals
+		t := Totals{ByState: map[string]int{}}
 		for _, tr := range ts {
 			x := tr.Totals()
+			for k, v := range x.ByState {
+				t.ByState[k] += v
+			}
 			t.Active += x.Active
 			t.Parked += x.Parked
 			t.BytesSent += x.BytesSent
@@ -268,6 +359,9 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descResumes, prometheus.CounterValue, float64(t.Resumes), side)
 		ch <- prometheus.MustNewConstMetric(descLinkFail, prometheus.CounterValue, float64(t.LinkFailures), side)
 		ch <- prometheus.MustNewConstMetric(descReplayed, prometheus.CounterValue, float64(t.BytesReplayed), side)
+		for _, st := range liveStates {
+			ch <- prometheus.MustNewConstMetric(descByState, prometheus.GaugeValue, float64(t.ByState[st.String()]), side, st.String())
+		}
 		if side == "gateway" {
 			ch <- prometheus.MustNewConstMetric(descResFail, prometheus.CounterValue, float64(t.ResumeFailures), side)
 			ch <- prometheus.MustNewConstMetric(descUnconf, prometheus.GaugeValue, float64(t.Unconfirmed))
@@ -276,13 +370,40 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 }
 
 // find returns the live session whose id (as SessionInfo.ID shows it) is id.
-func (t *Tracker) find(id string) *resume.Conn {
+func (t *Tracker) find(id string) *tracked {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	for x := range t.live {
 		if x.conn.SessionID().String() == id {
-			return x.conn
+			return x
 		}
 	}
 	return nil
+}
+
+// outageSoFar is how long x's link has been down at now (0 while one is
+// attached).
+//
+// resume does not tell when a link was lost (resume.Stats has the last
+// outage only once it ended), so this is when the tracker first saw the
+// session parked for its current outage: at a listing, a metrics scrape,
+// or a client redial (at once after the loss with the default backoff).
+// It can fall short of the true outage by the time until the first of
+// those. TODO: resume.Stats.DownSince, once it exists, gives it exactly.
+func (t *Tracker) outageSoFar(x *tracked, st resume.Stats, now time.Time) time.Duration {
+	if st.State != resume.StateDisconnected && st.State != resume.StateReconnecting {
+		return 0
+	}
+	return now.Sub(x.parkedSince(st.LinkFailures, now))
+}
+
+// parkedSince records that x is parked after its failures-th link loss,
+// seen at now, and returns when that was first seen.
+func (x *tracked) parkedSince(failures int, now time.Time) time.Time {
+	x.downMu.Lock()
+	defer x.downMu.Unlock()
+	if x.downFailures != failures || x.downSeen.IsZero() {
+		x.downFailures, x.downSeen = failures, now
+	}
+	return x.downSeen
 }

@@ -278,14 +278,14 @@ func TestMaxSessions(t *testing.T) {
 }
 
 // The status endpoint lists sessions and exports metrics.
-func TestStatusHandler(t *testing.T) {
+func TestAdminListsAndExports(t *testing.T) {
 	s := newStack(t, stackOpts{upstream: testnet.EchoServer(t)})
 	c := dialApp(t, s.appAddr)
 	defer c.Close()
 	c.Write([]byte("ping"))
 	b := make([]byte, 4)
 	io.ReadFull(c, b)
-	h := StatusHandler(s.metrics.Registry(), s.gw.Sessions, s.gw.Draining)
+	h := s.gwAdmin(t)
 	body := get(t, h, "/sessions")
 	if !strings.Contains(body, `"count": 1`) || !strings.Contains(body, `"state": "ACTIVE"`) || !strings.Contains(body, `"bytes_sent": 4`) {
 		t.Errorf("/sessions:\n%s", body)
@@ -311,7 +311,7 @@ func TestOperatorGoAway(t *testing.T) {
 	c.Write([]byte("ping"))
 	b := make([]byte, 4)
 	io.ReadFull(c, b)
-	h := GatewayStatusHandler(s.metrics.Registry(), s.gw)
+	h := s.gwAdmin(t)
 	id := s.gw.Sessions()[0].ID
 	if code := post(t, h, "/sessions/"+id+"/goaway"); code != http.StatusAccepted {
 		t.Fatalf("goaway: HTTP %d", code)

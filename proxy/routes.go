@@ -81,6 +81,13 @@ type ClientRoute struct {
 	Session *resume.Config // nil: resume.DefaultConfig()
 	// Gateway names the gateway in logs.
 	Gateway string
+	// NewDialer, if set, makes a dialer to another address of the same
+	// gateway, with Dialer's transport and TLS settings (the gateway's
+	// certificate is checked against the name Dialer checks). A session
+	// whose gateway sends GOAWAY naming an address dials it through such a
+	// dialer from then on. nil: such a GOAWAY moves the session to a new
+	// link to Dialer's address.
+	NewDialer func(addr string) (transport.Dialer, error)
 }
 
 // Validate reports the first thing wrong with r.

@@ -58,11 +58,13 @@ type spliceResult struct {
 }
 
 // join joins a TCP connection (an application's, or an upstream's) and a
-// session until both directions have ended, then closes both. A FIN from either side becomes a
-// FIN on the other after all data (half-close); an application RST becomes
-// a session RESET with APP_RESET, and a session abort (any code) resets the
-// application socket. abort, when closed, aborts the splice with code
-// SHUTTING_DOWN (force-close after a drain timeout).
+// session until both directions have ended, then closes both. A FIN from
+// either side becomes a FIN on the other after all data (half-close); an
+// application RST becomes a session RESET with APP_RESET, and a session
+// abort (any code) resets the application socket. abort, when cancelled,
+// aborts the splice with the code and cause of its *endCause
+// (SHUTTING_DOWN after a drain timeout, APP_RESET for an operator's end;
+// SHUTTING_DOWN without one).
 //
 // It costs one goroutine besides the caller's (an idle session's memory is
 // mostly goroutine stacks): the caller runs the session -> application
@@ -81,6 +83,10 @@ func join(app *net.TCPConn, sess session, abort context.Context) spliceResult {
 		once.Do(func() {
 			abortedMu.Lock()
 			res.Cause = causeOf(code)
+			var ec *endCause
+			if errors.As(err, &ec) {
+				res.Cause = ec.cause
+			}
 			res.Err = err
 			abortedMu.Unlock()
 			resetTCP(app)
@@ -91,7 +97,9 @@ func join(app *net.TCPConn, sess session, abort context.Context) spliceResult {
 	abortDone := make(chan struct{})
 	stop := context.AfterFunc(abort, func() {
 		defer close(abortDone)
-		fail(frame.CodeShuttingDown, "proxy shutting down", &resume.Error{Code: frame.CodeShuttingDown, Reason: "drain timeout"})
+		ec := shutdownEnd
+		errors.As(context.Cause(abort), &ec)
+		fail(ec.code, ec.reason, ec)
 	})
 	// application -> session: ReadFrom reads the socket straight into the
 	// replay buffer (no intermediate copy).
@@ -127,7 +135,10 @@ func join(app *net.TCPConn, sess session, abort context.Context) spliceResult {
 				fail(frame.CodeAppReset, "application connection: "+err.Error(), &resume.Error{Code: frame.CodeAppReset, Reason: err.Error()})
 			}
 		case errors.Is(err, resume.ErrConnClosed):
-			// we reset it ourselves
+			// We reset it ourselves (fail is a no-op then), or the
+			// session was reset behind the splice's back: the TCP
+			// connection must not wait for its own side to notice.
+			fail(frame.CodeAppReset, "session closed locally", err)
 		case errors.As(err, &se):
 			code, reason := sessionCode(err)
 			fail(code, reason, err)

@@ -60,7 +60,7 @@ func TestThrottledHelloIsRetried(t *testing.T) {
 	if waited := time.Since(start); waited < 200*time.Millisecond {
 		t.Fatalf("echo after %v: the HELLO was never throttled, the test proves nothing", waited)
 	}
-	m := get(t, StatusHandler(s.metrics.Registry(), nil, nil), "/metrics")
+	m := get(t, s.gwAdmin(t), "/metrics")
 	if !strings.Contains(m, `lifeline_refusals_total{reason="unconfirmed_limit"}`) {
 		t.Fatalf("no unconfirmed_limit refusal counted:\n%s", m)
 	}

@@ -214,7 +214,7 @@ func TestGatewaySurvivesDescriptorExhaustion(t *testing.T) {
 	gw := startProc(t, append([]string{"gateway", "--transport", "tcp", "--listen", "127.0.0.1:0", "--upstream", testnet.EchoServer(t),
 		"--status-addr", statusAddr}, fast...)...)
 	gwAddr := gw.waitLog("gateway listening", 30*time.Second)["addr"].(string)
-	gw.waitLog("status listening", 5*time.Second)
+	gw.waitLog("admin listening", 5*time.Second)
 	checkExhaustion(t, gw, statusAddr, gwAddr, 40, func() error {
 		appAddr := freeAddr(t)
 		cl := startProc(t, append([]string{"client", "--transport", "tcp", "--listen", appAddr, "--gateway", gwAddr}, fast...)...)
@@ -235,7 +235,7 @@ func TestClientSurvivesDescriptorExhaustion(t *testing.T) {
 	cl := startProc(t, append([]string{"client", "--transport", "tcp", "--listen", appAddr, "--gateway", gwAddr,
 		"--status-addr", statusAddr, "--reconnect-timeout", "10s"}, fast...)...)
 	cl.waitLog("client listening", 30*time.Second)
-	cl.waitLog("status listening", 5*time.Second)
+	cl.waitLog("admin listening", 5*time.Second)
 	// Each application connection costs the client two descriptors (it
 	// and its link), and one closed while waiting in the backlog is still
 	// accepted and given a session: fewer than for the gateway.

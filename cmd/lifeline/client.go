@@ -31,7 +31,7 @@ func startClient(c *clientFile, log *slog.Logger, metrics proxy.Metrics, failed 
 		return nil, nil, err
 	}
 	for _, l := range c.Listeners {
-		sess, err := l.sessionFile.sessionConfig()
+		sess, err := l.sessionFile.sessionConfigFor(l.Transport)
 		if err != nil {
 			return fail(usageError{err})
 		}
@@ -47,7 +47,8 @@ func startClient(c *clientFile, log *slog.Logger, metrics proxy.Metrics, failed 
 			stores = append(stores, store)
 			tc = store.ClientConfig()
 		}
-		d, err := transport.NewDialer(transport.Config{Name: l.Transport, Addr: l.Gateway, TLS: tc, Logger: log})
+		tcfg := transport.Config{Name: l.Transport, Addr: l.Gateway, TLS: tc, Logger: log}
+		d, err := transport.NewDialer(tcfg)
 		if err != nil {
 			return fail(err)
 		}
@@ -56,7 +57,8 @@ func startClient(c *clientFile, log *slog.Logger, metrics proxy.Metrics, failed 
 			d.Close()
 			return fail(fmt.Errorf("cannot listen on %s: %s", l.Listen, errText(err)))
 		}
-		ps = append(ps, pending{ln, proxy.ClientRoute{Route: l.Route, Dialer: d, Session: sess, Gateway: l.Gateway}})
+		ps = append(ps, pending{ln, proxy.ClientRoute{Route: l.Route, Dialer: d, Session: sess, Gateway: l.Gateway,
+			NewDialer: movedDialer(tcfg)}})
 	}
 	for _, p := range ps {
 		ln := p.ln
@@ -72,4 +74,29 @@ func startClient(c *clientFile, log *slog.Logger, metrics proxy.Metrics, failed 
 			"reconnect_timeout", p.r.Session.ReconnectTimeout)
 	}
 	return cl, stores, nil
+}
+
+// movedDialer makes the dialers for the other addresses of a gateway that
+// a GOAWAY sends sessions to: the same transport and TLS settings as cfg,
+// and the gateway's certificate still checked against the name cfg's is
+// (the --tls-server-name, else the host of --gateway), since it is the
+// same gateway.
+func movedDialer(cfg transport.Config) func(addr string) (transport.Dialer, error) {
+	return func(addr string) (transport.Dialer, error) {
+		c := cfg
+		c.Addr = addr
+		if transport.UsesTLS(c.Name) && (c.TLS == nil || c.TLS.ServerName == "") {
+			host, _, err := net.SplitHostPort(cfg.Addr)
+			if err != nil {
+				return nil, err
+			}
+			if c.TLS == nil {
+				c.TLS = &tls.Config{}
+			} else {
+				c.TLS = c.TLS.Clone()
+			}
+			c.TLS.ServerName = host
+		}
+		return transport.NewDialer(c)
+	}
 }

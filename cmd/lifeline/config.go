@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"regexp"
 	"slices"
@@ -104,6 +105,7 @@ type sessionFile struct {
 	DisconnectedBuffer size     `yaml:"disconnected_buffer"`
 	PingInterval       duration `yaml:"ping_interval"`
 	LivenessTimeout    duration `yaml:"liveness_timeout"`
+	KeepaliveInterval  duration `yaml:"keepalive_interval"`
 	HandshakeTimeout   duration `yaml:"handshake_timeout"`
 }
 
@@ -117,8 +119,30 @@ type routeFile struct {
 	sessionFile `yaml:",inline"`
 }
 
+// addrList is one address or a list of them: "listen: 0.0.0.0:7000" or
+// "listen: [0.0.0.0:7000, 0.0.0.0:7001]".
+type addrList []string
+
+func (a *addrList) UnmarshalYAML(n *yaml.Node) error {
+	switch n.Kind {
+	case yaml.ScalarNode:
+		*a = addrList{n.Value}
+		return nil
+	case yaml.SequenceNode:
+		var l []string
+		if err := n.Decode(&l); err != nil {
+			return err
+		}
+		*a = l
+		return nil
+	}
+	return fmt.Errorf("line %d: want an address or a list of addresses", n.Line)
+}
+
 type gatewayFile struct {
-	Listen         string             `yaml:"listen"`
+	// Listen is where links are accepted: one address or several (an
+	// operator moves sessions between them with GOAWAY).
+	Listen         addrList           `yaml:"listen"`
 	Transport      string             `yaml:"transport"`
 	TLS            transport.TLSFiles `yaml:"tls"`
 	MaxSessions    autoInt            `yaml:"max_sessions"`
@@ -152,11 +176,14 @@ type logFile struct {
 
 // fileConfig is the YAML config file.
 type fileConfig struct {
-	Log          logFile      `yaml:"log"`
-	StatusAddr   string       `yaml:"status_addr"`
-	DrainTimeout duration     `yaml:"drain_timeout"`
-	Gateway      *gatewayFile `yaml:"gateway"`
-	Client       *clientFile  `yaml:"client"`
+	Log logFile `yaml:"log"`
+	// AdminAddr serves the admin API; StatusAddr is its older name.
+	AdminAddr      string       `yaml:"admin_addr"`
+	StatusAddr     string       `yaml:"status_addr"`
+	AdminTokenFile string       `yaml:"admin_token_file"`
+	DrainTimeout   duration     `yaml:"drain_timeout"`
+	Gateway        *gatewayFile `yaml:"gateway"`
+	Client         *clientFile  `yaml:"client"`
 }
 
 // loadConfig reads and strictly decodes a config file: unknown keys and
@@ -269,6 +296,7 @@ func (s sessionFile) over(o sessionFile) sessionFile {
 	r.ReconnectInterval = pick(s.ReconnectInterval, o.ReconnectInterval)
 	r.PingInterval = pick(s.PingInterval, o.PingInterval)
 	r.LivenessTimeout = pick(s.LivenessTimeout, o.LivenessTimeout)
+	r.KeepaliveInterval = pick(s.KeepaliveInterval, o.KeepaliveInterval)
 	r.HandshakeTimeout = pick(s.HandshakeTimeout, o.HandshakeTimeout)
 	r.Buffer = pickSize(s.Buffer, o.Buffer)
 	r.DisconnectedBuffer = pickSize(s.DisconnectedBuffer, o.DisconnectedBuffer)
@@ -276,6 +304,18 @@ func (s sessionFile) over(o sessionFile) sessionFile {
 		r.ReconnectStrategy = o.ReconnectStrategy
 	}
 	return r
+}
+
+// sessionConfigFor is sessionConfig for a link transport: over quic, which
+// has keep-alives and an idle timeout of its own, idle sessions send no
+// keepalive PINGs unless keepalive_interval is set (docs/protocol.md
+// section 7).
+func (s sessionFile) sessionConfigFor(transport string) (*resume.Config, error) {
+	c, err := s.sessionConfig()
+	if err == nil && transport == "quic" && !s.KeepaliveInterval.Set {
+		c.KeepaliveInterval = 0
+	}
+	return c, err
 }
 
 // sessionConfig applies s over the defaults.
@@ -295,6 +335,9 @@ func (s sessionFile) sessionConfig() (*resume.Config, error) {
 	}
 	if s.LivenessTimeout.Set {
 		c.LivenessTimeout = s.LivenessTimeout.D
+	}
+	if s.KeepaliveInterval.Set {
+		c.KeepaliveInterval = s.KeepaliveInterval.D
 	}
 	if s.HandshakeTimeout.Set {
 		c.HandshakeTimeout = s.HandshakeTimeout.D
@@ -380,11 +423,18 @@ func (fc *fileConfig) withDefaults() *fileConfig {
 // validateGateway checks a gateway section, defaults filled in
 // (withDefaults), completely. It does not change g.
 func validateGateway(g *gatewayFile) error {
-	if g.Listen == "" {
+	if len(g.Listen) == 0 {
 		return errors.New("gateway: listen address missing")
 	}
-	if err := proxy.ValidateHostPort(g.Listen); err != nil {
-		return fmt.Errorf("gateway listen: %v", err)
+	listens := map[string]bool{}
+	for _, a := range g.Listen {
+		if err := proxy.ValidateHostPort(a); err != nil {
+			return fmt.Errorf("gateway listen: %v", err)
+		}
+		if _, port, _ := net.SplitHostPort(a); listens[a] && port != "0" {
+			return fmt.Errorf("gateway: listen address %s given twice", a)
+		}
+		listens[a] = true
 	}
 	if err := checkTransport(g.Transport, g.TLS, true); err != nil {
 		return fmt.Errorf("gateway: %v", err)

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/lifeline-proxy/lifeline/proxy"
@@ -16,16 +17,19 @@ import (
 // options are the command-line flags of gateway and client.
 type options struct {
 	config       string
-	listen       string
-	upstream     string // gateway
-	gateway      string // client
+	listen       string   // client
+	listens      addrList // gateway: --listen, repeatable
+	upstream     string   // gateway
+	gateway      string   // client
 	route        string
 	transport    string
 	tls          transport.TLSFiles
 	session      sessionFile
 	logFormat    string
 	logLevel     string
-	statusAddr   string
+	adminAddr    string // --admin-addr
+	statusAddr   string // --status-addr, its older name
+	tokenFile    string // --admin-token-file
 	drainTimeout duration
 	// gateway limits ("auto" unless set)
 	maxSessions    autoInt
@@ -48,13 +52,14 @@ func newFlagSet(cmd string, o *options, stdout io.Writer) *flag.FlagSet {
 	o.session.DisconnectedBuffer.N = int64(def.DisconnectedBufferSize)
 	o.session.PingInterval.D = def.PingInterval
 	o.session.LivenessTimeout.D = def.LivenessTimeout
+	o.session.KeepaliveInterval.D = def.KeepaliveInterval
 	o.session.HandshakeTimeout.D = def.HandshakeTimeout
 	o.drainTimeout.D = defaultDrainTimeout
 	o.connectTimeout.D = proxy.DefaultConnectTimeout
 
 	fs.StringVar(&o.config, "config", "", "YAML config `file` (several routes); other flags then only set logging, status and drain")
 	if cmd == "gateway" {
-		fs.StringVar(&o.listen, "listen", "", "`address` to accept links from client sidecars on, e.g. 0.0.0.0:7000")
+		fs.Var(addrListFlag{&o.listens}, "listen", "`address` to accept links from client sidecars on, e.g. 0.0.0.0:7000; repeat it to listen on several (sessions move between them with goaway --to)")
 		fs.StringVar(&o.upstream, "upstream", "", "`address` of the service behind the gateway, e.g. 127.0.0.1:6379")
 		fs.Var(autoIntFlag{&o.maxSessions}, "max-sessions", fmt.Sprintf("maximum `number` of live sessions, new ones refused beyond (default auto: (soft RLIMIT_NOFILE - %d) / 2; 0: no limit)", reservedFDs))
 		fs.Var(autoSizeFlag{&o.memoryBudget}, "memory-budget", "`bytes` of buffers for all sessions, new sessions refused beyond (default auto: a quarter of the machine's memory or of its cgroup's limit; 0: no limit)")
@@ -74,6 +79,7 @@ func newFlagSet(cmd string, o *options, stdout io.Writer) *flag.FlagSet {
 	fs.Var(sizeFlag{&o.session.DisconnectedBuffer}, "disconnected-buffer", "larger replay limit while the link is down (`bytes`)")
 	fs.Var(durationFlag{&o.session.PingInterval}, "ping-interval", "send a PING after this long without traffic")
 	fs.Var(durationFlag{&o.session.LivenessTimeout}, "liveness-timeout", "declare a link dead after this long without traffic")
+	fs.Var(durationFlag{&o.session.KeepaliveInterval}, "keepalive-interval", "an idle link's client sends a PING after this long of silence, the gateway after twice it; 0: never (default for --transport quic, which has its own keep-alives)")
 	fs.Var(durationFlag{&o.session.HandshakeTimeout}, "handshake-timeout", "bound on dialing plus the session handshake of a link")
 	fs.StringVar(&o.tls.Cert, "tls-cert", "", "TLS certificate `file` (PEM); reloaded on SIGHUP")
 	fs.StringVar(&o.tls.Key, "tls-key", "", "TLS private key `file` (PEM); reloaded on SIGHUP")
@@ -90,7 +96,9 @@ func newFlagSet(cmd string, o *options, stdout io.Writer) *flag.FlagSet {
 	}
 	fs.StringVar(&o.logFormat, "log-format", "text", "log format: text or json")
 	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
-	fs.StringVar(&o.statusAddr, "status-addr", "", "`address` for /metrics, /healthz and /sessions (off if empty)")
+	fs.StringVar(&o.adminAddr, "admin-addr", "", "`address` of the admin API: /sessions, /healthz, /readyz, /metrics (off if empty); beyond loopback it needs --admin-token-file")
+	fs.StringVar(&o.statusAddr, "status-addr", "", "older name of --admin-addr")
+	fs.StringVar(&o.tokenFile, "admin-token-file", "", "`file` holding the bearer token the admin API's /sessions requests must carry (re-read when it changes)")
 	fs.Var(durationFlag{&o.drainTimeout}, "drain-timeout", "on SIGTERM/SIGINT, let sessions finish this long, then close them")
 	fs.Usage = func() {
 		fmt.Fprintf(stdout, "Usage of lifeline %s:\n", cmd)
@@ -123,6 +131,21 @@ func parseFlags(fs *flag.FlagSet, args []string) error {
 		}
 		return usagef("%v; run '%s --help' for usage", err, fs.Name())
 	}
+	return nil
+}
+
+// addrListFlag collects a repeated address flag.
+type addrListFlag struct{ l *addrList }
+
+func (f addrListFlag) String() string {
+	if f.l == nil {
+		return ""
+	}
+	return strings.Join(*f.l, ",")
+}
+
+func (f addrListFlag) Set(s string) error {
+	*f.l = append(*f.l, s)
 	return nil
 }
 

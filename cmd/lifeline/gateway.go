@@ -4,6 +4,7 @@ import (
 	"crypto/tls"
 	"fmt"
 	"log/slog"
+	"net"
 	"strings"
 
 	"github.com/lifeline-proxy/lifeline/proxy"
@@ -12,10 +13,10 @@ import (
 )
 
 // startGateway assembles a gateway from its config section and starts
-// serving its link listener; the listener's fatal error goes to failed.
+// serving its link listeners; a listener's fatal error goes to failed.
 // It returns the certificate stores that SIGHUP reloads.
 func startGateway(g *gatewayFile, log *slog.Logger, metrics proxy.Metrics, failed chan<- error) (*proxy.Gateway, []*transport.CertStore, error) {
-	sess, err := g.sessionFile.sessionConfig()
+	sess, err := g.sessionFile.sessionConfigFor(g.Transport)
 	if err != nil {
 		return nil, nil, usageError{err}
 	}
@@ -34,7 +35,7 @@ func startGateway(g *gatewayFile, log *slog.Logger, metrics proxy.Metrics, faile
 		if !r.ConnectTimeout.Set && g.ConnectTimeout.Set {
 			ct = g.ConnectTimeout.D
 		}
-		rs, err := g.sessionFile.over(r.sessionFile).sessionConfig()
+		rs, err := g.sessionFile.over(r.sessionFile).sessionConfigFor(g.Transport)
 		if err != nil {
 			return nil, nil, usageError{fmt.Errorf("route %q: %w", r.Name, err)}
 		}
@@ -65,30 +66,43 @@ func startGateway(g *gatewayFile, log *slog.Logger, metrics proxy.Metrics, faile
 	if err != nil {
 		return nil, nil, usageError{err}
 	}
-	ll, err := transport.Listen(transport.Config{Name: g.Transport, Addr: g.Listen, TLS: tc, Logger: log})
-	if err != nil {
-		gw.Close()
-		return nil, nil, fmt.Errorf("cannot listen on %s: %s", g.Listen, errText(err))
-	}
-	if testHookListener != nil {
-		ll = testHookListener(ll)
-	}
-	go func() {
-		if err := gw.Serve(ll); err != nil {
-			listenerFailed(failed, fmt.Errorf("gateway listener %s: %w", ll.Addr(), err))
+	// Every listener is opened before any serves: one that cannot be
+	// fails the start.
+	var lls []net.Listener
+	for _, addr := range g.Listen {
+		ll, err := transport.Listen(transport.Config{Name: g.Transport, Addr: addr, TLS: tc, Logger: log})
+		if err != nil {
+			for _, l := range lls {
+				l.Close()
+			}
+			gw.Close()
+			return nil, nil, fmt.Errorf("cannot listen on %s: %s", addr, errText(err))
 		}
-	}()
+		lls = append(lls, ll)
+	}
 	names := make([]string, 0, len(routes))
 	for _, r := range routes {
 		names = append(names, r.Name+"="+r.Upstream)
 	}
-	log.Info("gateway listening", "addr", ll.Addr().String(), "transport", g.Transport, "routes", strings.Join(names, ","),
-		"reconnect_timeout", sess.ReconnectTimeout, "mtls", g.TLS.CA != "")
+	for _, ll := range lls {
+		if testHookListener != nil {
+			ll = testHookListener(ll)
+		}
+		go func() {
+			if err := gw.Serve(ll); err != nil {
+				listenerFailed(failed, fmt.Errorf("gateway listener %s: %w", ll.Addr(), err))
+			}
+		}()
+		log.Info("gateway listening", "addr", ll.Addr().String(), "transport", g.Transport, "routes", strings.Join(names, ","),
+			"reconnect_timeout", sess.ReconnectTimeout, "mtls", g.TLS.CA != "")
+	}
 	logLimits()
 	if id != nil {
-		logGatewayPin(log, id, g.Transport, ll.Addr())
+		logGatewayPin(log, id, g.Transport, lls[0].Addr())
 	}
-	warnPlaintext(log, g.Transport, "listen", g.Listen)
+	for _, addr := range g.Listen {
+		warnPlaintext(log, g.Transport, "listen", addr)
+	}
 	var stores []*transport.CertStore
 	if store != nil {
 		stores = append(stores, store)

@@ -12,8 +12,8 @@ import (
 	"github.com/lifeline-proxy/lifeline/proxy/transport"
 )
 
-// main dispatches to the commands: gateway and client (serve.go), demo,
-// bench, version and help.
+// main dispatches to the commands: gateway and client (serve.go),
+// sessions (sessions.go), demo, bench, version and help.
 func main() { os.Exit(run(os.Args[1:], os.Stdout, os.Stderr)) }
 
 // version is set at build time with -ldflags "-X main.version=...".
@@ -32,6 +32,7 @@ Usage:
   lifeline gateway --listen 0.0.0.0:7000 --upstream 127.0.0.1:6379 [flags]
   lifeline client  --listen 127.0.0.1:6380 --gateway gw.example.net:7000 [flags]
   lifeline gateway|client --config FILE
+  lifeline sessions [end|goaway ID] --admin-addr ADDR [--token-file FILE]
   lifeline demo [--duration 20s] [--sessions 8] [--break-every 2s]
   lifeline version
   lifeline help [command]
@@ -57,6 +58,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 	switch cmd {
 	case "gateway", "client":
 		err = runProxy(cmd, rest, stdout, stderr)
+	case "sessions":
+		err = runSessions(rest, stdout)
 	case "demo":
 		err = runDemo(rest, stdout, stderr)
 	case "bench":
@@ -66,12 +69,12 @@ func run(args []string, stdout, stderr io.Writer) int {
 	case "version", "--version", "-version":
 		fmt.Fprintf(stdout, "lifeline %s (%s)\n", versionString(), strings.Join(transport.Names(), ", "))
 	case "help", "--help", "-help", "-h":
-		if len(rest) > 0 && (rest[0] == "gateway" || rest[0] == "client" || rest[0] == "demo") {
+		if len(rest) > 0 && (rest[0] == "gateway" || rest[0] == "client" || rest[0] == "demo" || rest[0] == "sessions") {
 			return run([]string{rest[0], "--help"}, stdout, stderr)
 		}
 		fmt.Fprint(stdout, usageText)
 	default:
-		err = usagef("unknown command %q (want gateway, client, demo, version or help)", cmd)
+		err = usagef("unknown command %q (want gateway, client, sessions, demo, version or help)", cmd)
 	}
 	if err == nil || errors.Is(err, flag.ErrHelp) {
 		return exitOK
@@ -80,6 +83,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 	var ue usageError
 	if errors.As(err, &ue) {
 		return exitUsage
+	}
+	var ee exitError
+	if errors.As(err, &ee) {
+		return ee.code
 	}
 	return exitRuntime
 }

@@ -33,23 +33,38 @@ func runProxy(cmd string, args []string, stdout, stderr io.Writer) error {
 	var (
 		srv    server
 		stores []*transport.CertStore
-		status http.Handler
+		admin  http.Handler
+		aerr   error
 	)
+	if st.tokenFile != "" {
+		// Before anything listens: a proxy whose admin API cannot
+		// check tokens does not start.
+		if err := proxy.CheckTokenFile(st.tokenFile); err != nil {
+			return err
+		}
+	}
+	acfg := proxy.AdminConfig{Registry: metrics.Registry(), TokenFile: st.tokenFile, Logger: log}
 	if cmd == "gateway" {
 		gw, s, err := startGateway(st.fc.Gateway, log, metrics, failed)
 		if err != nil {
 			return err
 		}
-		srv, stores, status = gw, s, proxy.GatewayStatusHandler(metrics.Registry(), gw)
+		srv, stores = gw, s
+		admin, aerr = proxy.GatewayAdmin(gw, acfg)
 	} else {
 		cl, s, err := startClient(st.fc.Client, log, metrics, failed)
 		if err != nil {
 			return err
 		}
-		srv, stores, status = cl, s, proxy.ClientStatusHandler(metrics.Registry(), cl)
+		srv, stores = cl, s
+		admin, aerr = proxy.ClientAdmin(cl, acfg)
 	}
-	if st.statusAddr != "" {
-		stop, err := serveStatus(st.statusAddr, status, log, failed)
+	if aerr != nil {
+		srv.Close()
+		return aerr
+	}
+	if st.adminAddr != "" {
+		stop, err := serveAdmin(st.adminAddr, admin, st.tokenFile != "", log, failed)
 		if err != nil {
 			srv.Close()
 			return err
@@ -59,12 +74,11 @@ func runProxy(cmd string, args []string, stdout, stderr io.Writer) error {
 	return waitForSignals(log, sigs, failed, srv, stores, st.drainTimeout)
 }
 
-// serveStatus serves /metrics, /healthz and /sessions with h on addr
-// until stop.
-func serveStatus(addr string, h http.Handler, log *slog.Logger, failed chan<- error) (stop func(), err error) {
+// serveAdmin serves the admin API h on addr until stop.
+func serveAdmin(addr string, h http.Handler, token bool, log *slog.Logger, failed chan<- error) (stop func(), err error) {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
-		return nil, fmt.Errorf("cannot listen on status address %s: %v", addr, errText(err))
+		return nil, fmt.Errorf("cannot listen on admin address %s: %v", addr, errText(err))
 	}
 	srv := &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second,
 		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
@@ -72,16 +86,16 @@ func serveStatus(addr string, h http.Handler, log *slog.Logger, failed chan<- er
 	// Accept failures are retried and logged once a second by
 	// acceptloop rather than by net/http at every retry.
 	done := make(chan struct{})
-	sl := acceptloop.Listener(ln, &acceptloop.State{Log: log.With("side", "status"), Name: addr}, done)
+	sl := acceptloop.Listener(ln, &acceptloop.State{Log: log.With("side", "admin"), Name: addr}, done)
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
 		if err := srv.Serve(sl); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			listenerFailed(failed, fmt.Errorf("status listener %s: %w", addr, err))
+			listenerFailed(failed, fmt.Errorf("admin listener %s: %w", addr, err))
 		}
 	}()
-	log.Info("status listening", "addr", addr)
+	log.Info("admin listening", "addr", addr, "token", token)
 	return func() {
 		close(done)
 		srv.Close()

@@ -3,6 +3,9 @@ package main
 import (
 	"flag"
 	"io"
+	"net"
+	"net/netip"
+	"strings"
 	"time"
 
 	"github.com/lifeline-proxy/lifeline/proxy"
@@ -13,7 +16,8 @@ type settings struct {
 	fc           *fileConfig
 	logFormat    string
 	logLevel     string
-	statusAddr   string
+	adminAddr    string // the admin API's address ("": none)
+	tokenFile    string // its bearer token ("": none asked for)
 	drainTimeout time.Duration
 }
 
@@ -49,12 +53,12 @@ func parseOptions(cmd string, args []string, stdout io.Writer) (*settings, error
 }
 
 // settingsFromFile reads the config file of --config. Only the flags for
-// logging, status, drain and the state directory may be set with it; they
-// take precedence over the file.
+// logging, the admin API, drain and the state directory may be set with
+// it; they take precedence over the file.
 func settingsFromFile(o *options, set map[string]bool) (*settings, error) {
 	for name := range set {
 		switch name {
-		case "config", "log-format", "log-level", "status-addr", "drain-timeout", "state-dir":
+		case "config", "log-format", "log-level", "admin-addr", "status-addr", "admin-token-file", "drain-timeout", "state-dir":
 		default:
 			return nil, usagef("--%s cannot be combined with --config; set it in the file", name)
 		}
@@ -63,15 +67,26 @@ func settingsFromFile(o *options, set map[string]bool) (*settings, error) {
 	if err != nil {
 		return nil, usageError{err}
 	}
-	st := &settings{fc: fc, logFormat: o.logFormat, logLevel: o.logLevel, statusAddr: o.statusAddr, drainTimeout: o.drainTimeout.D}
+	adminAddr, err := pickAdminAddr(o.adminAddr, o.statusAddr)
+	if err != nil {
+		return nil, err
+	}
+	st := &settings{fc: fc, logFormat: o.logFormat, logLevel: o.logLevel, adminAddr: adminAddr, tokenFile: o.tokenFile, drainTimeout: o.drainTimeout.D}
 	if !set["log-format"] && fc.Log.Format != "" {
 		st.logFormat = fc.Log.Format
 	}
 	if !set["log-level"] && fc.Log.Level != "" {
 		st.logLevel = fc.Log.Level
 	}
-	if !set["status-addr"] && fc.StatusAddr != "" {
-		st.statusAddr = fc.StatusAddr
+	if !set["admin-addr"] && !set["status-addr"] {
+		a, err := pickAdminAddr(fc.AdminAddr, fc.StatusAddr)
+		if err != nil {
+			return nil, usagef("config %s: %v", o.config, strings.NewReplacer("--admin-addr", "admin_addr", "--status-addr", "status_addr").Replace(err.Error()))
+		}
+		st.adminAddr = a
+	}
+	if !set["admin-token-file"] && fc.AdminTokenFile != "" {
+		st.tokenFile = fc.AdminTokenFile
 	}
 	if !set["drain-timeout"] && fc.DrainTimeout.Set {
 		st.drainTimeout = fc.DrainTimeout.D
@@ -87,7 +102,11 @@ func settingsFromFile(o *options, set map[string]bool) (*settings, error) {
 // with one listener. Session settings not given on the command line stay
 // unset, so that resume's defaults apply.
 func settingsFromFlags(cmd string, o *options, set map[string]bool) (*settings, error) {
-	st := &settings{logFormat: o.logFormat, logLevel: o.logLevel, statusAddr: o.statusAddr, drainTimeout: o.drainTimeout.D}
+	adminAddr, err := pickAdminAddr(o.adminAddr, o.statusAddr)
+	if err != nil {
+		return nil, err
+	}
+	st := &settings{logFormat: o.logFormat, logLevel: o.logLevel, adminAddr: adminAddr, tokenFile: o.tokenFile, drainTimeout: o.drainTimeout.D}
 	sess := o.session
 	if !set["reconnect-strategy"] {
 		sess.ReconnectStrategy = "" // the file's way of saying the default
@@ -96,10 +115,10 @@ func settingsFromFlags(cmd string, o *options, set map[string]bool) (*settings, 
 		if set["connect-timeout"] && o.connectTimeout.D <= 0 {
 			return nil, usagef("--connect-timeout %v: must be positive", o.connectTimeout.D)
 		}
-		if o.listen == "" || o.upstream == "" {
+		if len(o.listens) == 0 || o.upstream == "" {
 			return nil, usagef("--listen and --upstream are required (or --config FILE)")
 		}
-		g := &gatewayFile{Listen: o.listen, Transport: o.transport, TLS: o.tls, MaxSessions: o.maxSessions,
+		g := &gatewayFile{Listen: o.listens, Transport: o.transport, TLS: o.tls, MaxSessions: o.maxSessions,
 			MemoryBudget: o.memoryBudget, StateDir: o.stateDir, ConnectTimeout: o.connectTimeout, sessionFile: sess,
 			Routes: []routeFile{{Name: o.route, Upstream: o.upstream, ConnectTimeout: o.connectTimeout, ProxyProtocol: o.proxyProtocol}}}
 		st.fc = &fileConfig{Gateway: g}
@@ -111,6 +130,33 @@ func settingsFromFlags(cmd string, o *options, set map[string]bool) (*settings, 
 			Route: o.route, Transport: o.transport, TLS: o.tls, sessionFile: sess}}}}
 	}
 	return st, nil
+}
+
+// pickAdminAddr reconciles --admin-addr and its older name --status-addr.
+func pickAdminAddr(admin, status string) (string, error) {
+	if admin != "" && status != "" && admin != status {
+		return "", usagef("--admin-addr %s and --status-addr %s differ: --status-addr is the older name of --admin-addr, give one", admin, status)
+	}
+	if admin != "" {
+		return admin, nil
+	}
+	return status, nil
+}
+
+// isLoopback reports whether the host of addr (host:port) is "localhost"
+// or a loopback IP. An empty host (all interfaces) is not. It decides
+// whether the admin API may go without a token, so it is stricter than
+// isLoopbackHostPort (which only decides a warning): no other names.
+func isLoopback(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false
+	}
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	ip, err := netip.ParseAddr(host)
+	return err == nil && ip.IsLoopback()
 }
 
 // check reports, as a usage error, the first setting that cannot work for
@@ -125,10 +171,16 @@ func (st *settings) check(cmd, config string) error {
 	if _, err := parseLevel(st.logLevel); err != nil {
 		return usageError{err}
 	}
-	if st.statusAddr != "" {
-		if err := proxy.ValidateHostPort(st.statusAddr); err != nil {
-			return usagef("--status-addr: %v", err)
+	if st.adminAddr != "" {
+		if err := proxy.ValidateHostPort(st.adminAddr); err != nil {
+			return usagef("--admin-addr: %v", err)
 		}
+		if st.tokenFile == "" && !isLoopback(st.adminAddr) {
+			return usagef("--admin-addr %s is not a loopback address: give --admin-token-file FILE (a bearer token) too, "+
+				"or bind it to 127.0.0.1", st.adminAddr)
+		}
+	} else if st.tokenFile != "" {
+		return usagef("--admin-token-file without --admin-addr: there is no admin API to protect")
 	}
 	if cmd == "gateway" {
 		if st.fc.Gateway == nil {
