@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"time"
 
@@ -17,6 +18,10 @@ import (
 type DialFunc func(ctx context.Context) (net.Conn, error)
 
 var errKilled = errors.New("link killed")
+
+// redialSummaryEvery is how often a reconnecting session logs a summary
+// line at info (every attempt is logged at debug).
+const redialSummaryEvery = 30 * time.Second
 
 // Dial opens a new session on route through links made by dial. It
 // returns when the gateway has answered WELCOME, or with an *Error when it
@@ -183,6 +188,16 @@ func (s *session) redialLoop(migrate bool) {
 		s.unlock()
 	}()
 	var retryAfter time.Duration // a THROTTLED gateway's own suggestion
+	// A mass outage must not turn into a flood of log lines: the first
+	// attempt's transitions and failure are logged at info, later ones at
+	// debug, with a summary every redialSummaryEvery.
+	start, lastSummary := time.Now(), time.Now()
+	level := func(attempt int) slog.Level {
+		if attempt == 0 {
+			return slog.LevelInfo
+		}
+		return slog.LevelDebug
+	}
 	for attempt := 0; ; attempt++ {
 		if d := max(s.cfg.Strategy.Delay(attempt), retryAfter); d > 0 || migrate && attempt > 0 {
 			t := time.NewTimer(max(d, time.Millisecond))
@@ -200,7 +215,7 @@ func (s *session) redialLoop(migrate bool) {
 			return
 		}
 		if s.link == nil {
-			s.setState(StateReconnecting, "dialing", "attempt", attempt)
+			s.setStateAt(level(attempt), StateReconnecting, "dialing", "attempt", attempt)
 		}
 		s.unlock()
 		err := s.resumeOnce()
@@ -223,7 +238,7 @@ func (s *session) redialLoop(migrate bool) {
 		case fatal:
 			s.end(re, nil, "resume rejected")
 		case s.link == nil:
-			s.setState(StateDisconnected, "resume failed", "err", err)
+			s.setStateAt(level(attempt), StateDisconnected, "resume failed", "err", err)
 		}
 		closed := s.state == StateClosed
 		s.unlock()
@@ -231,6 +246,10 @@ func (s *session) redialLoop(migrate bool) {
 			return
 		}
 		s.log.Debug("resume attempt failed", "attempt", attempt, "err", err)
+		if time.Since(lastSummary) >= redialSummaryEvery {
+			lastSummary = time.Now()
+			s.log.Info("still reconnecting", "attempts", attempt+1, "for", time.Since(start).Round(time.Second), "last_err", err)
+		}
 	}
 }
 

@@ -155,13 +155,19 @@ func newSession(cfg *Config) *session {
 
 // setState is the one place a session changes state.
 func (s *session) setState(to State, cause string, args ...any) {
+	s.setStateAt(slog.LevelInfo, to, cause, args...)
+}
+
+// setStateAt is setState with the log line at level (a redial loop's
+// repeated transitions go to debug).
+func (s *session) setStateAt(level slog.Level, to State, cause string, args ...any) {
 	from := s.state
 	if from == to {
 		return
 	}
 	s.state = to
 	s.after(func() {
-		s.log.Info("session state", append([]any{"from", from.String(), "to", to.String(), "cause", cause}, args...)...)
+		s.log.Log(context.Background(), level, "session state", append([]any{"from", from.String(), "to", to.String(), "cause", cause}, args...)...)
 	})
 }
 

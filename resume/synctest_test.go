@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"log/slog"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -535,4 +536,67 @@ func gatedPair(t *testing.T, cfg, serverCfg *Config) (*Server, *gate, *Conn, *Co
 		t.Fatal(err)
 	}
 	return srv, g, c, s
+}
+
+// countHandler counts log records by level.
+type countHandler struct {
+	mu sync.Mutex
+	n  map[slog.Level]int
+}
+
+func (h *countHandler) Enabled(context.Context, slog.Level) bool { return true }
+func (h *countHandler) Handle(_ context.Context, r slog.Record) error {
+	h.mu.Lock()
+	h.n[r.Level]++
+	h.mu.Unlock()
+	return nil
+}
+func (h *countHandler) WithAttrs([]slog.Attr) slog.Handler { return h }
+func (h *countHandler) WithGroup(string) slog.Handler      { return h }
+
+func (h *countHandler) count(l slog.Level) int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.n[l]
+}
+
+// A long outage does not flood the logs: a reconnecting client logs its
+// first failed attempt and then a summary every 30 s at info, every
+// attempt at debug (about 120 attempts in two minutes).
+func TestRedialLogsAreQuiet(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		cfg := DefaultConfig()
+		cfg.ReconnectTimeout = 10 * time.Minute
+		e := memEnv(t, serverConfig(cfg), nil)
+		defer e.stop()
+		g := &gate{dial: e.dial}
+		h := &countHandler{n: map[slog.Level]int{}}
+		cc := *cfg
+		cc.Logger = slog.New(h)
+		c, err := Dial(context.Background(), g.Dial, "r", &cc)
+		if err != nil {
+			t.Fatal(err)
+		}
+		s, _ := e.srv.Accept()
+		synctest.Wait()
+		g.set(true)
+		info0 := h.count(slog.LevelInfo)
+		c.Kill()
+		time.Sleep(2 * time.Minute)
+		synctest.Wait()
+		attempts := len(g.attempts())
+		info := h.count(slog.LevelInfo) - info0
+		if attempts < 60 {
+			t.Fatalf("%d attempts in two minutes: the test proves nothing", attempts)
+		}
+		// link lost, first attempt's two transitions, four summaries.
+		if info > 8 {
+			t.Fatalf("%d info lines for %d redial attempts in two minutes, want at most 8", info, attempts)
+		}
+		if d := h.count(slog.LevelDebug); d < attempts {
+			t.Fatalf("%d debug lines for %d attempts", d, attempts)
+		}
+		c.Reset(CodeAppReset, "done")
+		s.Reset(CodeAppReset, "done")
+	})
 }
