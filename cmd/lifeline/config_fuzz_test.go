@@ -59,10 +59,10 @@ func FuzzConfigFile(f *testing.F) {
 
 // readmeConfig is the config file example of the README.
 const readmeConfig = `log: {format: json, level: info}
-status_addr: 127.0.0.1:9100
+admin_addr: 127.0.0.1:9100     # beyond loopback, also admin_token_file: FILE
 drain_timeout: 30s
 gateway:
-  listen: 0.0.0.0:7000
+  listen: 0.0.0.0:7000         # or a list: [0.0.0.0:7000, 0.0.0.0:7001]
   transport: tls
   tls: {cert: /etc/lifeline/gw.pem, key: /etc/lifeline/gw.key, ca: /etc/lifeline/clients-ca.pem}
   max_sessions: 10000
