@@ -128,10 +128,11 @@ func TestAdminEndpoints(t *testing.T) {
 				t.Fatalf("%d sessions listed, want 1", len(list))
 			}
 			si := list[0]
-			wantApp, wantPeer := s.appAddr, s.relay.Addr()
-			if side.name == "client" {
-				wantApp = c.LocalAddr().String()
-			} else {
+			// The client's app is the application's address and its peer
+			// the gateway (the relay); the gateway's app is the upstream
+			// and its peer the client sidecar as the relay connects it.
+			wantApp, wantPeer := c.LocalAddr().String(), s.relay.Addr()
+			if side.name == "gateway" {
 				wantApp, wantPeer = s.gw.routes["default"].Upstream, "127.0.0.1:"
 			}
 			if si.Side != side.name || si.Route != "default" || si.State != "ACTIVE" || !si.Confirmed || si.App != wantApp ||
