@@ -20,6 +20,9 @@
 //	go cl.Serve(apps, proxy.ClientRoute{Route: "redis", Dialer: dialer,
 //		Session: resume.DefaultConfig(), Gateway: "gw.example.net:7000"})
 //
+// GatewayAdmin and ClientAdmin serve the admin API (sessions listed,
+// ended and moved, health, metrics; docs/operations.md).
+//
 // Over tls or quic, give both ends a TLS config: transport.CertStore for
 // certificate files, transport.PinnedTLS for a client that pins a
 // gateway's self-signed certificate.
