@@ -382,8 +382,15 @@ func TestOpenHonoursRetryAfter(t *testing.T) {
 	start := time.Now()
 	c := dialApp(t, s.appAddr)
 	defer c.Close()
+	// Meanwhile the application's session is CONNECTING on the client.
+	waitFor(t, "a CONNECTING client session", 5*time.Second, func() bool {
+		return metricValue(t, h, `lifeline_sessions{side="client",state="CONNECTING"}`) == 1
+	})
 	echoOnce(t, c, "through after the wait")
 	took := time.Since(start)
+	if got := metricValue(t, h, `lifeline_sessions{side="client",state="CONNECTING"}`); got != 0 {
+		t.Errorf("%v client sessions CONNECTING once open", got)
+	}
 	refused := metricValue(t, h, `lifeline_refusals_total{reason="unconfirmed_limit"}`)
 	if refused < 1 || refused > 2 {
 		t.Errorf("HELLO refused %v times in %v, want 1 or 2 (the client waits the retry delay)", refused, took)

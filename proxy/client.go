@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/lifeline-proxy/lifeline/frame"
@@ -37,6 +38,7 @@ type Client struct {
 	stop        chan struct{} // closed by Shutdown or Close: ends accept backoffs
 	accepts     sync.WaitGroup
 	redialEvery time.Duration
+	opening     atomic.Int64 // sessions in open: CONNECTING
 
 	mu        sync.Mutex
 	listeners map[net.Listener]*acceptloop.State // live ones; a dead one stays to report its error
@@ -61,6 +63,7 @@ func NewClient(cfg ClientConfig) *Client {
 		c.redialEvery = DefaultRedialLogEvery
 	}
 	c.init("client", "bytes_to_gateway", "bytes_from_gateway", cfg.Logger, cfg.Metrics)
+	c.tracker.opening = func() int { return int(c.opening.Load()) }
 	c.metrics.Track("client", c.tracker)
 	return c
 }
@@ -181,6 +184,8 @@ func (c *Client) handle(app *net.TCPConn, r ClientRoute, cfg *resume.Config) {
 func (c *Client) open(app *net.TCPConn, r ClientRoute, cfg *resume.Config, dial resume.DialFunc) (*resume.Conn, error) {
 	ctx, cancel := context.WithCancel(c.abort) // Close cancels it
 	defer cancel()
+	c.opening.Add(1)
+	defer c.opening.Add(-1)
 	deadline := time.Now().Add(cfg.ReconnectTimeout)
 	for attempt := 0; ; attempt++ {
 		sess, err := resume.Dial(ctx, dial, r.Route, cfg)

@@ -63,6 +63,9 @@ type Tracker struct {
 	// gateway's server, whose unconfirmed sessions are not tracked), for
 	// the sessions-by-state gauge.
 	all func() []*resume.Conn
+	// opening, if set, counts sessions being opened: a client's that
+	// wait for their first link (CONNECTING, not tracked yet).
+	opening func() int
 }
 
 // Totals sums session counters.
@@ -133,6 +136,9 @@ func (t *Tracker) Totals() Totals {
 		case resume.StateDisconnected, resume.StateReconnecting:
 			tt.Parked++
 		}
+	}
+	if t.opening != nil {
+		tt.ByState[resume.StateConnecting.String()] += t.opening()
 	}
 	if t.all != nil {
 		for _, c := range t.all() {
