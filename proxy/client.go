@@ -20,25 +20,16 @@ import (
 type ClientConfig struct {
 	Logger  *slog.Logger // nil: discard
 	Metrics Metrics      // nil: NopMetrics
-	// RedialLogEvery is how often a session whose link is down logs a
-	// summary of its failing redials, after the first failure (logged at
-	// once); each attempt is logged at debug. 0: DefaultRedialLogEvery.
-	RedialLogEvery time.Duration
 }
-
-// DefaultRedialLogEvery is ClientConfig.RedialLogEvery's default: two
-// lines a minute per parked session, not one per attempt.
-const DefaultRedialLogEvery = 30 * time.Second
 
 // Client is the sidecar next to unmodified applications. It owns the
 // application listeners given to Serve and their routes' dialers.
 type Client struct {
 	core
-	certLog     certLog       // certificate failures, logged per listener
-	stop        chan struct{} // closed by Shutdown or Close: ends accept backoffs
-	accepts     sync.WaitGroup
-	redialEvery time.Duration
-	opening     atomic.Int64 // sessions in open: CONNECTING
+	certLog certLog       // certificate failures, logged per listener
+	stop    chan struct{} // closed by Shutdown or Close: ends accept backoffs
+	accepts sync.WaitGroup
+	opening atomic.Int64 // sessions in open: CONNECTING
 
 	mu        sync.Mutex
 	listeners map[net.Listener]*acceptloop.State // live ones; a dead one stays to report its error
@@ -54,13 +45,9 @@ type Client struct {
 // NewClient returns a Client; call Serve for each local listener.
 func NewClient(cfg ClientConfig) *Client {
 	c := &Client{
-		listeners:   map[net.Listener]*acceptloop.State{},
-		moved:       map[movedKey]transport.Dialer{},
-		stop:        make(chan struct{}),
-		redialEvery: cfg.RedialLogEvery,
-	}
-	if c.redialEvery <= 0 {
-		c.redialEvery = DefaultRedialLogEvery
+		listeners: map[net.Listener]*acceptloop.State{},
+		moved:     map[movedKey]transport.Dialer{},
+		stop:      make(chan struct{}),
 	}
 	c.init("client", "bytes_to_gateway", "bytes_from_gateway", cfg.Logger, cfg.Metrics)
 	c.tracker.opening = func() int { return int(c.opening.Load()) }
@@ -141,21 +128,19 @@ func (c *Client) handle(app *net.TCPConn, r ClientRoute, cfg *resume.Config) {
 	start := time.Now()
 	appAddr := app.RemoteAddr().String()
 	// The session's own copy of cfg, so that its redials, to the usual
-	// address or one a GOAWAY named, go through its redial log.
-	rl := &redialLog{every: c.redialEvery}
+	// address or one a GOAWAY named, tell when an outage began.
+	var w redialWatch
 	scfg := *cfg
 	if cfg.DialAddr != nil {
 		scfg.DialAddr = func(ctx context.Context, addr string) (net.Conn, error) {
-			conn, err := cfg.DialAddr(ctx, addr)
-			rl.attempt(addr, err)
-			return conn, err
+			w.dialing()
+			return cfg.DialAddr(ctx, addr)
 		}
 	}
 	dial := c.linkDial(r)
 	sess, err := c.open(app, r, &scfg, func(ctx context.Context) (net.Conn, error) {
-		conn, err := dial(ctx)
-		rl.attempt(r.Gateway, err)
-		return conn, err
+		w.dialing()
+		return dial(ctx)
 	})
 	if err != nil {
 		c.log.Warn("session open failed", "side", "client", "route", r.Route, "gateway", r.Gateway, "app", appAddr, "err", err)
@@ -165,7 +150,7 @@ func (c *Client) handle(app *net.TCPConn, r ClientRoute, cfg *resume.Config) {
 	}
 	log := c.log.With("side", "client", "session", sess.SessionID().String(), "route", r.Route)
 	x := c.track(sess, r.Route, appAddr, start)
-	rl.start(x, log)
+	w.x.Store(x)
 	log.Info("session start", "app", appAddr, "gateway", r.Gateway, "link", sess.RemoteAddr(),
 		"reconnect_timeout", sess.ReconnectTimeout())
 	c.splice(app, x, log)
@@ -332,70 +317,21 @@ func (c *Client) dialAddr(r ClientRoute) func(ctx context.Context, addr string) 
 	}
 }
 
-// redialLog logs one client session's failing redials: the first failed
-// attempt of an outage at once, then a summary every `every` while they
-// go on, each attempt at debug. A mass outage then costs two lines a
-// minute per session, not two per attempt.
-type redialLog struct {
-	every time.Duration
-
-	mu       sync.Mutex
-	x        *tracked // nil until the session is open
-	log      *slog.Logger
-	outage   int // the LinkFailures count of the outage being logged
-	since    time.Time
-	attempts int
-	failed   int
-	lastErr  error
-	logged   bool
-	lastLine time.Time
+// redialWatch notes when a client session's outage began for its
+// outage_ms (see Tracker.outageSoFar): the first redial of an outage
+// follows the link's loss at once with the default backoff. (resume logs
+// the redials themselves: the first failure, then a summary every 30 s.)
+type redialWatch struct {
+	x atomic.Pointer[tracked] // nil until the session is open
 }
 
-// start begins logging for the open session x.
-func (l *redialLog) start(x *tracked, log *slog.Logger) {
-	l.mu.Lock()
-	l.x, l.log = x, log
-	l.mu.Unlock()
-}
-
-// attempt records one dial of a new link to addr and its error.
-func (l *redialLog) attempt(addr string, err error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if l.x == nil {
-		return // the session's first link: Client.open logs its failures
+// dialing is called before each dial of a new link.
+func (w *redialWatch) dialing() {
+	x := w.x.Load()
+	if x == nil {
+		return // the session's first link
 	}
-	st := l.x.conn.Stats()
-	if st.State != resume.StateDisconnected && st.State != resume.StateReconnecting {
-		// A GOAWAY migration (the old link still works) or a RESET
-		// being delivered after the end: not an outage.
-		if err != nil {
-			l.log.Debug("link dial failed", "gateway", addr, "state", st.State.String(), "err", err)
-		}
-		return
-	}
-	now := time.Now()
-	// The first redial of an outage follows the loss at once (with the
-	// default backoff): the best estimate of when it began.
-	l.x.parkedSince(st.LinkFailures, now)
-	if st.LinkFailures != l.outage { // a new outage
-		l.outage, l.since, l.attempts, l.failed, l.lastErr, l.logged = st.LinkFailures, now, 0, 0, nil, false
-	}
-	l.attempts++
-	if err == nil {
-		l.log.Debug("link dialed", "gateway", addr, "attempt", l.attempts)
-		return
-	}
-	l.failed++
-	l.lastErr = err
-	l.log.Debug("link dial failed", "gateway", addr, "attempt", l.attempts, "err", err)
-	switch {
-	case !l.logged:
-		l.log.Info("link down, redialing; next summary in "+l.every.String(), "gateway", addr, "err", err)
-		l.logged, l.lastLine = true, now
-	case now.Sub(l.lastLine) >= l.every:
-		l.log.Info("link still down", "gateway", addr, "for", now.Sub(l.since).Round(time.Millisecond),
-			"attempts", l.attempts, "failed_dials", l.failed, "last_err", l.lastErr)
-		l.lastLine = now
+	if st := x.conn.Stats(); st.State == resume.StateDisconnected || st.State == resume.StateReconnecting {
+		x.parkedSince(st.LinkFailures, time.Now())
 	}
 }

@@ -76,8 +76,7 @@ type stackOpts struct {
 	log *slog.Logger
 	// movable: the client can follow a GOAWAY to another address
 	// (ClientRoute.NewDialer).
-	movable     bool
-	redialEvery time.Duration // ClientConfig.RedialLogEvery
+	movable bool
 }
 
 func newStack(t testing.TB, o stackOpts) *stack {
@@ -126,7 +125,7 @@ func newStack(t testing.TB, o stackOpts) *stack {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cl := NewClient(ClientConfig{Logger: log, Metrics: m, RedialLogEvery: o.redialEvery})
+	cl := NewClient(ClientConfig{Logger: log, Metrics: m})
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
