@@ -313,7 +313,7 @@ func (a *admin) end(w http.ResponseWriter, r *http.Request, id string) {
 		writeErr(w, err)
 		return
 	}
-	a.log.Info("admin: session ended", "session", id, "state_before", si.State, "by", r.RemoteAddr)
+	a.log.Info("admin: session ended", "session", id, "route", si.Route, "by", r.RemoteAddr)
 	si.State = resume.StateClosed.String()
 	writeJSON(w, http.StatusOK, si)
 }
