@@ -736,3 +736,48 @@ func TestHooksReportResumeAndFirstByte(t *testing.T) {
 	c.Reset(CodeAppReset, "")
 	s.Close()
 }
+
+// Stats.DownSince says when a parked session lost its link, and is zero
+// once it has one again.
+func TestStatsDownSince(t *testing.T) {
+	sc := serverConfig(testConfig())
+	srv, addr := tcpGateway(t, sc)
+	var down sync.Mutex
+	dial := dialTo(addr, nil)
+	gated := func(ctx context.Context) (net.Conn, error) {
+		down.Lock()
+		defer down.Unlock()
+		return dial(ctx)
+	}
+	c, err := Dial(context.Background(), gated, "r", testConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, _ := srv.Accept()
+	if !c.Stats().DownSince.IsZero() || !s.Stats().DownSince.IsZero() {
+		t.Fatal("DownSince set on a connected session")
+	}
+	down.Lock()
+	before := time.Now()
+	c.Kill()
+	for i := 0; s.Stats().DownSince.IsZero(); i++ {
+		if i > 1000 {
+			down.Unlock()
+			t.Fatal("gateway never parked")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if d := c.Stats().DownSince; d.Before(before) || time.Since(d) > 5*time.Second {
+		down.Unlock()
+		t.Fatalf("client DownSince %v, lost after %v", d, before)
+	}
+	down.Unlock()
+	for i := 0; c.State() != StateActive || !c.Stats().DownSince.IsZero(); i++ {
+		if i > 1000 {
+			t.Fatal("never resumed")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	c.Reset(CodeAppReset, "")
+	s.Close()
+}

@@ -140,6 +140,9 @@ type Stats struct {
 	BytesReplayed uint64        // bytes sent again after resumes
 	RTT           time.Duration // from the last PONG
 	Buffered      int           // bytes held in both buffers
+	// DownSince is when the link was lost, while the session has none
+	// (DISCONNECTED or RECONNECTING); zero otherwise.
+	DownSince time.Time
 }
 
 func newSession(cfg *Config) *session {
@@ -563,5 +566,8 @@ func (s *session) snapshot() Stats {
 	st.State = s.state
 	st.BytesSent, st.BytesReceived = s.send.End(), s.recv.End()
 	st.Buffered = s.send.Len() + s.recv.Len()
+	if s.link == nil && (s.state == StateDisconnected || s.state == StateReconnecting) {
+		st.DownSince = s.downAt
+	}
 	return st
 }
