@@ -127,21 +127,7 @@ func (c *Client) handle(app *net.TCPConn, r ClientRoute, cfg *resume.Config) {
 	app.SetNoDelay(true)
 	start := time.Now()
 	appAddr := app.RemoteAddr().String()
-	// The session's own copy of cfg, so that its redials, to the usual
-	// address or one a GOAWAY named, tell when an outage began.
-	var w redialWatch
-	scfg := *cfg
-	if cfg.DialAddr != nil {
-		scfg.DialAddr = func(ctx context.Context, addr string) (net.Conn, error) {
-			w.dialing()
-			return cfg.DialAddr(ctx, addr)
-		}
-	}
-	dial := c.linkDial(r)
-	sess, err := c.open(app, r, &scfg, func(ctx context.Context) (net.Conn, error) {
-		w.dialing()
-		return dial(ctx)
-	})
+	sess, err := c.open(app, r, cfg, c.linkDial(r))
 	if err != nil {
 		c.log.Warn("session open failed", "side", "client", "route", r.Route, "gateway", r.Gateway, "app", appAddr, "err", err)
 		c.metrics.DialFailed("client", r.Route)
@@ -150,7 +136,6 @@ func (c *Client) handle(app *net.TCPConn, r ClientRoute, cfg *resume.Config) {
 	}
 	log := c.log.With("side", "client", "session", sess.SessionID().String(), "route", r.Route)
 	x := c.track(sess, r.Route, appAddr, start)
-	w.x.Store(x)
 	log.Info("session start", "app", appAddr, "gateway", r.Gateway, "link", sess.RemoteAddr(),
 		"reconnect_timeout", sess.ReconnectTimeout())
 	c.splice(app, x, log)
@@ -314,24 +299,5 @@ func (c *Client) dialAddr(r ClientRoute) func(ctx context.Context, addr string) 
 			c.certLog.report(c.log, ClientRoute{Route: r.Route, Dialer: d, Gateway: addr}, err)
 		}
 		return conn, err
-	}
-}
-
-// redialWatch notes when a client session's outage began for its
-// outage_ms (see Tracker.outageSoFar): the first redial of an outage
-// follows the link's loss at once with the default backoff. (resume logs
-// the redials themselves: the first failure, then a summary every 30 s.)
-type redialWatch struct {
-	x atomic.Pointer[tracked] // nil until the session is open
-}
-
-// dialing is called before each dial of a new link.
-func (w *redialWatch) dialing() {
-	x := w.x.Load()
-	if x == nil {
-		return // the session's first link
-	}
-	if st := x.conn.Stats(); st.State == resume.StateDisconnected || st.State == resume.StateReconnecting {
-		x.parkedSince(st.LinkFailures, time.Now())
 	}
 }

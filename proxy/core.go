@@ -147,11 +147,6 @@ type tracked struct {
 	ctx  context.Context
 	end  context.CancelCauseFunc
 	done chan struct{} // closed when the session is no longer tracked
-
-	// When the current outage was first seen (see outageSoFar).
-	downMu       sync.Mutex
-	downFailures int
-	downSeen     time.Time
 }
 
 // endCause is why a session is ended from outside its splice: the code

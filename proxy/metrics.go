@@ -118,10 +118,8 @@ func (t *Tracker) Totals() Totals {
 		tt.Unconfirmed = t.unconfirmed()
 	}
 	tt.ByState = map[string]int{}
-	now := time.Now()
 	for x := range t.live {
 		st := x.conn.Stats()
-		t.outageSoFar(x, st, now) // notes when an outage is first seen
 		if t.all == nil {
 			tt.ByState[st.State.String()]++
 		}
@@ -389,27 +387,9 @@ func (t *Tracker) find(id string) *tracked {
 
 // outageSoFar is how long x's link has been down at now (0 while one is
 // attached).
-//
-// resume does not tell when a link was lost (resume.Stats has the last
-// outage only once it ended), so this is when the tracker first saw the
-// session parked for its current outage: at a listing, a metrics scrape,
-// or a client redial (at once after the loss with the default backoff).
-// It can fall short of the true outage by the time until the first of
-// those. TODO: resume.Stats.DownSince, once it exists, gives it exactly.
 func (t *Tracker) outageSoFar(x *tracked, st resume.Stats, now time.Time) time.Duration {
-	if st.State != resume.StateDisconnected && st.State != resume.StateReconnecting {
+	if st.DownSince.IsZero() {
 		return 0
 	}
-	return now.Sub(x.parkedSince(st.LinkFailures, now))
-}
-
-// parkedSince records that x is parked after its failures-th link loss,
-// seen at now, and returns when that was first seen.
-func (x *tracked) parkedSince(failures int, now time.Time) time.Time {
-	x.downMu.Lock()
-	defer x.downMu.Unlock()
-	if x.downFailures != failures || x.downSeen.IsZero() {
-		x.downFailures, x.downSeen = failures, now
-	}
-	return x.downSeen
+	return now.Sub(st.DownSince)
 }
