@@ -1,12 +1,16 @@
 // Package bench is lifeline's benchmark harness: throughput, latency,
-// memory per session, resume time and a chaos soak, each measured for
-// lifeline (over TCP, TLS and QUIC links) and for baselines in the same
-// run: no proxy ("direct") and two chained io.Copy relays ("relay").
+// memory and idle CPU per session, resume time and a chaos soak, each
+// measured for lifeline (over TCP, TLS and QUIC links) and for baselines
+// in the same run: no proxy ("direct"), two chained io.Copy relays whose
+// hop is TCP ("relay"), crypto/tls ("tls-relay") or a quic-go stream
+// ("quic-relay"), and two chained HAProxy processes ("haproxy", when the
+// binary is installed).
 //
 // Every proxy runs as a separate process started from the lifeline binary
-// (the gateway and client subcommands, or the hidden bench-relay one), so
-// that its CPU time and resident memory can be read from /proc. The
-// upstream services and the load generator run in the calling process.
+// (the gateway and client subcommands, or the hidden bench-relay one) or
+// from haproxy, so that its CPU time and resident memory can be read from
+// /proc. The upstream services and the load generator run in the calling
+// process.
 package bench
 
 import (
@@ -16,12 +20,15 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"runtime"
 	"slices"
 	"strings"
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/lifeline-proxy/lifeline/resume"
 )
 
 // Options says what to run.
@@ -29,7 +36,8 @@ type Options struct {
 	// Scenarios to run, in any order (default: all of Scenarios()).
 	Scenarios []string
 	// Configs to measure (default: AllConfigs). The baselines direct and
-	// relay are added when a ratio needs them.
+	// relay are always added; tls-relay, quic-relay and haproxy with
+	// lifeline-tls, lifeline-quic and lifeline-tcp (their yardsticks).
 	Configs []string
 	// Short runs everything small and once: the CI mode.
 	Short bool
@@ -44,6 +52,20 @@ type Options struct {
 	// SoakDuration and SoakSessions size the soak.
 	SoakDuration time.Duration
 	SoakSessions int
+	// IdleWait is how long the sessions scenario lets its sessions be
+	// quiet (after the last echo) before it measures their idle CPU over
+	// IdleWindow. The wait should exceed lifeline's keepalive interval
+	// (resume.DefaultKeepaliveInterval), after which a link is idle.
+	IdleWait   time.Duration
+	IdleWindow time.Duration
+	// IdleRuns is how many of the sessions scenario's runs (the first
+	// ones) measure idle CPU; each costs IdleWait and IdleWindow.
+	IdleRuns int
+	// ThroughputMode is ModeBulk (default) or ModeVerify.
+	ThroughputMode string
+	// ProfileDir, if set, receives a CPU profile (pprof) of every lifeline
+	// process (proxies and bench relays), written until it exits.
+	ProfileDir string
 	// OutDir, if set, receives bench.json, bench.md, throughput.svg and
 	// latency.svg.
 	OutDir string
@@ -55,15 +77,33 @@ type Options struct {
 }
 
 // DefaultOptions returns the sizes a run uses where Options leaves them
-// zero (Duration, Runs, Sessions, SoakDuration, SoakSessions): a full
-// run's, or a short one's.
+// zero (Duration, Runs, Sessions, SoakDuration, SoakSessions, IdleWait,
+// IdleWindow, IdleRuns): a full run's, or a short one's. A short run's idle wait is
+// below the keepalive interval, so its idle CPU is that of links still
+// pinging (and says so).
 func DefaultOptions(short bool) Options {
 	if short {
 		return Options{Short: true, Duration: 300 * time.Millisecond, Runs: 1, Sessions: 100,
-			SoakDuration: 3 * time.Second, SoakSessions: 16}
+			SoakDuration: 3 * time.Second, SoakSessions: 16, IdleWait: 200 * time.Millisecond, IdleWindow: time.Second, IdleRuns: 1,
+			ThroughputMode: ModeBulk}
 	}
-	return Options{Duration: 2 * time.Second, Runs: 3, Sessions: 1000, SoakDuration: 45 * time.Second, SoakSessions: 64}
+	return Options{Duration: 2 * time.Second, Runs: 3, Sessions: 1000, SoakDuration: 45 * time.Second, SoakSessions: 64,
+		IdleWait: resume.DefaultKeepaliveInterval + 5*time.Second, IdleWindow: 30 * time.Second, IdleRuns: 1, ThroughputMode: ModeBulk}
 }
+
+// Throughput modes: ModeBulk sends a constant file with sendfile(2) and
+// throws what it receives away with splice(2) into /dev/null, so that the
+// load generator touches no byte (its ceiling is the direct row);
+// ModeVerify writes a fixed pattern and checks every byte received.
+const (
+	ModeBulk   = "bulk"
+	ModeVerify = "verify"
+)
+
+// CPUProfileEnv names the environment variable that makes a lifeline
+// process write a CPU profile to the file it names, from start to exit
+// (set by the bench on the processes it starts with --profile).
+const CPUProfileEnv = "LIFELINE_CPUPROFILE"
 
 // ErrFailed is returned (with the report) when a check failed: a soak
 // mismatch or a lost session.
@@ -92,11 +132,13 @@ func Scenarios() []string {
 }
 
 type runner struct {
-	opt   Options
-	bin   string
-	tmp   string
-	rep   *Report
-	certs *certFiles
+	opt      Options
+	bin      string
+	tmp      string
+	rep      *Report
+	certs    *certFiles
+	scenario string         // the scenario running
+	profiles map[string]int // profile file names used, under progMu
 
 	progMu   sync.Mutex
 	lastProg int
@@ -131,17 +173,26 @@ func (r *runner) progress(format string, args ...any) {
 	fmt.Fprintf(r.opt.Progress, "\r%s%s", s, pad)
 }
 
-// unavailable records a configuration that could not run. Only QUIC may
-// be unavailable; any other failure to start is an error.
+// unavailable records a configuration that could not run: "skipped: ..."
+// for one this machine lacks (haproxy not installed), "unavailable: ..."
+// for QUIC (lifeline's or quic-go's) or HAProxy failing. Any other
+// failure to start is an error.
 func (r *runner) unavailable(cfg string, err error) error {
-	if cfg != LifelineQUIC {
+	var skip skipError
+	msg := ""
+	switch {
+	case errors.As(err, &skip):
+		msg = "skipped: " + skip.why
+	case cfg == LifelineQUIC || cfg == QUICRelay || cfg == HAProxy:
+		msg = "unavailable: " + err.Error()
+	default:
 		return err
 	}
 	if r.rep.Unavailable == nil {
 		r.rep.Unavailable = map[string]string{}
 	}
 	if _, ok := r.rep.Unavailable[cfg]; !ok {
-		r.rep.Unavailable[cfg] = oneLine(err.Error())
+		r.rep.Unavailable[cfg] = oneLine(msg)
 	}
 	return nil
 }
@@ -174,10 +225,11 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 			return nil, fmt.Errorf("unknown configuration %q (want %s)", c, strings.Join(AllConfigs, ", "))
 		}
 	}
-	// Baselines always run: every ratio is against the same run.
+	// Baselines run with what they are the yardstick of: every ratio is
+	// against the same run.
 	var cfgs []string
 	for _, c := range AllConfigs {
-		if c == Direct || c == Relay || slices.Contains(o.Configs, c) {
+		if c == Direct || c == Relay || slices.Contains(o.Configs, c) || slices.Contains(o.Configs, baselineFor[c]) {
 			cfgs = append(cfgs, c)
 		}
 	}
@@ -198,6 +250,32 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 	if o.SoakSessions <= 0 {
 		o.SoakSessions = def.SoakSessions
 	}
+	if o.IdleWait <= 0 {
+		o.IdleWait = def.IdleWait
+	}
+	if o.IdleWindow <= 0 {
+		o.IdleWindow = def.IdleWindow
+	}
+	if o.IdleRuns <= 0 {
+		o.IdleRuns = def.IdleRuns
+	}
+	switch o.ThroughputMode {
+	case "":
+		o.ThroughputMode = ModeBulk
+	case ModeBulk, ModeVerify:
+	default:
+		return nil, fmt.Errorf("unknown throughput mode %q (want %s or %s)", o.ThroughputMode, ModeBulk, ModeVerify)
+	}
+	if o.ProfileDir != "" {
+		abs, err := filepath.Abs(o.ProfileDir)
+		if err != nil {
+			return nil, err
+		}
+		if err := os.MkdirAll(abs, 0o755); err != nil {
+			return nil, err
+		}
+		o.ProfileDir = abs
+	}
 	if o.BinaryPath == "" {
 		exe, err := os.Executable()
 		if err != nil {
@@ -213,7 +291,8 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 
 	rep := &Report{Machine: machineInfo(), Configs: o.Configs, Scenarios: o.Scenarios,
 		Settings: RunSettings{Short: o.Short, Duration: o.Duration.String(), Runs: o.Runs, Sessions: o.Sessions,
-			SoakDuration: o.SoakDuration.String(), SoakSessions: o.SoakSessions}}
+			SoakDuration: o.SoakDuration.String(), SoakSessions: o.SoakSessions, IdleWait: o.IdleWait.String(), IdleRuns: o.IdleRuns,
+			IdleWindow: o.IdleWindow.String(), ThroughputMode: o.ThroughputMode, ProfileDir: o.ProfileDir}}
 	r := &runner{opt: o, bin: o.BinaryPath, tmp: tmp, rep: rep}
 	start := time.Now()
 	for _, sc := range scenarios {
@@ -224,6 +303,7 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 			return rep, err
 		}
 		t0 := time.Now()
+		r.scenario = sc.name
 		if err := sc.run(ctx, r); err != nil {
 			r.progress("")
 			if r.opt.Progress != nil {

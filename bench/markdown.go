@@ -31,7 +31,7 @@ func (r *Report) Markdown() string {
 	if len(r.Unavailable) > 0 {
 		for _, c := range AllConfigs {
 			if e, ok := r.Unavailable[c]; ok {
-				fmt.Fprintf(&b, "- **%s unavailable**: %s\n", c, e)
+				fmt.Fprintf(&b, "- **%s %s**\n", c, e)
 			}
 		}
 		b.WriteString("\n")
@@ -39,19 +39,26 @@ func (r *Report) Markdown() string {
 	configs := slices.Clone(r.Configs)
 
 	if len(r.Throughput) > 0 {
-		fmt.Fprintf(&b, "#### Throughput (%d streams, %s per run; MB = 10^6 bytes; \"both\" counts both directions)\n\n", Streams, r.Settings.Duration)
-		b.WriteString("| config | direction | MB/s | vs relay | vs direct | CPU s/GB per proxy process | CPU vs relay |\n")
-		b.WriteString("|---|---|---:|---:|---:|---|---:|\n")
+		mode := r.Throughput[0].Mode
+		fmt.Fprintf(&b, "#### Throughput (%d streams, %s per run, %s mode; MB = 10^6 bytes; \"both\" counts both directions)\n\n", Streams, r.Settings.Duration, mode)
+		if mode == ModeVerify {
+			b.WriteString("Verify mode: the senders write a fixed pattern and the receivers check every byte; the load generator's own work limits these numbers.\n\n")
+		} else {
+			b.WriteString("Bulk mode: the senders send a constant file with sendfile(2) and the receivers splice what arrives into /dev/null, so the load generator touches no byte; " +
+				"its own ceiling is the direct row. vs baseline: lifeline-tcp against haproxy, lifeline-tls against tls-relay, lifeline-quic against quic-relay.\n\n")
+		}
+		b.WriteString("| config | direction | MB/s | vs relay | vs baseline | vs direct | CPU s/GB per proxy process | CPU vs relay | CPU vs baseline |\n")
+		b.WriteString("|---|---|---:|---:|---:|---:|---|---:|---:|\n")
 		for _, c := range configs {
 			if e, ok := r.Unavailable[c]; ok {
-				fmt.Fprintf(&b, "| %s | all | unavailable | | | %s | |\n", c, cell(e))
+				fmt.Fprintf(&b, "| %s | all | %s | | | | %s | | |\n", c, unavailWord(e), cell(e))
 				continue
 			}
 			for _, t := range r.Throughput {
 				if t.Config != c {
 					continue
 				}
-				cpu := "- (no proxy)"
+				cpu := "- (no proxy: the load generator's ceiling)"
 				if len(t.Procs) > 0 {
 					var parts []string
 					for _, p := range t.Procs {
@@ -59,7 +66,11 @@ func (r *Report) Markdown() string {
 					}
 					cpu = strings.Join(parts, ", ")
 				}
-				fmt.Fprintf(&b, "| %s | %s | %.0f | %s | %s | %s | %s |\n", c, t.Direction, t.MBps, ratio(t.VsRelay), ratio(t.VsDirect), cpu, ratio(t.CPUVsRelay))
+				vsY, cpuY := "-", "-"
+				if t.Yardstick != "" {
+					vsY, cpuY = t.Yardstick+" "+ratio(t.VsYardstick), t.Yardstick+" "+ratio(t.CPUVsYardstick)
+				}
+				fmt.Fprintf(&b, "| %s | %s | %.0f | %s | %s | %s | %s | %s | %s |\n", c, t.Direction, t.MBps, ratio(t.VsRelay), vsY, ratio(t.VsDirect), cpu, ratio(t.CPUVsRelay), cpuY)
 			}
 		}
 		b.WriteString("\n")
@@ -70,7 +81,7 @@ func (r *Report) Markdown() string {
 		b.WriteString("| config | p50 µs | p99 µs | p99.9 µs | p50 vs relay | p99 vs relay |\n|---|---:|---:|---:|---:|---:|\n")
 		for _, c := range configs {
 			if e, ok := r.Unavailable[c]; ok {
-				fmt.Fprintf(&b, "| %s | unavailable | | | | %s |\n", c, cell(e))
+				fmt.Fprintf(&b, "| %s | %s | | | | %s |\n", c, unavailWord(e), cell(e))
 				continue
 			}
 			for _, l := range r.Latency {
@@ -82,37 +93,7 @@ func (r *Report) Markdown() string {
 		b.WriteString("\n")
 	}
 	if len(r.Sessions) > 0 {
-		fmt.Fprintf(&b, "#### Idle sessions (RSS per session per proxy process, KB = 1024 bytes)\n\n%s\n\n", r.SessionsNote)
-		b.WriteString("| config | sessions | held open: KB/session | parked: KB/session | RSS baseline -> held -> parked (MB) |\n|---|---:|---|---|---|\n")
-		for _, c := range configs {
-			if e, ok := r.Unavailable[c]; ok {
-				fmt.Fprintf(&b, "| %s | unavailable | %s | | |\n", c, cell(e))
-				continue
-			}
-			for _, s := range r.Sessions {
-				if s.Config != c {
-					continue
-				}
-				var held, parked, rss []string
-				for _, p := range s.Procs {
-					held = append(held, fmt.Sprintf("%s %.1f", p, s.PerSessionKB[p]))
-					if v, ok := s.ParkedPerSessionKB[p]; ok {
-						parked = append(parked, fmt.Sprintf("%s %.1f", p, v))
-					}
-					x := fmt.Sprintf("%s %.1f -> %.1f", p, float64(s.BaselineKB[p])/1024, float64(s.HeldKB[p])/1024)
-					if v, ok := s.ParkedKB[p]; ok {
-						x += fmt.Sprintf(" -> %.1f", float64(v)/1024)
-					}
-					rss = append(rss, x)
-				}
-				pk := strings.Join(parked, ", ")
-				if pk == "" {
-					pk = s.ParkNote
-				}
-				fmt.Fprintf(&b, "| %s | %d | %s | %s | %s |\n", c, s.Sessions, strings.Join(held, ", "), cell(pk), strings.Join(rss, "; "))
-			}
-		}
-		b.WriteString("\n")
+		r.sessionsMarkdown(&b, configs)
 	}
 	if len(r.Resume) > 0 {
 		b.WriteString("#### Resume (one session with a request/response loop; link broken through a fault relay)\n\n")
@@ -138,15 +119,21 @@ func (r *Report) Markdown() string {
 		}
 	}
 	if len(r.Goals) > 0 {
-		b.WriteString("#### Goals (issue 5)\n\n| goal | measured | met |\n|---|---|---|\n")
+		b.WriteString("#### Goals (issues 10 and 14; resume and soak: issue 5)\n\n| goal | measured | met |\n|---|---|---|\n")
 		for _, g := range r.Goals {
 			met := "yes"
-			if !g.Met {
+			switch {
+			case g.NotRun:
+				met = "n/a"
+			case !g.Met:
 				met = "**no**"
 			}
 			fmt.Fprintf(&b, "| %s | %s | %s |\n", g.Goal, cell(g.Measured), met)
 		}
 		b.WriteString("\n")
+	}
+	if len(r.Profiles) > 0 {
+		fmt.Fprintf(&b, "CPU profiles (pprof, one per lifeline process, written until it exited): %d files in %s.\n\n", len(r.Profiles), r.Settings.ProfileDir)
 	}
 	for _, f := range r.Failures {
 		fmt.Fprintf(&b, "**FAILED**: %s\n\n", f)
@@ -154,9 +141,85 @@ func (r *Report) Markdown() string {
 	return b.String()
 }
 
+// unavailWord is the table cell of a configuration that did not run:
+// "skipped" or "unavailable", as its note begins.
+func unavailWord(note string) string {
+	w, _, _ := strings.Cut(note, ":")
+	return w
+}
+
+func (r *Report) sessionsMarkdown(b *strings.Builder, configs []string) {
+	fmt.Fprintf(b, "#### Idle sessions (RSS per session per proxy process, KB = 1024 bytes)\n\n%s\n\n", r.SessionsNote)
+	b.WriteString("| config | sessions | held open: KB/session | parked: KB/session | RSS baseline -> held -> after the idle hold -> parked (MB) |\n|---|---:|---|---|---|\n")
+	var idle []string
+	for _, c := range configs {
+		if e, ok := r.Unavailable[c]; ok {
+			fmt.Fprintf(b, "| %s | %s | %s | | |\n", c, unavailWord(e), cell(e))
+			continue
+		}
+		for _, s := range r.Sessions {
+			if s.Config != c {
+				continue
+			}
+			if s.Skipped != "" {
+				fmt.Fprintf(b, "| %s | %d | %s | | |\n", c, s.Sessions, cell(s.Skipped))
+				continue
+			}
+			var held, parked, rss, cpu []string
+			for _, p := range s.Procs {
+				held = append(held, fmt.Sprintf("%s %.1f", p, s.PerSessionKB[p]))
+				if v, ok := s.ParkedPerSessionKB[p]; ok {
+					parked = append(parked, fmt.Sprintf("%s %.1f", p, v))
+				}
+				x := fmt.Sprintf("%s %.1f -> %.1f", p, float64(s.BaselineKB[p])/1024, float64(s.HeldKB[p])/1024)
+				if v, ok := s.AfterHoldKB[p]; ok {
+					x += fmt.Sprintf(" -> %.1f", float64(v)/1024)
+				}
+				if v, ok := s.ParkedKB[p]; ok {
+					x += fmt.Sprintf(" -> %.1f", float64(v)/1024)
+				}
+				rss = append(rss, x)
+				if v, ok := s.IdleCPUPercent[p]; ok {
+					cpu = append(cpu, fmt.Sprintf("%s %.2f (%.2f s)", p, v, s.IdleCPUSeconds[p]))
+				}
+			}
+			pk := strings.Join(parked, ", ")
+			if pk == "" {
+				pk = s.ParkNote
+			}
+			fmt.Fprintf(b, "| %s | %d | %s | %s | %s |\n", c, s.Sessions, strings.Join(held, ", "), cell(pk), strings.Join(rss, "; "))
+			if len(cpu) > 0 {
+				idle = append(idle, fmt.Sprintf("| %s | %d | %.1f | %.1f | %s | %d of %d |\n", c, s.Sessions, s.IdleWaitS, s.IdleWindowS, strings.Join(cpu, ", "), s.Echoed, s.Sessions))
+			} else {
+				idle = append(idle, fmt.Sprintf("| %s | %d | | | not measured | %d of %d |\n", c, s.Sessions, s.Echoed, s.Sessions))
+			}
+		}
+	}
+	b.WriteString("\n")
+	notes := 0
+	for _, s := range r.Sessions {
+		if s.Note != "" {
+			fmt.Fprintf(b, "- %s.\n", s.Note)
+			notes++
+		}
+	}
+	if notes > 0 {
+		b.WriteString("\n")
+	}
+	if len(idle) > 0 {
+		fmt.Fprintf(b, "#### Idle CPU (%% of one core per proxy process, sessions held open and quiet)\n\n%s\n\n", r.IdleNote)
+		b.WriteString("| config | sessions | quiet s | window s | idle CPU % of one core (CPU s in the window) | echoed after the hold |\n|---|---:|---:|---:|---|---:|\n")
+		for _, l := range idle {
+			b.WriteString(l)
+		}
+		b.WriteString("\n")
+	}
+}
+
 func cell(s string) string { return strings.ReplaceAll(s, "|", "\\|") }
 
-var palette = []string{"#7f7f7f", "#bcbd22", "#1f77b4", "#2ca02c", "#d62728"}
+// palette: one color per entry of AllConfigs.
+var palette = []string{"#7f7f7f", "#bcbd22", "#17becf", "#9467bd", "#8c564b", "#1f77b4", "#2ca02c", "#d62728"}
 
 func colorOf(cfg string) string {
 	i := slices.Index(AllConfigs, cfg)

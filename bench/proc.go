@@ -23,16 +23,76 @@ type proc struct {
 	cmd   *exec.Cmd
 	addrs map[string]string // log message -> "addr" attribute
 
-	mu   sync.Mutex
-	tail []string // last lines of stderr, for error messages
-	done chan struct{}
+	mu     sync.Mutex
+	tail   []string // first lines of stderr, for error messages
+	onLine func()   // called under mu after each line of stderr
+	done   chan struct{}
 }
 
 // startProc runs bin with args and waits until it has logged (as JSON
-// lines on stderr) every message in want with an "addr" attribute.
-func startProc(ctx context.Context, name, bin string, args []string, want ...string) (*proc, error) {
+// lines on stderr) every message in want with an "addr" attribute. A
+// want entry may list alternatives separated by "|" (a message renamed
+// between versions). env is added to the bench's own environment (without
+// CPUProfileEnv, which only env may set).
+func startProc(ctx context.Context, name, bin string, args, env []string, want ...string) (*proc, error) {
+	p, err := launch(name, bin, args, env)
+	if err != nil {
+		return nil, err
+	}
+	found := make(chan struct{})
+	var once sync.Once
+	p.onLine = func() {
+		for _, w := range want {
+			if p.addrLocked(w) == "" {
+				return
+			}
+		}
+		once.Do(func() { close(found) })
+	}
+	p.onLine() // want may be empty
+	p.mu.Unlock()
+	return p.await(ctx, found)
+}
+
+// startReady runs bin with args and waits until ready succeeds, for a
+// process that does not log its address (HAProxy).
+func startReady(ctx context.Context, name, bin string, args, env []string, ready func() error) (*proc, error) {
+	p, err := launch(name, bin, args, env)
+	if err != nil {
+		return nil, err
+	}
+	p.mu.Unlock()
+	found := make(chan struct{})
+	go func() {
+		for {
+			select {
+			case <-p.done:
+				return
+			case <-ctx.Done():
+				return
+			default:
+			}
+			if ready() == nil {
+				close(found)
+				return
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}()
+	return p.await(ctx, found)
+}
+
+// launch starts the process and its stderr reader, and returns it with
+// p.mu held, so that the caller can set onLine before the first line.
+func launch(name, bin string, args, env []string) (*proc, error) {
 	cmd := exec.Command(bin, args...)
 	cmd.Stdout = io.Discard
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, CPUProfileEnv+"=") {
+			cmd.Env = append(cmd.Env, kv)
+		}
+	}
+	cmd.Env = append(cmd.Env, env...)
 	pr, err := cmd.StderrPipe()
 	if err != nil {
 		return nil, err
@@ -41,50 +101,47 @@ func startProc(ctx context.Context, name, bin string, args []string, want ...str
 		return nil, fmt.Errorf("%s: %w", name, err)
 	}
 	p := &proc{name: name, cmd: cmd, addrs: map[string]string{}, done: make(chan struct{})}
-	found := make(chan struct{})
+	p.mu.Lock()
 	go func() {
 		defer close(p.done)
 		sc := bufio.NewScanner(pr)
 		sc.Buffer(make([]byte, 64<<10), 1<<20)
-		signalled := false
 		for sc.Scan() {
 			line := sc.Text()
 			var m struct {
 				Msg  string `json:"msg"`
 				Addr string `json:"addr"`
 			}
-			if json.Unmarshal([]byte(line), &m) == nil && m.Addr != "" {
-				p.mu.Lock()
-				p.addrs[m.Msg] = m.Addr
-				p.mu.Unlock()
-			}
 			p.mu.Lock()
+			if json.Unmarshal([]byte(line), &m) == nil && m.Addr != "" {
+				p.addrs[m.Msg] = m.Addr
+			}
 			if len(p.tail) < 40 && !strings.Contains(line, "session start") && !strings.Contains(line, "session end") {
 				p.tail = append(p.tail, line)
 			}
-			ok := !signalled
-			for _, w := range want {
-				if p.addrs[w] == "" {
-					ok = false
-				}
+			if p.onLine != nil {
+				p.onLine()
 			}
 			p.mu.Unlock()
-			if ok {
-				signalled = true
-				close(found)
-			}
 		}
 		io.Copy(io.Discard, pr)
 	}()
+	return p, nil
+}
+
+// await waits for found, the process's exit, 15 s or ctx, whichever
+// comes first; it stops the process unless found came first.
+func (p *proc) await(ctx context.Context, found <-chan struct{}) (*proc, error) {
+	var err error
 	t := time.NewTimer(15 * time.Second)
 	defer t.Stop()
 	select {
 	case <-found:
 		return p, nil
 	case <-p.done:
-		err = fmt.Errorf("%s exited at start: %s", name, p.stderr())
+		err = fmt.Errorf("%s exited at start: %s", p.name, p.stderr())
 	case <-t.C:
-		err = fmt.Errorf("%s did not start in 15s: %s", name, p.stderr())
+		err = fmt.Errorf("%s did not start in 15s: %s", p.name, p.stderr())
 	case <-ctx.Done():
 		err = ctx.Err()
 	}
@@ -92,10 +149,21 @@ func startProc(ctx context.Context, name, bin string, args []string, want ...str
 	return nil, err
 }
 
+// addr is the address logged with msg, or with the first of its
+// "|"-separated alternatives that was logged.
 func (p *proc) addr(msg string) string {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return p.addrs[msg]
+	return p.addrLocked(msg)
+}
+
+func (p *proc) addrLocked(msg string) string {
+	for _, m := range strings.Split(msg, "|") {
+		if a := p.addrs[m]; a != "" {
+			return a
+		}
+	}
+	return ""
 }
 
 func (p *proc) stderr() string {

@@ -5,7 +5,11 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
+	"strconv"
 	"strings"
+
+	"github.com/lifeline-proxy/lifeline/resume"
 )
 
 // Report holds every number of a run.
@@ -19,10 +23,12 @@ type Report struct {
 	Latency         []LatencyResult    `json:"latency,omitempty"`
 	Sessions        []SessionsResult   `json:"sessions,omitempty"`
 	SessionsNote    string             `json:"sessions_note,omitempty"`
+	IdleNote        string             `json:"idle_note,omitempty"`
 	Resume          []ResumeResult     `json:"resume,omitempty"`
 	Soak            *SoakResult        `json:"soak,omitempty"`
 	Goals           []Goal             `json:"goals,omitempty"`
 	Failures        []string           `json:"failures,omitempty"`
+	Profiles        []string           `json:"profiles,omitempty"` // CPU profiles written (--profile)
 	ScenarioSeconds []NamedValue       `json:"scenario_seconds"`
 	TotalSeconds    float64            `json:"total_seconds"`
 }
@@ -47,18 +53,24 @@ type Machine struct {
 
 // RunSettings are the sizes the run used.
 type RunSettings struct {
-	Short        bool   `json:"short"`
-	Duration     string `json:"duration"`
-	Runs         int    `json:"runs"`
-	Sessions     int    `json:"sessions"`
-	SoakDuration string `json:"soak_duration"`
-	SoakSessions int    `json:"soak_sessions"`
+	Short          bool   `json:"short"`
+	Duration       string `json:"duration"`
+	Runs           int    `json:"runs"`
+	Sessions       int    `json:"sessions"`
+	SoakDuration   string `json:"soak_duration"`
+	SoakSessions   int    `json:"soak_sessions"`
+	IdleWait       string `json:"idle_wait"`
+	IdleRuns       int    `json:"idle_runs"`
+	IdleWindow     string `json:"idle_window"`
+	ThroughputMode string `json:"throughput_mode"`
+	ProfileDir     string `json:"profile_dir,omitempty"`
 }
 
 // ThroughputResult is one configuration in one direction.
 type ThroughputResult struct {
 	Config    string   `json:"config"`
 	Direction string   `json:"direction"` // up, down or both
+	Mode      string   `json:"mode"`      // bulk or verify
 	Streams   int      `json:"streams"`
 	Procs     []string `json:"procs,omitempty"`
 	// Medians over runs. MB is 10^6 bytes; both directions count in "both".
@@ -68,7 +80,12 @@ type ThroughputResult struct {
 	VsRelay         float64            `json:"vs_relay,omitempty"`
 	VsDirect        float64            `json:"vs_direct,omitempty"`
 	CPUVsRelay      float64            `json:"cpu_vs_relay,omitempty"`
-	Runs            []ThroughputRun    `json:"runs"`
+	// Yardstick is the baseline of the same kind (haproxy for
+	// lifeline-tcp, tls-relay and quic-relay for lifeline-tls and -quic).
+	Yardstick      string          `json:"yardstick,omitempty"`
+	VsYardstick    float64         `json:"vs_yardstick,omitempty"`
+	CPUVsYardstick float64         `json:"cpu_vs_yardstick,omitempty"`
+	Runs           []ThroughputRun `json:"runs"`
 }
 
 // ThroughputRun is one measurement.
@@ -79,6 +96,7 @@ type ThroughputRun struct {
 	Seconds    float64            `json:"seconds"`
 	MBps       float64            `json:"mb_per_s"`
 	CPUSeconds map[string]float64 `json:"cpu_seconds,omitempty"`
+	Mismatches int                `json:"mismatches,omitempty"` // verify mode: streams that received other bytes
 }
 
 // LatencyResult is one configuration; percentiles are medians over runs.
@@ -115,6 +133,31 @@ type SessionsResult struct {
 	PerSessionKB       map[string]float64 `json:"per_session_kb"`
 	ParkedPerSessionKB map[string]float64 `json:"parked_per_session_kb,omitempty"`
 	ParkNote           string             `json:"park_note,omitempty"`
+	// Idle CPU: the sessions were quiet for IdleWaitS since the last
+	// echo, then each process's CPU seconds over IdleWindowS, and as a
+	// percentage of one core, medians over IdleRuns; RSS at the end of
+	// the first window.
+	IdleRuns       []IdleRun          `json:"idle_runs,omitempty"`
+	IdleWaitS      float64            `json:"idle_wait_s,omitempty"`
+	IdleWindowS    float64            `json:"idle_window_s,omitempty"`
+	IdleCPUSeconds map[string]float64 `json:"idle_cpu_seconds,omitempty"`
+	IdleCPUPercent map[string]float64 `json:"idle_cpu_percent,omitempty"`
+	AfterHoldKB    map[string]int64   `json:"after_hold_rss_kb,omitempty"`
+	// Echoed is how many sessions echoed their own 8 bytes after the
+	// hold (the fewest over runs), EchoError the first failure.
+	Echoed    int    `json:"echoed"`
+	EchoError string `json:"echo_error,omitempty"`
+	// Skipped says why the configuration did not run at this size, Note
+	// why it ran at a smaller one.
+	Skipped string `json:"skipped,omitempty"`
+	Note    string `json:"note,omitempty"`
+}
+
+// IdleRun is one idle CPU measurement, per proxy process.
+type IdleRun struct {
+	WindowS    float64            `json:"window_s"`
+	CPUSeconds map[string]float64 `json:"cpu_seconds"`
+	CPUPercent map[string]float64 `json:"cpu_percent"`
 }
 
 // ResumeResult is one way of breaking the link, medians over runs.
@@ -162,11 +205,14 @@ type SoakResult struct {
 	ByMode        map[string]int64 `json:"breaks_by_mode"`
 }
 
-// Goal is one of issue 5's targets and whether this run met it.
+// Goal is one of the issues' targets and whether this run met it.
+// NotRun: this run cannot tell (e.g. the goal is at 9,000 sessions and
+// the run held fewer); Met is then false.
 type Goal struct {
 	Goal     string `json:"goal"`
 	Measured string `json:"measured"`
 	Met      bool   `json:"met"`
+	NotRun   bool   `json:"not_run,omitempty"`
 }
 
 // WriteFiles writes bench.json, bench.md, throughput.svg and latency.svg
@@ -197,8 +243,23 @@ func (r *Report) WriteFiles(dir string) error {
 	return nil
 }
 
+// Goal thresholds (issues 10 and 14).
+const (
+	goalVsRelay        = 0.95 // lifeline-tcp throughput, each direction
+	goalCPUVsRelay     = 1.5  // lifeline-tcp CPU s/GB per proxy process
+	goalLatencyVsRelay = 1.2  // p50 and p99
+	goalHeldKB         = 16.0 // lifeline-tcp, per session per proxy process
+	goalParkedKB       = 24.0 // lifeline-tcp parked
+	goalTLSHeldKB      = 24.0 // lifeline-tls held
+	goalVsOwnRelay     = 0.9  // lifeline-tls vs tls-relay, lifeline-quic vs quic-relay
+	goalIdleSessions   = 9000 // sessions of the idle goals
+	goalIdleCPUPercent = 2.0  // of one core per proxy process
+)
+
 func (r *Report) evaluateGoals() {
 	var gs []Goal
+	add := func(goal, measured string, met bool) { gs = append(gs, Goal{Goal: goal, Measured: measured, Met: met}) }
+	notRun := func(goal, why string) { gs = append(gs, Goal{Goal: goal, Measured: why, NotRun: true}) }
 	tp := func(cfg, dir string) *ThroughputResult {
 		for i := range r.Throughput {
 			if r.Throughput[i].Config == cfg && r.Throughput[i].Direction == dir {
@@ -207,53 +268,134 @@ func (r *Report) evaluateGoals() {
 		}
 		return nil
 	}
-	if tp(LifelineTCP, "both") != nil && tp(Relay, "both") != nil {
-		var parts []string
-		ok := true
-		worstCPU := 0.0
-		var cparts []string
-		for _, d := range directions {
-			t := tp(LifelineTCP, d.name)
-			parts = append(parts, fmt.Sprintf("%s %.2f", d.name, t.VsRelay))
-			ok = ok && t.VsRelay >= 0.90
-			cparts = append(cparts, fmt.Sprintf("%s %.2f", d.name, t.CPUVsRelay))
-			worstCPU = max(worstCPU, t.CPUVsRelay)
+	// missing says why a baseline has no numbers ("" if it has).
+	missing := func(cfg string) string {
+		if e, ok := r.Unavailable[cfg]; ok {
+			return cfg + " " + e
 		}
-		gs = append(gs, Goal{"throughput of lifeline-tcp >= 0.90 x relay", strings.Join(parts, ", "), ok})
-		gs = append(gs, Goal{"CPU s/GB per proxy process <= 1.25 x relay's", strings.Join(cparts, ", ") + " (mean of the two processes)", worstCPU <= 1.25})
+		if !slices.Contains(r.Configs, cfg) {
+			return cfg + " not in this run"
+		}
+		return ""
 	}
+	// each compares lifeline-X with a baseline in every direction: f gives
+	// the measured ratio, ok whether it meets the goal.
+	each := func(cfg, base, goal string, f func(t, b *ThroughputResult) float64, ok func(float64) bool) {
+		if tp(cfg, "both") == nil {
+			return
+		}
+		if tp(base, "both") == nil {
+			if why := missing(base); why != "" {
+				notRun(goal, why)
+			}
+			return
+		}
+		var parts []string
+		met := true
+		for _, d := range directions {
+			t, b := tp(cfg, d.name), tp(base, d.name)
+			if t == nil || b == nil {
+				continue
+			}
+			v := f(t, b)
+			parts = append(parts, fmt.Sprintf("%s %.2f", d.name, v))
+			met = met && ok(v)
+		}
+		add(goal, strings.Join(parts, ", "), met)
+	}
+	mbps := func(t, b *ThroughputResult) float64 { return t.MBps / b.MBps }
+	cpu := func(t, b *ThroughputResult) float64 {
+		if b.CPUSecPerGBMean <= 0 {
+			return 0
+		}
+		return t.CPUSecPerGBMean / b.CPUSecPerGBMean
+	}
+	atLeast := func(x float64) func(float64) bool { return func(v float64) bool { return v >= x } }
+	atMost := func(x float64) func(float64) bool { return func(v float64) bool { return v > 0 && v <= x } }
+	each(LifelineTCP, Relay, fmt.Sprintf("throughput of lifeline-tcp >= %.2f x relay, each direction", goalVsRelay), mbps, atLeast(goalVsRelay))
+	each(LifelineTCP, HAProxy, "throughput of lifeline-tcp >= haproxy, each direction", mbps, atLeast(1))
+	each(LifelineTCP, HAProxy, "CPU s/GB per proxy process of lifeline-tcp <= haproxy's (mean of the two processes)", cpu, atMost(1))
+	each(LifelineTCP, Relay, fmt.Sprintf("CPU s/GB per proxy process of lifeline-tcp <= %.1f x relay's (mean of the two processes)", goalCPUVsRelay), cpu, atMost(goalCPUVsRelay))
+	each(LifelineTLS, TLSRelay, fmt.Sprintf("throughput of lifeline-tls >= %.1f x tls-relay, each direction", goalVsOwnRelay), mbps, atLeast(goalVsOwnRelay))
+	each(LifelineQUIC, QUICRelay, fmt.Sprintf("throughput of lifeline-quic >= %.1f x quic-relay, each direction", goalVsOwnRelay), mbps, atLeast(goalVsOwnRelay))
 	for _, l := range r.Latency {
 		if l.Config == LifelineTCP && l.P99VsRelay > 0 {
-			gs = append(gs, Goal{"p99 latency of lifeline-tcp <= 1.2 x relay", fmt.Sprintf("%.2f (%.0f us vs %.0f us)", l.P99VsRelay, l.P99us, l.P99us/l.P99VsRelay), l.P99VsRelay <= 1.2})
+			add(fmt.Sprintf("p50 and p99 latency of lifeline-tcp <= %.1f x relay", goalLatencyVsRelay),
+				fmt.Sprintf("p50 %.2f (%.0f us vs %.0f us), p99 %.2f (%.0f us vs %.0f us)", l.P50VsRelay, l.P50us, l.P50us/l.P50VsRelay, l.P99VsRelay, l.P99us, l.P99us/l.P99VsRelay),
+				l.P50VsRelay <= goalLatencyVsRelay && l.P99VsRelay <= goalLatencyVsRelay)
 		}
 	}
 	for _, s := range r.Sessions {
-		if !isLifeline(s.Config) {
+		if !isLifeline(s.Config) || s.Skipped != "" {
 			continue
 		}
+		kb := func(m map[string]float64) (string, float64) {
+			worst := 0.0
+			var parts []string
+			for _, p := range s.Procs {
+				if v, ok := m[p]; ok {
+					parts = append(parts, fmt.Sprintf("%s %.1f", p, v))
+					worst = max(worst, v)
+				}
+			}
+			return strings.Join(parts, ", ") + " KB", worst
+		}
+		switch s.Config {
+		case LifelineTCP:
+			m, w := kb(s.PerSessionKB)
+			add(fmt.Sprintf("idle session held open <= %.0f KB RSS per proxy process (lifeline-tcp)", goalHeldKB), m, w <= goalHeldKB)
+			if len(s.ParkedPerSessionKB) > 0 {
+				m, w := kb(s.ParkedPerSessionKB)
+				add(fmt.Sprintf("idle session parked <= %.0f KB RSS per proxy process (lifeline-tcp)", goalParkedKB), m, w <= goalParkedKB)
+			} else {
+				notRun(fmt.Sprintf("idle session parked <= %.0f KB RSS per proxy process (lifeline-tcp)", goalParkedKB), s.ParkNote)
+			}
+		case LifelineTLS:
+			m, w := kb(s.PerSessionKB)
+			add(fmt.Sprintf("idle session held open <= %.0f KB RSS per proxy process (lifeline-tls)", goalTLSHeldKB), m, w <= goalTLSHeldKB)
+		}
+		echoGoal := fmt.Sprintf("%s idle sessions through one client/gateway pair, every one echoing after the hold (%s)", thousands(goalIdleSessions), s.Config)
+		cpuGoal := fmt.Sprintf("%s idle sessions: <= %.0f %% of one core per proxy process (%s)", thousands(goalIdleSessions), goalIdleCPUPercent, s.Config)
+		var cparts []string
 		worst := 0.0
-		var parts []string
 		for _, p := range s.Procs {
-			worst = max(worst, s.PerSessionKB[p])
-			parts = append(parts, fmt.Sprintf("%s %.1f", p, s.PerSessionKB[p]))
-			if v, ok := s.ParkedPerSessionKB[p]; ok {
+			if v, ok := s.IdleCPUPercent[p]; ok {
+				cparts = append(cparts, fmt.Sprintf("%s %.2f %%", p, v))
 				worst = max(worst, v)
-				parts[len(parts)-1] += fmt.Sprintf(" (parked %.1f)", v)
 			}
 		}
-		gs = append(gs, Goal{fmt.Sprintf("idle session <= 20 KB RSS per proxy process (%s)", s.Config), strings.Join(parts, ", ") + " KB", worst <= 20})
+		cpuMeasured := fmt.Sprintf("%s (%d sessions, quiet %.0f s, window %.0f s)", strings.Join(cparts, ", "), s.Sessions, s.IdleWaitS, s.IdleWindowS)
+		switch {
+		case s.Sessions < goalIdleSessions:
+			why := fmt.Sprintf("not run at %s: %d sessions in this run (--sessions %d)", thousands(goalIdleSessions), s.Sessions, goalIdleSessions)
+			notRun(echoGoal, fmt.Sprintf("%s; %d of %d echoed", why, s.Echoed, s.Sessions))
+			if len(cparts) > 0 {
+				why += "; measured: " + cpuMeasured
+			}
+			notRun(cpuGoal, why)
+		default:
+			add(echoGoal, fmt.Sprintf("%d of %d echoed", s.Echoed, s.Sessions), s.Echoed == s.Sessions)
+			switch {
+			case len(cparts) == 0:
+				notRun(cpuGoal, "idle CPU not measured")
+			case s.IdleWaitS < resume.DefaultKeepaliveInterval.Seconds():
+				notRun(cpuGoal, fmt.Sprintf("quiet for %.0f s only, less than the keepalive interval %v: %s", s.IdleWaitS, resume.DefaultKeepaliveInterval, cpuMeasured))
+			default:
+				add(cpuGoal, cpuMeasured, worst <= goalIdleCPUPercent)
+			}
+		}
 	}
 	for _, x := range r.Resume {
 		// "1 RTT plus the handshake" on this stack is what a new session
 		// takes to its first echoed byte: link dial, handshakes, one round
 		// trip; measured in the same run.
 		bound := x.NewSessionMs
-		gs = append(gs, Goal{fmt.Sprintf("%s %s: data flows within 1 RTT + handshake of the link's return", x.Config, x.Mode),
-			fmt.Sprintf("%.2f ms (a new session's first byte: %.2f ms; app RTT %.2f ms)", x.ReturnToByteMs, x.NewSessionMs, x.AppRTTMs), x.ReturnToByteMs <= bound})
+		add(fmt.Sprintf("%s %s: data flows within 1 RTT + handshake of the link's return", x.Config, x.Mode),
+			fmt.Sprintf("%.2f ms (a new session's first byte: %.2f ms; app RTT %.2f ms)", x.ReturnToByteMs, x.NewSessionMs, x.AppRTTMs), x.ReturnToByteMs <= bound)
 		if x.Mode == "blackhole" {
-			gs = append(gs, Goal{fmt.Sprintf("%s: silent link detected within the liveness timeout", x.Config),
+			add(fmt.Sprintf("%s: data in flight on a path gone silent, link declared dead within the liveness timeout", x.Config),
 				fmt.Sprintf("client %.0f ms, gateway %.0f ms (timeout %.0f ms, +50 ms polling allowance)", x.DetectClientMs, x.DetectGatewayMs, x.LivenessTimeoutMs),
-				max(x.DetectClientMs, x.DetectGatewayMs) <= x.LivenessTimeoutMs+50})
+				max(x.DetectClientMs, x.DetectGatewayMs) <= x.LivenessTimeoutMs+50)
 		}
 	}
 	if s := r.Soak; s != nil {
@@ -261,9 +403,18 @@ func (r *Report) evaluateGoals() {
 		if r.Settings.Short {
 			target = 1
 		}
-		gs = append(gs, Goal{fmt.Sprintf("soak: zero mismatches over >= %d link failures", target),
+		add(fmt.Sprintf("soak: zero mismatches over >= %d link failures", target),
 			fmt.Sprintf("%d mismatches, %d errors, %d link failures", s.Mismatches, s.Errors, s.LinkFailures),
-			s.Mismatches == 0 && s.Errors == 0 && s.LinkFailures >= target})
+			s.Mismatches == 0 && s.Errors == 0 && s.LinkFailures >= target)
 	}
 	r.Goals = gs
+}
+
+// thousands writes n with a comma every three digits (9,000).
+func thousands(n int) string {
+	s := strconv.Itoa(n)
+	for i := len(s) - 3; i > 0; i -= 3 {
+		s = s[:i] + "," + s[i:]
+	}
+	return s
 }

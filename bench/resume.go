@@ -12,7 +12,6 @@ import (
 	"time"
 
 	"github.com/lifeline-proxy/lifeline/internal/faultnet"
-	"github.com/lifeline-proxy/lifeline/proxy"
 )
 
 // runResume is the resume scenario: for each way of breaking the link,
@@ -75,17 +74,19 @@ func runResume(ctx context.Context, r *runner) error {
 	return nil
 }
 
-func sessionByPeer(addr, peer, id string) (*proxy.SessionInfo, error) {
+// sessionByApp finds a session by its application's address (app) or by
+// its ID.
+func sessionByApp(addr, app, id string) (*sessionInfo, error) {
 	ss, err := getSessions(addr)
 	if err != nil {
 		return nil, err
 	}
 	for i := range ss {
-		if (peer != "" && ss[i].Peer == peer) || (id != "" && ss[i].ID == id) {
+		if (app != "" && (ss[i].App == app || ss[i].Peer == app)) || (id != "" && ss[i].ID == id) {
 			return &ss[i], nil
 		}
 	}
-	return nil, fmt.Errorf("session %s%s not listed by %s", peer, id, addr)
+	return nil, fmt.Errorf("session %s%s not listed by %s", app, id, addr)
 }
 
 func resumeRun(st *stack, mode faultnet.Mode) (ResumeRun, error) {
@@ -138,11 +139,11 @@ func resumeRun(st *stack, mode faultnet.Mode) (ResumeRun, error) {
 		return rr, err
 	}
 	time.Sleep(300 * time.Millisecond)
-	cs, err := sessionByPeer(st.clientStatus, c.LocalAddr().String(), "")
+	cs, err := sessionByApp(st.clientStatus, c.LocalAddr().String(), "")
 	if err != nil {
 		return fail(err)
 	}
-	gs, err := sessionByPeer(st.gatewayStatus, "", cs.ID)
+	gs, err := sessionByApp(st.gatewayStatus, "", cs.ID)
 	if err != nil {
 		return fail(err)
 	}
@@ -162,7 +163,7 @@ func resumeRun(st *stack, mode faultnet.Mode) (ResumeRun, error) {
 	st.fault.Break(mode)
 	detect := func(addr string) (time.Duration, error) {
 		for time.Since(t0) < 20*time.Second {
-			s, err := sessionByPeer(addr, "", cs.ID)
+			s, err := sessionByApp(addr, "", cs.ID)
 			if err != nil {
 				return 0, err
 			}
@@ -229,8 +230,8 @@ func resumeRun(st *stack, mode faultnet.Mode) (ResumeRun, error) {
 	rr.ReturnToByteMs = ms(tFirst.Sub(tAcc))
 	rr.DownToByteMs = ms(tFirst.Sub(tUp))
 	time.Sleep(200 * time.Millisecond)
-	cs2, err1 := sessionByPeer(st.clientStatus, "", cs.ID)
-	gs2, err2 := sessionByPeer(st.gatewayStatus, "", cs.ID)
+	cs2, err1 := sessionByApp(st.clientStatus, "", cs.ID)
+	gs2, err2 := sessionByApp(st.gatewayStatus, "", cs.ID)
 	if err := errors.Join(err1, err2); err != nil {
 		return fail(err)
 	}

@@ -10,24 +10,30 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/lifeline-proxy/lifeline/internal/faultnet"
-	"github.com/lifeline-proxy/lifeline/proxy"
 )
 
 // Configuration names.
 const (
 	Direct       = "direct"
 	Relay        = "relay"
+	TLSRelay     = "tls-relay"
+	QUICRelay    = "quic-relay"
+	HAProxy      = "haproxy"
 	LifelineTCP  = "lifeline-tcp"
 	LifelineTLS  = "lifeline-tls"
 	LifelineQUIC = "lifeline-quic"
 )
 
 // AllConfigs lists every configuration, baselines first.
-var AllConfigs = []string{Direct, Relay, LifelineTCP, LifelineTLS, LifelineQUIC}
+var AllConfigs = []string{Direct, Relay, TLSRelay, QUICRelay, HAProxy, LifelineTCP, LifelineTLS, LifelineQUIC}
+
+// baselineFor is the configuration each baseline is the yardstick of:
+// a baseline runs when it is asked for or when that configuration is.
+// direct and relay always run (every ratio is against the same run).
+var baselineFor = map[string]string{TLSRelay: LifelineTLS, QUICRelay: LifelineQUIC, HAProxy: LifelineTCP}
 
 func isLifeline(cfg string) bool { return strings.HasPrefix(cfg, "lifeline-") }
 
@@ -53,6 +59,10 @@ type stackOpts struct {
 	probe      func(entry string) error // checks the path end to end
 }
 
+// adminListening is the log message with the address of a proxy's
+// status (admin) endpoint; "status listening" in older builds.
+const adminListening = "admin listening|status listening"
+
 // Liveness settings of the resume and soak scenarios.
 const (
 	pingInterval    = 100 * time.Millisecond
@@ -65,19 +75,10 @@ func (r *runner) startStack(ctx context.Context, cfg, upstream string, o stackOp
 	case cfg == Direct:
 		s.entry = upstream
 		return s, nil
-	case cfg == Relay:
-		r2, err := startProc(ctx, "relay2", r.bin, []string{"bench-relay", "--listen", "127.0.0.1:0", "--target", upstream}, "relay listening")
-		if err != nil {
-			return nil, err
-		}
-		r1, err := startProc(ctx, "relay1", r.bin, []string{"bench-relay", "--listen", "127.0.0.1:0", "--target", r2.addr("relay listening")}, "relay listening")
-		if err != nil {
-			r2.stop()
-			return nil, err
-		}
-		s.procs = []*proc{r1, r2}
-		s.entry = r1.addr("relay listening")
-		return s, nil
+	case cfg == Relay || cfg == TLSRelay || cfg == QUICRelay:
+		return r.startRelays(ctx, s, upstream, o)
+	case cfg == HAProxy:
+		return r.startHAProxies(ctx, s, upstream, o)
 	case isLifeline(cfg):
 	default:
 		return nil, fmt.Errorf("unknown configuration %q", cfg)
@@ -97,7 +98,7 @@ func (r *runner) startStack(ctx context.Context, cfg, upstream string, o stackOp
 		gwArgs = append(gwArgs, "--tls-cert", c.ServerCert, "--tls-key", c.ServerKey, "--tls-ca", c.CA)
 		clArgs = append(clArgs, "--tls-cert", c.ClientCert, "--tls-key", c.ClientKey, "--tls-ca", c.CA)
 	}
-	gw, err := startProc(ctx, "gateway", r.bin, gwArgs, "gateway listening", "status listening")
+	gw, err := startProc(ctx, "gateway", r.bin, gwArgs, r.profileEnv(cfg, "gateway"), "gateway listening", adminListening)
 	if err != nil {
 		return nil, err
 	}
@@ -116,7 +117,7 @@ func (r *runner) startStack(ctx context.Context, cfg, upstream string, o stackOp
 		link = fr.Addr()
 	}
 	clArgs = append(clArgs, "--gateway", link)
-	cl, err := startProc(ctx, "client", r.bin, clArgs, "client listening", "status listening")
+	cl, err := startProc(ctx, "client", r.bin, clArgs, r.profileEnv(cfg, "client"), "client listening", adminListening)
 	if err != nil {
 		gw.stop()
 		if s.fault != nil {
@@ -126,8 +127,8 @@ func (r *runner) startStack(ctx context.Context, cfg, upstream string, o stackOp
 	}
 	s.procs = []*proc{cl, gw}
 	s.entry = cl.addr("client listening")
-	s.clientStatus = cl.addr("status listening")
-	s.gatewayStatus = gw.addr("status listening")
+	s.clientStatus = cl.addr(adminListening)
+	s.gatewayStatus = gw.addr(adminListening)
 	// Check the path end to end: the QUIC transport, for one, may start
 	// and still not carry anything.
 	if o.probe != nil {
@@ -278,106 +279,32 @@ func echoHandler(c *net.TCPConn) {
 	}
 }
 
-// bulk is the throughput upstream. A connection starts with a mode byte:
-// 'U' the client uploads until EOF, 'D' the server sends until the client's
-// EOF, 'B' both at once. Uploaded bytes are counted in up.
-type bulk struct{ up atomic.Int64 }
-
-var bulkBuf = func() []byte {
-	b := make([]byte, 64<<10)
-	for i := range b {
-		b[i] = byte(i * 7)
-	}
-	return b
-}()
-
-func (b *bulk) handle(c *net.TCPConn) {
-	var mode [1]byte
-	if _, err := io.ReadFull(c, mode[:]); err != nil {
-		return
-	}
-	var stop atomic.Bool
-	var wg sync.WaitGroup
-	if mode[0] == 'D' || mode[0] == 'B' {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for !stop.Load() {
-				if _, err := c.Write(bulkBuf); err != nil {
-					return
-				}
-			}
-		}()
-	}
-	buf := make([]byte, 64<<10)
-	for {
-		n, err := c.Read(buf)
-		b.up.Add(int64(n))
-		if err != nil {
-			break
-		}
-	}
-	stop.Store(true)
-	wg.Wait()
-	c.CloseWrite()
-}
-
-// bulkStream runs one throughput stream for d and returns the bytes it
-// received. It closes its sending side after d; the server then stops too.
-func bulkStream(addr string, mode byte, d time.Duration) (int64, error) {
-	c, err := net.DialTimeout("tcp", addr, 10*time.Second)
-	if err != nil {
-		return 0, err
-	}
-	defer c.Close()
-	tc := c.(*net.TCPConn)
-	if _, err := tc.Write([]byte{mode}); err != nil {
-		return 0, err
-	}
-	end := time.Now().Add(d)
-	werr := make(chan error, 1)
-	go func() {
-		if mode == 'U' || mode == 'B' {
-			for time.Now().Before(end) {
-				if _, err := tc.Write(bulkBuf); err != nil {
-					werr <- err
-					return
-				}
-			}
-		} else {
-			time.Sleep(time.Until(end))
-		}
-		werr <- tc.CloseWrite()
-	}()
-	buf := make([]byte, 64<<10)
-	var got int64
-	tc.SetReadDeadline(end.Add(60 * time.Second))
-	for {
-		n, err := tc.Read(buf)
-		got += int64(n)
-		if err == io.EOF {
-			break
-		}
-		if err != nil {
-			tc.Close()
-			<-werr
-			return got, err
-		}
-	}
-	return got, <-werr
-}
-
 // status client: no keep-alive, so that nothing outlives a run.
 var statusClient = &http.Client{Transport: &http.Transport{DisableKeepAlives: true}, Timeout: 10 * time.Second}
 
-func getSessions(addr string) ([]proxy.SessionInfo, error) {
+// sessionInfo is what the bench reads of an entry of a proxy's
+// /sessions: the application's address is "app" (in older builds the
+// client listed it as "peer").
+type sessionInfo struct {
+	ID            string `json:"id"`
+	State         string `json:"state"`
+	Peer          string `json:"peer"`
+	App           string `json:"app"`
+	BytesReplayed uint64 `json:"bytes_replayed"`
+	Resumes       int    `json:"resumes"`
+}
+
+func getSessions(addr string) ([]sessionInfo, error) {
 	resp, err := statusClient.Get("http://" + addr + "/sessions")
 	if err != nil {
 		return nil, err
 	}
 	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("GET %s/sessions: %s", addr, resp.Status)
+	}
 	var v struct {
-		Sessions []proxy.SessionInfo `json:"sessions"`
+		Sessions []sessionInfo `json:"sessions"`
 	}
 	if err := json.NewDecoder(resp.Body).Decode(&v); err != nil {
 		return nil, err

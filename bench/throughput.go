@@ -2,9 +2,11 @@ package bench
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
+	"path/filepath"
 	"slices"
 	"sync"
 	"time"
@@ -18,8 +20,17 @@ var directions = []struct {
 	mode byte
 }{{"up", 'U'}, {"down", 'D'}, {"both", 'B'}}
 
+// yardstick is the baseline each lifeline configuration is held against
+// besides the relay (issue 10): HAProxy for TCP links, the tls and quic
+// relays for TLS and QUIC links.
+var yardstick = map[string]string{LifelineTCP: HAProxy, LifelineTLS: TLSRelay, LifelineQUIC: QUICRelay}
+
 func runThroughput(ctx context.Context, r *runner) error {
-	b := &bulk{}
+	b := &bulk{file: filepath.Join(r.tmp, "bulk.bin")}
+	if err := writeBulkFile(b.file); err != nil {
+		return err
+	}
+	verify := r.opt.ThroughputMode == ModeVerify
 	srv, err := newServer(b.handle)
 	if err != nil {
 		return err
@@ -35,17 +46,20 @@ func runThroughput(ctx context.Context, r *runner) error {
 			continue
 		}
 		for _, dir := range directions {
-			res := ThroughputResult{Config: cfg, Direction: dir.name, Streams: Streams, Procs: st.procNames()}
+			res := ThroughputResult{Config: cfg, Direction: dir.name, Mode: r.opt.ThroughputMode, Streams: Streams, Procs: st.procNames()}
 			for run := range r.opt.Runs {
 				if err := ctx.Err(); err != nil {
 					st.close()
 					return err
 				}
 				r.progress("throughput: %s %s, %d streams, run %d/%d", cfg, dir.name, Streams, run+1, r.opt.Runs)
-				tr, err := throughputRun(st, b, dir.mode, r.opt.Duration)
+				tr, err := throughputRun(st, b, dir.mode, verify, r.opt.Duration)
 				if err != nil {
 					st.close()
 					return fmt.Errorf("%s %s: %w", cfg, dir.name, err)
+				}
+				if tr.Mismatches > 0 {
+					r.rep.Failures = append(r.rep.Failures, fmt.Sprintf("throughput: %s %s run %d: %d streams received other bytes than were sent", cfg, dir.name, run+1, tr.Mismatches))
 				}
 				res.Runs = append(res.Runs, tr)
 			}
@@ -91,26 +105,36 @@ func runThroughput(ctx context.Context, r *runner) error {
 		if d := find(Direct, t.Direction); d != nil && d.MBps > 0 {
 			t.VsDirect = t.MBps / d.MBps
 		}
+		if y := find(yardstick[t.Config], t.Direction); y != nil && y.MBps > 0 {
+			t.Yardstick = y.Config
+			t.VsYardstick = t.MBps / y.MBps
+			if y.CPUSecPerGBMean > 0 && t.CPUSecPerGBMean > 0 {
+				t.CPUVsYardstick = t.CPUSecPerGBMean / y.CPUSecPerGBMean
+			}
+		}
 	}
 	return nil
 }
 
-func throughputRun(st *stack, b *bulk, mode byte, d time.Duration) (ThroughputRun, error) {
-	up0 := b.up.Load()
+func throughputRun(st *stack, b *bulk, mode byte, verify bool, d time.Duration) (ThroughputRun, error) {
+	up0, bad0 := b.up.Load(), b.mismatches.Load()
 	cpu0 := st.cpu()
 	start := time.Now()
 	var wg sync.WaitGroup
 	var mu sync.Mutex
 	var down int64
 	var firstErr error
+	mismatches := 0
 	for range Streams {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			n, err := bulkStream(st.entry, mode, d)
+			n, err := bulkStream(st.entry, mode, verify, b.file, d)
 			mu.Lock()
 			down += n
-			if err != nil && firstErr == nil {
+			if errors.Is(err, errMismatch) {
+				mismatches++
+			} else if err != nil && firstErr == nil {
 				firstErr = err
 			}
 			mu.Unlock()
@@ -125,7 +149,8 @@ func throughputRun(st *stack, b *bulk, mode byte, d time.Duration) (ThroughputRu
 	// The server counts the last uploaded bytes just before it closes.
 	time.Sleep(5 * time.Millisecond)
 	up := b.up.Load() - up0
-	tr := ThroughputRun{Bytes: up + down, UpBytes: up, DownBytes: down, Seconds: el, CPUSeconds: map[string]float64{}}
+	mismatches += int(b.mismatches.Load() - bad0)
+	tr := ThroughputRun{Bytes: up + down, UpBytes: up, DownBytes: down, Seconds: el, CPUSeconds: map[string]float64{}, Mismatches: mismatches}
 	tr.MBps = float64(tr.Bytes) / el / 1e6
 	if tr.Bytes == 0 {
 		return tr, fmt.Errorf("no bytes moved")

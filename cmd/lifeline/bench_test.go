@@ -14,12 +14,13 @@ func TestBenchUsage(t *testing.T) {
 	if code := run([]string{"bench", "--help"}, &out, &errb); code != exitOK {
 		t.Fatalf("exit %d: %s", code, errb.String())
 	}
-	for _, w := range []string{"throughput", "soak", "lifeline-quic", "-short", "-out"} {
+	for _, w := range []string{"throughput", "soak", "lifeline-quic", "haproxy", "tls-relay", "quic-relay", "-short", "-out",
+		"-idle-wait", "-idle-window", "-idle-runs", "-throughput-mode", "-profile"} {
 		if !strings.Contains(out.String(), w) {
 			t.Errorf("help lacks %q", w)
 		}
 	}
-	for _, args := range [][]string{{"bench", "nosuch"}, {"bench", "--configs", "nosuch"}, {"bench", "--bogus"}} {
+	for _, args := range [][]string{{"bench", "nosuch"}, {"bench", "--configs", "nosuch"}, {"bench", "--bogus"}, {"bench", "--throughput-mode", "nosuch"}} {
 		out.Reset()
 		errb.Reset()
 		if code := run(args, &out, &errb); code != exitUsage {

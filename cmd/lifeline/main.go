@@ -14,7 +14,9 @@ import (
 
 // main dispatches to the commands: gateway and client (serve.go),
 // sessions (sessions.go), demo, bench, version and help.
-func main() { os.Exit(run(os.Args[1:], os.Stdout, os.Stderr)) }
+func main() {
+	os.Exit(withCPUProfile(os.Stderr, func() int { return run(os.Args[1:], os.Stdout, os.Stderr) }))
+}
 
 // version is set at build time with -ldflags "-X main.version=...".
 var version = "dev"
