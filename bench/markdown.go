@@ -150,7 +150,7 @@ func unavailWord(note string) string {
 
 func (r *Report) sessionsMarkdown(b *strings.Builder, configs []string) {
 	fmt.Fprintf(b, "#### Idle sessions (RSS per session per proxy process, KB = 1024 bytes)\n\n%s\n\n", r.SessionsNote)
-	b.WriteString("| config | sessions | held open: KB/session | parked: KB/session | RSS baseline -> held -> after the idle hold -> parked (MB) |\n|---|---:|---|---|---|\n")
+	b.WriteString("| config | sessions | held open: KB/session | parked: KB/session | RSS baseline -> held -> after the idle hold -> parked (MB, first run) |\n|---|---:|---|---|---|\n")
 	var idle []string
 	for _, c := range configs {
 		if e, ok := r.Unavailable[c]; ok {

@@ -123,9 +123,10 @@ type LatencyRun struct {
 // SessionsResult is the memory of idle sessions in one configuration's
 // proxy processes. KB is 1024 bytes.
 type SessionsResult struct {
-	Config     string           `json:"config"`
-	Sessions   int              `json:"sessions"`
-	Procs      []string         `json:"procs"`
+	Config   string   `json:"config"`
+	Sessions int      `json:"sessions"`
+	Procs    []string `json:"procs"`
+	// RSS readings of the first run.
 	BaselineKB map[string]int64 `json:"baseline_rss_kb"`
 	HeldKB     map[string]int64 `json:"held_rss_kb"`
 	ParkedKB   map[string]int64 `json:"parked_rss_kb,omitempty"`

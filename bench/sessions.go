@@ -119,8 +119,10 @@ func runSessions(ctx context.Context, r *runner) error {
 				ok = false
 				break
 			}
-			res.Procs, res.BaselineKB, res.HeldKB, res.ParkedKB, res.ParkNote = sr.Procs, sr.BaselineKB, sr.HeldKB, sr.ParkedKB, sr.ParkNote
 			if run == 0 {
+				// The RSS readings shown are the first run's, like the RSS
+				// after the idle hold (which only the first run may take).
+				res.Procs, res.BaselineKB, res.HeldKB, res.ParkedKB, res.ParkNote = sr.Procs, sr.BaselineKB, sr.HeldKB, sr.ParkedKB, sr.ParkNote
 				res.IdleWaitS, res.IdleWindowS, res.AfterHoldKB = sr.IdleWaitS, sr.IdleWindowS, sr.AfterHoldKB
 			}
 			if sr.IdleCPUPercent != nil {
