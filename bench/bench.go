@@ -54,8 +54,8 @@ type Options struct {
 	SoakSessions int
 	// IdleWait is how long the sessions scenario lets its sessions be
 	// quiet (after the last echo) before it measures their idle CPU over
-	// IdleWindow. The wait should exceed lifeline's keepalive interval
-	// (resume.DefaultKeepaliveInterval), after which a link is idle.
+	// IdleWindow. The wait should exceed resume.AttentionWindow, after
+	// which a link that sent nothing is idle.
 	IdleWait   time.Duration
 	IdleWindow time.Duration
 	// IdleRuns is how many of the sessions scenario's runs (the first
@@ -88,7 +88,7 @@ func DefaultOptions(short bool) Options {
 			ThroughputMode: ModeBulk}
 	}
 	return Options{Duration: 2 * time.Second, Runs: 3, Sessions: 1000, SoakDuration: 45 * time.Second, SoakSessions: 64,
-		IdleWait: resume.DefaultKeepaliveInterval + 5*time.Second, IdleWindow: 30 * time.Second, IdleRuns: 1, ThroughputMode: ModeBulk}
+		IdleWait: resume.AttentionWindow + 5*time.Second, IdleWindow: 30 * time.Second, IdleRuns: 1, ThroughputMode: ModeBulk}
 }
 
 // Throughput modes: ModeBulk sends a constant file with sendfile(2) and

@@ -172,7 +172,7 @@ func TestSessionsShort(t *testing.T) {
 		t.Error("the descriptor limit is not stated")
 	}
 	md := rep.Markdown()
-	for _, w := range []string{"Idle CPU", "/proc/<pid>/stat", "shorter than the keepalive interval", "| relay |"} {
+	for _, w := range []string{"Idle CPU", "/proc/<pid>/stat", "shorter than the attention window", "| relay |"} {
 		if !strings.Contains(md, w) {
 			t.Errorf("report lacks %q", w)
 		}

@@ -379,8 +379,8 @@ func (r *Report) evaluateGoals() {
 			switch {
 			case len(cparts) == 0:
 				notRun(cpuGoal, "idle CPU not measured")
-			case s.IdleWaitS < resume.DefaultKeepaliveInterval.Seconds():
-				notRun(cpuGoal, fmt.Sprintf("quiet for %.0f s only, less than the keepalive interval %v: %s", s.IdleWaitS, resume.DefaultKeepaliveInterval, cpuMeasured))
+			case s.IdleWaitS < resume.AttentionWindow.Seconds():
+				notRun(cpuGoal, fmt.Sprintf("quiet for %.0f s only, less than the attention window %v: %s", s.IdleWaitS, resume.AttentionWindow, cpuMeasured))
 			default:
 				add(cpuGoal, cpuMeasured, worst <= goalIdleCPUPercent)
 			}

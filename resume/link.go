@@ -238,7 +238,7 @@ func (l *link) start() {
 // idle session costs (almost) nothing:
 //
 //   - A busy link (DATA sent and not yet acknowledged, a PING not yet
-//     answered, or DATA sent within the last KeepaliveInterval: an
+//     answered, or DATA sent within the last AttentionWindow: an
 //     application that sent a request waits for the answer, and must learn
 //     fast that the path died under it) must hear from the peer within
 //     LivenessTimeout. After PingInterval of silence it sends a PING, so
@@ -258,11 +258,7 @@ func (l *link) busy() bool {
 	if l.s.send.next > l.s.send.acked || l.pingAt > l.lastRecv.Load() {
 		return true
 	}
-	attention := l.s.cfg.KeepaliveInterval
-	if attention == 0 {
-		attention = DefaultKeepaliveInterval
-	}
-	return l.sentAt != 0 && time.Since(time.Unix(0, l.sentAt)) < attention
+	return l.sentAt != 0 && time.Since(time.Unix(0, l.sentAt)) < AttentionWindow
 }
 
 // keepalive is how long an idle link may stay silent before this side

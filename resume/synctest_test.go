@@ -146,7 +146,7 @@ func TestLivenessBusyLinkBlackholed(t *testing.T) {
 // A client that sent a request and waits for the answer (its DATA was
 // acknowledged, nothing is outstanding) still finds a path that dies under
 // it within the liveness timeout: a link that sent DATA within the last
-// KeepaliveInterval counts as busy.
+// AttentionWindow counts as busy.
 func TestLivenessAwaitingAnswerBlackholed(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		cfg := DefaultConfig()
@@ -231,6 +231,7 @@ func TestLivenessIdleLinkBlackholed(t *testing.T) {
 func TestLivenessWholePathDown(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		cfg := DefaultConfig()
+		cfg.ReconnectTimeout = 5 * time.Minute // the idle ones take keepalive+liveness
 		wrap, hole := holes()
 		e := memEnv(t, serverConfig(cfg), wrap)
 		defer e.stop()

@@ -20,6 +20,7 @@ import (
 	"github.com/lifeline-proxy/lifeline/internal/faultnet"
 	"github.com/lifeline-proxy/lifeline/internal/testnet"
 	"github.com/lifeline-proxy/lifeline/proxy"
+	"github.com/lifeline-proxy/lifeline/resume"
 )
 
 // cliResult is one run of the lifeline binary as a command.
@@ -493,7 +494,7 @@ client:
 			t.Errorf("route %d keepalive %v %v, want %v", i, c.KeepaliveInterval, err, want)
 		}
 	}
-	for i, want := range []time.Duration{0, 25 * time.Second} {
+	for i, want := range []time.Duration{0, resume.DefaultKeepaliveInterval} {
 		l := fc.Client.Listeners[i]
 		if c, err := l.sessionFile.sessionConfigFor(l.Transport); err != nil || c.KeepaliveInterval != want {
 			t.Errorf("client listener %d (%s) keepalive %v %v, want %v", i, l.Transport, c.KeepaliveInterval, err, want)

@@ -31,7 +31,7 @@ func runBench(args []string, stdout, stderr io.Writer) error {
 	sessions := fs.Int("sessions", 0, fmt.Sprintf("idle sessions for the sessions scenario (default %d, %d with --short; capped by the descriptor limit)", fullRun.Sessions, shortRun.Sessions))
 	soak := fs.Duration("soak-duration", 0, fmt.Sprintf("length of the soak (default %v, %v with --short)", fullRun.SoakDuration, shortRun.SoakDuration))
 	soakSessions := fs.Int("soak-sessions", 0, fmt.Sprintf("sessions in the soak (default %d, %d with --short)", fullRun.SoakSessions, shortRun.SoakSessions))
-	idleWait := fs.Duration("idle-wait", 0, fmt.Sprintf("sessions scenario: how long the sessions stay quiet before their idle CPU is measured, to be above lifeline's keepalive interval (%v) (default %v, %v with --short)", resume.DefaultKeepaliveInterval, fullRun.IdleWait, shortRun.IdleWait))
+	idleWait := fs.Duration("idle-wait", 0, fmt.Sprintf("sessions scenario: how long the sessions stay quiet before their idle CPU is measured, to be above lifeline's attention window (%v, after which a link that sent nothing is idle) (default %v, %v with --short)", resume.AttentionWindow, fullRun.IdleWait, shortRun.IdleWait))
 	idleWindow := fs.Duration("idle-window", 0, fmt.Sprintf("sessions scenario: the window idle CPU is measured over (default %v, %v with --short)", fullRun.IdleWindow, shortRun.IdleWindow))
 	idleRuns := fs.Int("idle-runs", 0, fmt.Sprintf("sessions scenario: how many of its runs also measure idle CPU, each costing the wait and the window (default %d)", fullRun.IdleRuns))
 	mode := fs.String("throughput-mode", bench.ModeBulk, "throughput load: "+bench.ModeBulk+" (sendfile and splice, the generator touches no byte) or "+bench.ModeVerify+" (a fixed pattern, every byte checked)")
