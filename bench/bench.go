@@ -88,7 +88,9 @@ func DefaultOptions(short bool) Options {
 			ThroughputMode: ModeBulk}
 	}
 	return Options{Duration: 2 * time.Second, Runs: 3, Sessions: 1000, SoakDuration: 45 * time.Second, SoakSessions: 64,
-		IdleWait: resume.AttentionWindow + 5*time.Second, IdleWindow: 30 * time.Second, IdleRuns: 1, ThroughputMode: ModeBulk}
+		// The window spans a keepalive interval, so that every idle link's
+		// keepalive falls in it once: the steady cost, not a quiet spell.
+		IdleWait: resume.AttentionWindow + 5*time.Second, IdleWindow: resume.DefaultKeepaliveInterval + 10*time.Second, IdleRuns: 1, ThroughputMode: ModeBulk}
 }
 
 // Throughput modes: ModeBulk sends a constant file with sendfile(2) and
