@@ -78,13 +78,16 @@ func (p *pendingLinks) add(c net.Conn, source string) (*pendingLink, []net.Conn)
 	return pl, evicted
 }
 
-// done unregisters a link that spoke (or failed); a no-op if evicted.
-func (p *pendingLinks) done(pl *pendingLink) {
+// done unregisters a link that spoke (or failed), and reports whether it
+// was still registered (false: it was evicted).
+func (p *pendingLinks) done(pl *pendingLink) bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if pl.inAll != nil {
-		p.removeLocked(pl)
+	if pl.inAll == nil {
+		return false
 	}
+	p.removeLocked(pl)
+	return true
 }
 
 func (p *pendingLinks) removeLocked(pl *pendingLink) net.Conn {

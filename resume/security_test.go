@@ -385,3 +385,42 @@ func TestHelloBufferBelowMinimumIsValidation(t *testing.T) {
 		t.Fatalf("%d sessions after a refused HELLO", n)
 	}
 }
+
+// Links that have not spoken are capped per source and in total, and the
+// oldest goes first: a flood of silent sockets cannot keep out a client
+// that speaks at once, and one source cannot take every place.
+func TestPendingLinksEvictOldest(t *testing.T) {
+	var p pendingLinks
+	p.init(3, 2)
+	conns := make([]net.Conn, 5)
+	for i := range conns {
+		a, b := net.Pipe()
+		defer a.Close()
+		defer b.Close()
+		conns[i] = a
+	}
+	add := func(i int, src string) (*pendingLink, []net.Conn) { return p.add(conns[i], src) }
+	a0, ev := add(0, "A")
+	_, ev1 := add(1, "A")
+	if len(ev)+len(ev1) != 0 {
+		t.Fatal("evicted below the caps")
+	}
+	_, ev = add(2, "A") // A's third: its oldest goes
+	if len(ev) != 1 || ev[0] != conns[0] {
+		t.Fatalf("per-source cap evicted %v, want link 0", ev)
+	}
+	if p.done(a0) {
+		t.Fatal("done reports an evicted link as still pending")
+	}
+	b3, ev := add(3, "B")
+	if len(ev) != 0 || p.len() != 3 {
+		t.Fatalf("evicted %v with %d pending", ev, p.len())
+	}
+	_, ev = add(4, "B") // the total cap: the oldest of all goes
+	if len(ev) != 1 || ev[0] != conns[1] {
+		t.Fatalf("total cap evicted %v, want link 1", ev)
+	}
+	if !p.done(b3) || p.len() != 2 {
+		t.Fatalf("done on a pending link: %d left, want 2", p.len())
+	}
+}

@@ -354,7 +354,10 @@ func (srv *Server) handshake(c net.Conn) {
 	fr := frame.NewReader(c, linkReadBuffer)
 	v, err := fr.ReadPreamble()
 	if err != nil {
-		srv.pending.done(pl)
+		if !srv.pending.done(pl) {
+			c.Close() // evicted, and counted then
+			return
+		}
 		if errors.Is(err, frame.ErrBadMagic) {
 			srv.refused(RefuseBadPreamble, frame.CodeValidation, remote, "link refused", "err", err)
 			srv.refuse(c, frame.CodeValidation, "not a lifeline link")
