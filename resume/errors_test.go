@@ -298,14 +298,8 @@ func TestStaleResumePointResendsFromAcked(t *testing.T) {
 // replay buffer is emptied behind its back.)
 func TestBufferLost(t *testing.T) {
 	srv, addr := tcpGateway(t, serverConfig(testConfig()))
-	var down sync.Mutex
-	dial := dialTo(addr, nil)
-	gated := func(ctx context.Context) (net.Conn, error) {
-		down.Lock()
-		defer down.Unlock()
-		return dial(ctx)
-	}
-	c, err := Dial(context.Background(), gated, "r", testConfig())
+	g := &gate{dial: dialTo(addr, nil)}
+	c, err := Dial(context.Background(), g.Dial, "r", testConfig())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -318,7 +312,7 @@ func TestBufferLost(t *testing.T) {
 	if _, err := io.ReadFull(s, make([]byte, 2)); err != nil {
 		t.Fatal(err)
 	}
-	down.Lock()
+	g.set(true)
 	c.Kill()
 	for i := 0; s.State() != StateDisconnected; i++ {
 		if i > 500 {
@@ -329,13 +323,13 @@ func TestBufferLost(t *testing.T) {
 	if _, err := s.Write(bytes.Repeat([]byte("x"), 100<<10)); err != nil {
 		t.Fatal(err)
 	}
-	g := s.s
-	g.mu.Lock()
-	g.send.highest = g.send.End() // as if sent before the loss
-	g.send.next = g.send.End()
-	g.send.Discard(g.send.End())
-	g.unlock()
-	down.Unlock()
+	gs := s.s
+	gs.mu.Lock()
+	gs.send.highest = gs.send.End() // as if sent before the loss
+	gs.send.next = gs.send.End()
+	gs.send.Discard(gs.send.End())
+	gs.unlock()
+	g.set(false)
 	if _, err := c.Read(make([]byte, 1)); !errors.Is(err, ErrBufferLost) {
 		t.Fatalf("client side: %v, want BUFFER_LOST", err)
 	}
@@ -740,16 +734,9 @@ func TestHooksReportResumeAndFirstByte(t *testing.T) {
 // Stats.DownSince says when a parked session lost its link, and is zero
 // once it has one again.
 func TestStatsDownSince(t *testing.T) {
-	sc := serverConfig(testConfig())
-	srv, addr := tcpGateway(t, sc)
-	var down sync.Mutex
-	dial := dialTo(addr, nil)
-	gated := func(ctx context.Context) (net.Conn, error) {
-		down.Lock()
-		defer down.Unlock()
-		return dial(ctx)
-	}
-	c, err := Dial(context.Background(), gated, "r", testConfig())
+	srv, addr := tcpGateway(t, serverConfig(testConfig()))
+	g := &gate{dial: dialTo(addr, nil)}
+	c, err := Dial(context.Background(), g.Dial, "r", testConfig())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -757,21 +744,19 @@ func TestStatsDownSince(t *testing.T) {
 	if !c.Stats().DownSince.IsZero() || !s.Stats().DownSince.IsZero() {
 		t.Fatal("DownSince set on a connected session")
 	}
-	down.Lock()
+	g.set(true)
 	before := time.Now()
 	c.Kill()
 	for i := 0; s.Stats().DownSince.IsZero(); i++ {
 		if i > 1000 {
-			down.Unlock()
 			t.Fatal("gateway never parked")
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
 	if d := c.Stats().DownSince; d.Before(before) || time.Since(d) > 5*time.Second {
-		down.Unlock()
 		t.Fatalf("client DownSince %v, lost after %v", d, before)
 	}
-	down.Unlock()
+	g.set(false)
 	for i := 0; c.State() != StateActive || !c.Stats().DownSince.IsZero(); i++ {
 		if i > 1000 {
 			t.Fatal("never resumed")
