@@ -139,3 +139,14 @@ func truncated(err error) error {
 	}
 	return err
 }
+
+// Buffered returns a copy of the bytes read from the source and not yet
+// consumed: what a caller that takes the source over must pass on first
+// (a gateway forwarding a link to another node).
+func (r *Reader) Buffered() []byte {
+	if r.br == nil || r.br.Buffered() == 0 {
+		return nil
+	}
+	b, _ := r.br.Peek(r.br.Buffered())
+	return append([]byte(nil), b...)
+}

@@ -67,6 +67,19 @@ type ServerConfig struct {
 	// code sent (CodeNone when the link was closed without one). It is
 	// called without locks held and must not block.
 	OnRefuse func(reason string, code frame.Code)
+
+	// NodeID, when not zero, is written into every new session id (see
+	// NodeID): the node's name in a cluster.
+	NodeID NodeID
+	// Forward, if set (with a non-zero NodeID), is called for a RESUME of
+	// a session this gateway does not hold whose id names another node. It
+	// runs in the link's handshake goroutine, holding no handshake slot,
+	// and must return promptly: nil when it took the link (it then owns
+	// f.Conn, relays it to the owner and closes it), or an error to refuse
+	// the resume at once: an *Error's code and reason go to the client
+	// (NOT_FOUND when the owner is gone); any other error is sent as
+	// NOT_FOUND with its text.
+	Forward func(f *ForeignResume) error
 }
 
 // Refusal labels passed to ServerConfig.OnRefuse.
@@ -87,6 +100,8 @@ const (
 	RefuseResumeReplay     = "resume_replay"      // a resume with a counter already used (a replay, or two racing)
 	RefuseResumeThrottled  = "resume_throttled"   // a failing resume from a source over its failure budget
 	RefuseResumePoint      = "resume_point"       // a resume point the gateway cannot serve (BUFFER_LOST) or that is a lie (VALIDATION)
+	RefuseResumeForward    = "resume_forward"     // a resume for another node's session that could not be forwarded to it
+	RefuseForwardedHello   = "forwarded_hello"    // a forwarded link that did not carry a RESUME
 	RefuseInternal         = "internal"           // key generation or a write failed
 )
 
@@ -249,7 +264,7 @@ func (srv *Server) Serve(l net.Listener) error {
 		srv.wg.Add(1)
 		go func() {
 			defer srv.wg.Done()
-			srv.handshake(c)
+			srv.handshakeLink(c, nil)
 		}()
 	}
 }
@@ -281,7 +296,7 @@ func (srv *Server) ServeLink(c net.Conn) {
 	srv.wg.Add(1)
 	srv.mu.Unlock()
 	defer srv.wg.Done()
-	srv.handshake(c)
+	srv.handshakeLink(c, nil)
 }
 
 // MemoryInUse is the bytes held in all sessions' buffers.
@@ -329,7 +344,10 @@ func (srv *Server) refused(reason string, code Code, remote net.Addr, msg string
 	srv.refusals.warn(reason, msg, append([]any{"remote", remote, "code", code}, args...)...)
 }
 
-func (srv *Server) handshake(c net.Conn) {
+// handshakeLink reads a link's first frame and opens or resumes its
+// session, or forwards it to the node that holds it. fwd is set for a
+// link another node forwarded here.
+func (srv *Server) handshakeLink(c net.Conn, fwd *forwarded) {
 	ctx, cancel := context.WithTimeout(context.Background(), srv.cfg.Session.HandshakeTimeout)
 	defer cancel()
 	closing := context.AfterFunc(srv.closedCtx, cancel)
@@ -385,11 +403,32 @@ func (srv *Server) handshake(c net.Conn) {
 		srv.refuse(c, frame.CodeValidation, h.Type.String()+" instead of HELLO or RESUME")
 		return
 	}
-	binding, err := linkBinding(ctx, c)
-	if err != nil {
+	var binding []byte
+	if fwd != nil {
+		if h.Type != frame.TypeResume {
+			srv.refused(RefuseForwardedHello, frame.CodeValidation, remote, "forwarded link refused", "frame", h.Type)
+			srv.refuse(c, frame.CodeValidation, "a forwarded link must carry a RESUME")
+			return
+		}
+		binding = fwd.binding
+	} else if binding, err = linkBinding(ctx, c); err != nil {
 		srv.refused(RefuseBadHandshake, frame.CodeValidation, remote, "link refused", "err", err)
 		srv.refuse(c, frame.CodeValidation, err.Error())
 		return
+	}
+	if h.Type == frame.TypeResume && srv.cfg.Forward != nil && fwd == nil {
+		// Checked before a handshake slot is taken: forwarding costs this
+		// node no cryptography.
+		if r, err := frame.ParseResume(p); err == nil {
+			endHandshake()
+			if srv.forward(c, fr, r, binding, fwd) {
+				return
+			}
+			// Ours after all: the handshake timeout applies again.
+			c.SetDeadline(time.Now().Add(srv.cfg.Session.HandshakeTimeout))
+			endHandshake = context.AfterFunc(ctx, func() { c.SetDeadline(time.Unix(1, 0)) })
+			defer endHandshake()
+		}
 	}
 	if err := srv.handshk.Acquire(ctx, 1); err != nil {
 		if srv.closedCtx.Err() != nil {
@@ -547,6 +586,9 @@ func (srv *Server) hello(ctx context.Context, c net.Conn, fr *frame.Reader, p []
 	s := newSession(cfg)
 	s.gw = &gatewayPart{srv: srv, source: source, confirmed: make(chan struct{})}
 	rand.Read(s.id[:])
+	if !srv.cfg.NodeID.IsZero() {
+		copy(s.id[nodeOffset:], srv.cfg.NodeID[:])
+	}
 	s.route = hello.Route
 	s.log = cfg.logger().With("session", s.id.String(), "side", "gateway", "route", hello.Route)
 	s.gw.credCur = initialCredential(secret, s.id, hello.Key, pub, binding)
