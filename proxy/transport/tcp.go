@@ -14,9 +14,23 @@ import (
 type tcpListener struct{ net.Listener }
 
 func listenTCP(cfg Config) (net.Listener, error) {
+	return listenStream(cfg)
+}
+
+// listenStream opens the TCP listener of tcp and tls, reading PROXY
+// headers if cfg.ProxyIn asks for it.
+func listenStream(cfg Config) (net.Listener, error) {
+	if cfg.ProxyIn != nil {
+		if err := cfg.ProxyIn.validate(); err != nil {
+			return nil, err
+		}
+	}
 	l, err := net.Listen("tcp", cfg.Addr)
 	if err != nil {
 		return nil, err
+	}
+	if cfg.ProxyIn != nil {
+		return newProxyListener(tcpListener{l}, *cfg.ProxyIn, cfg.logger()), nil
 	}
 	return tcpListener{l}, nil
 }

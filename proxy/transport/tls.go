@@ -20,7 +20,8 @@ func listenTLS(cfg Config) (net.Listener, error) {
 	if err != nil {
 		return nil, err
 	}
-	l, err := net.Listen("tcp", cfg.Addr)
+	// Any PROXY header comes before the ClientHello: it is read below TLS.
+	l, err := listenStream(cfg)
 	if err != nil {
 		return nil, err
 	}

@@ -13,6 +13,7 @@ package transport
 import (
 	"context"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -37,6 +38,10 @@ type Config struct {
 	// Logger receives the transport's events (QUIC connections, the UDP
 	// buffer warning); nil: slog.Default().
 	Logger *slog.Logger
+	// ProxyIn, if set, makes a tcp or tls listener read PROXY protocol
+	// headers from the sources it trusts (see proxyin.go). quic refuses
+	// it: the header is a TCP stream's, not UDP's.
+	ProxyIn *ProxyIn
 }
 
 func (c Config) logger() *slog.Logger {
@@ -85,6 +90,9 @@ func Listen(cfg Config) (net.Listener, error) {
 	case "tls":
 		return listenTLS(cfg)
 	case "quic":
+		if cfg.ProxyIn != nil {
+			return nil, errors.New("PROXY protocol does not apply to the quic transport (UDP)")
+		}
 		l, err := listenQUIC(cfg)
 		if err != nil {
 			return nil, err
