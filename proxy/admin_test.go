@@ -133,7 +133,7 @@ func TestAdminEndpoints(t *testing.T) {
 			// and its peer the client sidecar as the relay connects it.
 			wantApp, wantPeer := c.LocalAddr().String(), s.relay.Addr()
 			if side.name == "gateway" {
-				wantApp, wantPeer = s.gw.routes["default"].Upstream, "127.0.0.1:"
+				wantApp, wantPeer = s.gw.upstreamOf("default"), "127.0.0.1:"
 			}
 			if si.Side != side.name || si.Route != "default" || si.State != "ACTIVE" || !si.Confirmed || si.App != wantApp ||
 				!strings.HasPrefix(si.Peer, wantPeer) || si.BytesSent != 4 || si.BytesReceived != 4 || si.Started.IsZero() || si.AgeMS < 0 {

@@ -36,7 +36,10 @@ type Client struct {
 	dialers   []transport.Dialer
 	// moved are the dialers to other addresses of a route's gateway that
 	// a GOAWAY sent sessions to, by route dialer and address.
-	moved    map[movedKey]transport.Dialer
+	moved map[movedKey]transport.Dialer
+	// served holds each listener's route and session settings by its
+	// address, for Reload.
+	served   map[string]*atomic.Pointer[servedRoute]
 	draining bool
 	closed   bool
 	stopOnce sync.Once
@@ -47,6 +50,7 @@ func NewClient(cfg ClientConfig) *Client {
 	c := &Client{
 		listeners: map[net.Listener]*acceptloop.State{},
 		moved:     map[movedKey]transport.Dialer{},
+		served:    map[string]*atomic.Pointer[servedRoute]{},
 		stop:      make(chan struct{}),
 	}
 	c.init("client", "bytes_to_gateway", "bytes_from_gateway", cfg.Logger, cfg.Metrics)
@@ -63,10 +67,6 @@ func (c *Client) Serve(ln net.Listener, r ClientRoute) error {
 		ln.Close()
 		return err
 	}
-	cfg := c.withHooks(r.session())
-	if r.NewDialer != nil {
-		cfg.DialAddr = c.dialAddr(r)
-	}
 	c.mu.Lock()
 	if c.closed || c.draining {
 		c.mu.Unlock()
@@ -76,6 +76,7 @@ func (c *Client) Serve(ln net.Listener, r ClientRoute) error {
 	st := &acceptloop.State{Log: c.log.With("side", "client"), Name: ln.Addr().String()}
 	c.listeners[ln] = st
 	c.dialers = append(c.dialers, r.Dialer)
+	cur := c.serve(ln.Addr().String(), r)
 	c.accepts.Add(1)
 	c.mu.Unlock()
 	defer c.accepts.Done()
@@ -100,7 +101,10 @@ func (c *Client) Serve(ln net.Listener, r ClientRoute) error {
 			a.Close()
 			continue
 		}
-		c.goSession(func() { c.handle(app, r, cfg) })
+		// The settings as they are now: a reload changes those of
+		// sessions that open later, never this one's.
+		sr := cur.Load()
+		c.goSession(func() { c.handle(app, sr.r, sr.cfg) })
 	}
 }
 

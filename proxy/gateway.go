@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	proxyproto "github.com/pires/go-proxyproto"
@@ -29,9 +30,11 @@ type GatewayConfig struct {
 // connection to the route's upstream.
 type Gateway struct {
 	core
-	routes map[string]Route // immutable after NewGateway
-	srv    *resume.Server   // owns the link listeners: Serve hands them over
-	accept sync.WaitGroup   // the loop taking sessions from srv
+	// routes is the route table; Reload replaces it whole. A session
+	// reads it when it opens and keeps what it read.
+	routes atomic.Pointer[map[string]Route]
+	srv    *resume.Server // owns the link listeners: Serve hands them over
+	accept sync.WaitGroup // the loop taking sessions from srv
 
 	mu       sync.Mutex
 	draining bool
@@ -45,7 +48,7 @@ func NewGateway(cfg GatewayConfig) (*Gateway, error) {
 		return nil, err
 	}
 	// Up is what the upstream sent into the session, down what it got.
-	g := &Gateway{routes: routes}
+	g := &Gateway{}
 	g.init("gateway", "bytes_from_upstream", "bytes_to_upstream", cfg.Logger, cfg.Metrics)
 	sc := resume.DefaultServerConfig()
 	if cfg.Server != nil {
@@ -56,13 +59,8 @@ func NewGateway(cfg GatewayConfig) (*Gateway, error) {
 		sc.Session = resume.DefaultConfig()
 	}
 	sc.Session = g.withHooks(sc.Session)
-	for name, r := range g.routes {
-		if r.Session != nil {
-			r.Session = g.withHooks(r.Session)
-			g.routes[name] = r
-		}
-	}
-	sc.SessionFor = func(route string) *resume.Config { return g.routes[route].Session }
+	g.setRoutes(routes)
+	sc.SessionFor = func(route string) *resume.Config { r, _ := g.route(route); return r.Session }
 	onRefuse := sc.OnRefuse
 	sc.OnRefuse = func(reason string, code frame.Code) {
 		g.metrics.Refused(reason, code)
@@ -71,7 +69,7 @@ func NewGateway(cfg GatewayConfig) (*Gateway, error) {
 		}
 	}
 	sc.Admit = func(route string, remote net.Addr) error {
-		if _, ok := g.routes[route]; !ok {
+		if _, ok := g.route(route); !ok {
 			return &resume.Error{Code: frame.CodeNotFound, Reason: fmt.Sprintf("no route %q on this gateway", route)}
 		}
 		return nil
@@ -122,7 +120,16 @@ func (g *Gateway) acceptLoop() {
 }
 
 func (g *Gateway) handle(conn *resume.Conn) {
-	route := g.routes[conn.Route()]
+	route, ok := g.route(conn.Route())
+	if !ok {
+		// Admitted, then its route went away in a reload before the
+		// session was taken: it never reached an upstream.
+		conn.Reset(frame.CodeNotFound, fmt.Sprintf("no route %q on this gateway (removed by a config reload)", conn.Route()))
+		g.metrics.SessionEnded("gateway", conn.Route(), causeOf(frame.CodeNotFound))
+		g.log.Info("session end", "side", "gateway", "session", conn.SessionID().String(), "route", conn.Route(),
+			"cause", causeOf(frame.CodeNotFound), "during", "accept")
+		return
+	}
 	// Tracked from now on, so that the upstream connect can be listed
 	// and ended too.
 	x := g.track(conn, route.Name, route.Upstream, time.Now())
@@ -273,7 +280,7 @@ func (g *Gateway) untracked(id string) *resume.Conn {
 }
 
 func (g *Gateway) untrackedInfo(conn *resume.Conn, now time.Time) SessionInfo {
-	return g.tracker.info(g.side, conn, &tracked{conn: conn, route: conn.Route(), app: g.routes[conn.Route()].Upstream}, now)
+	return g.tracker.info(g.side, conn, &tracked{conn: conn, route: conn.Route(), app: g.upstreamOf(conn.Route())}, now)
 }
 
 // End ends session id now, parked or not: the upstream connection gets a
