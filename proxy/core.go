@@ -97,7 +97,7 @@ func (c *core) untrack(x *tracked) {
 // and logs it with the bytes each way.
 func (c *core) splice(conn *net.TCPConn, x *tracked, log *slog.Logger) {
 	c.metrics.SessionStarted(c.side, x.route)
-	res := join(conn, x.conn, x.ctx)
+	res := join(conn, x.conn, x.ctx, spliceFrom{})
 	st := x.conn.Stats()
 	c.untrack(x)
 	c.metrics.SessionEnded(c.side, x.route, res.Cause)

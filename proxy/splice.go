@@ -5,10 +5,12 @@ import (
 	"errors"
 	"io"
 	"net"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 
 	"github.com/lifeline-proxy/lifeline/frame"
 	"github.com/lifeline-proxy/lifeline/resume"
@@ -55,6 +57,9 @@ type spliceResult struct {
 	Err   error  // the abort error, nil for an orderly end
 	Up    int64  // bytes from the application into the session
 	Down  int64  // bytes from the session to the application
+	// UpDone and DownDone say which directions had ended (a
+	// hand-over's new process starts the splice from there).
+	UpDone, DownDone bool
 }
 
 // join joins a TCP connection (an application's, or an upstream's) and a
@@ -69,14 +74,34 @@ type spliceResult struct {
 // It costs one goroutine besides the caller's (an idle session's memory is
 // mostly goroutine stacks): the caller runs the session -> application
 // direction, and the abort is a context.AfterFunc, not a watcher.
-func join(app *net.TCPConn, sess session, abort context.Context) spliceResult {
+func join(app *net.TCPConn, sess session, abort context.Context, from spliceFrom) spliceResult {
 	var (
 		up, down  atomic.Int64
 		once      sync.Once
 		res       spliceResult
 		upDone    = make(chan struct{})
 		abortedMu sync.Mutex
+		// handedOver is set once the session is frozen for a hand-over:
+		// both directions then stop where they are, nothing is closed
+		// or reset, and the new process goes on from there.
+		handedOver       atomic.Bool
+		upEnded, downEnd = from.UpDone, from.DownDone
 	)
+	handover := func() {
+		if handedOver.CompareAndSwap(false, true) {
+			// The direction still blocked in the socket returns now.
+			app.SetDeadline(time.Unix(1, 0))
+		}
+	}
+	// stopped reports whether err means the hand-over stopped a
+	// direction: the session said so, or our own past deadline did.
+	stopped := func(err error) bool {
+		if isFrozen(err) {
+			handover()
+			return true
+		}
+		return handedOver.Load() && errors.Is(err, os.ErrDeadlineExceeded)
+	}
 	// fail aborts both sides once: the application gets an RST, the peer a
 	// RESET (a no-op if the session already ended with an error).
 	fail := func(code resume.Code, reason string, err error) {
@@ -105,14 +130,25 @@ func join(app *net.TCPConn, sess session, abort context.Context) spliceResult {
 	// replay buffer (no intermediate copy).
 	go func() {
 		defer close(upDone)
+		if upEnded {
+			return // before a hand-over
+		}
 		src := &countingReader{r: app, n: &up}
 		_, err := sess.ReadFrom(src)
 		switch {
 		case err == nil: // the application's FIN
 			if err := sess.CloseWrite(); err != nil {
+				if stopped(err) {
+					// The FIN stays unread in the socket for the new
+					// process (a read after FIN returns EOF again).
+					return
+				}
 				code, reason := sessionCode(err)
 				fail(code, reason, err)
+				return
 			}
+			upEnded = true
+		case stopped(err) || stopped(src.err):
 		case src.err != nil:
 			if isLocalClose(src.err) {
 				return // the other direction aborted and closed app
@@ -126,6 +162,9 @@ func join(app *net.TCPConn, sess session, abort context.Context) spliceResult {
 	// session -> application: WriteTo writes from the receive buffer
 	// straight to the socket (one writev per batch).
 	func() {
+		if downEnd {
+			return // before a hand-over
+		}
 		n, err := sess.WriteTo(app)
 		down.Add(n)
 		var se *resume.Error
@@ -133,7 +172,10 @@ func join(app *net.TCPConn, sess session, abort context.Context) spliceResult {
 		case err == nil: // the peer's FIN, after all its data
 			if err := app.CloseWrite(); err != nil && !isLocalClose(err) {
 				fail(frame.CodeAppReset, "application connection: "+err.Error(), &resume.Error{Code: frame.CodeAppReset, Reason: err.Error()})
+				return
 			}
+			downEnd = true
+		case stopped(err):
 		case errors.Is(err, resume.ErrConnClosed):
 			// We reset it ourselves (fail is a no-op then), or the
 			// session was reset behind the splice's back: the TCP
@@ -155,18 +197,42 @@ func join(app *net.TCPConn, sess session, abort context.Context) spliceResult {
 	abortedMu.Lock()
 	aborted := res.Cause != ""
 	abortedMu.Unlock()
+	res.Up, res.Down = up.Load(), down.Load()
+	res.UpDone, res.DownDone = upEnded, downEnd
+	if !aborted && handedOver.Load() {
+		res.Cause = causeHandover
+		return res
+	}
 	if !aborted {
 		// Both directions ended in order: Close waits until the peer has
 		// acknowledged what we sent (bounded by the linger timeout).
+		err := sess.Close()
+		if isFrozen(err) {
+			// Frozen while it waited: the new process closes it.
+			app.SetDeadline(time.Unix(1, 0))
+			res.Cause = causeHandover
+			return res
+		}
 		res.Cause = "closed"
-		if err := sess.Close(); err != nil && !errors.Is(err, resume.ErrConnClosed) {
+		if err != nil && !errors.Is(err, resume.ErrConnClosed) {
 			res.Err = err
 		}
 		app.Close()
 	}
-	res.Up, res.Down = up.Load(), down.Load()
 	return res
 }
+
+// causeHandover is spliceResult.Cause for a splice stopped by a
+// hand-over: the session and its TCP socket are left as they are.
+const causeHandover = "handover"
+
+// spliceFrom is where a splice starts: a session handed over by another
+// process may have one direction ended already.
+type spliceFrom struct{ UpDone, DownDone bool }
+
+// isFrozen reports whether err says the session was frozen for a
+// hand-over (resume.ErrFrozen).
+var isFrozen = func(err error) bool { return false }
 
 // sessionCode maps a session error to the code that aborts the splice.
 // The session has already ended, so Reset only releases it.
