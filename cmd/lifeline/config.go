@@ -151,9 +151,13 @@ type gatewayFile struct {
 	ConnectTimeout duration           `yaml:"connect_timeout"`
 	// StateDir keeps the key pair a tls or quic gateway without a
 	// certificate generates (--state-dir).
-	StateDir    string `yaml:"state_dir"`
-	sessionFile `yaml:",inline"`
-	Routes      []routeFile `yaml:"routes"`
+	StateDir string `yaml:"state_dir"`
+	// ProxyProtocolFrom lists the load balancers (CIDRs or IPs) whose
+	// links must open with a PROXY protocol header
+	// (--proxy-protocol-from): one string, comma-separated, or a list.
+	ProxyProtocolFrom addrList `yaml:"proxy_protocol_from"`
+	sessionFile       `yaml:",inline"`
+	Routes            []routeFile `yaml:"routes"`
 }
 
 type listenerFile struct {
@@ -441,6 +445,9 @@ func validateGateway(g *gatewayFile) error {
 	}
 	if g.ConnectTimeout.Set && g.ConnectTimeout.D <= 0 {
 		return errors.New("gateway: connect_timeout must be positive")
+	}
+	if err := checkProxyFrom(g); err != nil {
+		return err
 	}
 	if g.MaxSessions.N < 0 || g.MaxHandshakes < 0 {
 		return errors.New("gateway: max_sessions and max_handshakes must not be negative")

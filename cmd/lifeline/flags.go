@@ -36,6 +36,7 @@ type options struct {
 	memoryBudget   autoSize
 	connectTimeout duration
 	proxyProtocol  int
+	proxyFrom      string // gateway: --proxy-protocol-from
 	stateDir       string // gateway
 }
 
@@ -66,6 +67,7 @@ func newFlagSet(cmd string, o *options, stdout io.Writer) *flag.FlagSet {
 		fs.Var(durationFlag{&o.connectTimeout}, "connect-timeout", "upstream connect timeout; the application gets a reset past it")
 		fs.StringVar(&o.stateDir, "state-dir", "", "`directory` where a tls or quic gateway without --tls-cert keeps the key pair it generates once (default: "+stateDirHelp+"; here "+processStateDir()+")")
 		fs.IntVar(&o.proxyProtocol, "proxy-protocol", 0, "send a PROXY protocol header of this `version` (1 or 2) to the upstream, naming the client sidecar's address (0: off)")
+		fs.StringVar(&o.proxyFrom, "proxy-protocol-from", "", "`CIDRs` (comma-separated; or IP addresses) of load balancers whose link connections must open with a PROXY protocol v1/v2 header naming the real client; a header from any other source is refused (tcp and tls transports only)")
 	} else {
 		fs.StringVar(&o.listen, "listen", "", "local `address` applications connect to, e.g. 127.0.0.1:6380")
 		fs.StringVar(&o.gateway, "gateway", "", "gateway `address`, e.g. gw.example.net:7000")

@@ -66,11 +66,12 @@ func startGateway(g *gatewayFile, log *slog.Logger, metrics proxy.Metrics, faile
 	if err != nil {
 		return nil, nil, usageError{err}
 	}
+	pin := proxyIn(g, sess.HandshakeTimeout, metrics)
 	// Every listener is opened before any serves: one that cannot be
 	// fails the start.
 	var lls []net.Listener
 	for _, addr := range g.Listen {
-		ll, err := transport.Listen(transport.Config{Name: g.Transport, Addr: addr, TLS: tc, Logger: log})
+		ll, err := transport.Listen(transport.Config{Name: g.Transport, Addr: addr, TLS: tc, Logger: log, ProxyIn: pin})
 		if err != nil {
 			for _, l := range lls {
 				l.Close()
@@ -94,7 +95,7 @@ func startGateway(g *gatewayFile, log *slog.Logger, metrics proxy.Metrics, faile
 			}
 		}()
 		log.Info("gateway listening", "addr", ll.Addr().String(), "transport", g.Transport, "routes", strings.Join(names, ","),
-			"reconnect_timeout", sess.ReconnectTimeout, "mtls", g.TLS.CA != "")
+			"reconnect_timeout", sess.ReconnectTimeout, "mtls", g.TLS.CA != "", "proxy_protocol_from", strings.Join(g.ProxyProtocolFrom, ","))
 	}
 	logLimits()
 	if id != nil {

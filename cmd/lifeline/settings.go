@@ -121,6 +121,7 @@ func settingsFromFlags(cmd string, o *options, set map[string]bool) (*settings, 
 		g := &gatewayFile{Listen: o.listens, Transport: o.transport, TLS: o.tls, MaxSessions: o.maxSessions,
 			MemoryBudget: o.memoryBudget, StateDir: o.stateDir, ConnectTimeout: o.connectTimeout, sessionFile: sess,
 			Routes: []routeFile{{Name: o.route, Upstream: o.upstream, ConnectTimeout: o.connectTimeout, ProxyProtocol: o.proxyProtocol}}}
+		g.ProxyProtocolFrom = proxyFromFlag(o.proxyFrom, set["proxy-protocol-from"])
 		st.fc = &fileConfig{Gateway: g}
 	} else {
 		if o.listen == "" || o.gateway == "" {
