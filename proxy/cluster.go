@@ -5,7 +5,6 @@ import (
 	"crypto/hmac"
 	"crypto/sha256"
 	"crypto/tls"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -21,7 +20,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/quic-go/quic-go"
 
+	"github.com/lifeline-proxy/lifeline/frame"
 	"github.com/lifeline-proxy/lifeline/proxy/transport"
+	"github.com/lifeline-proxy/lifeline/resume"
 )
 
 // The gateway cluster's peer layer (docs/cluster.md). Every node keeps one
@@ -53,14 +54,10 @@ const MinClusterKey = 32
 // much, never its handshake timeout.
 const DefaultForwardTimeout = 2 * time.Second
 
-// NodeID is a gateway's 4-byte node id: the first 4 bytes of SHA-256 of
-// its node name. Zero is reserved for a standalone gateway.
-type NodeID [4]byte
-
-func (n NodeID) String() string { return hex.EncodeToString(n[:]) }
-
-// IsZero reports whether n is the standalone id.
-func (n NodeID) IsZero() bool { return n == NodeID{} }
+// NodeID is a gateway's 4-byte node id, the last bytes of the ids of the
+// sessions it creates: the first 4 bytes of SHA-256 of its node name.
+// Zero is reserved for a standalone gateway.
+type NodeID = resume.NodeID
 
 // NodeIDOf returns the node id of name. The zero id (one name in 2^32)
 // is reserved: ValidateNodeName refuses a name that hashes to it.
@@ -1054,4 +1051,16 @@ func (pc peerCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 		ch <- prometheus.MustNewConstMetric(peerUpDesc, prometheus.GaugeValue, v, p.Addr, p.NodeID)
 	}
+}
+
+// forward is the gateway's resume.ServerConfig.Forward: a RESUME for
+// another node's session goes to its owner, or is refused with NOT_FOUND
+// at once when the owner cannot be reached.
+func (c *Cluster) forward(f *resume.ForeignResume) error {
+	err := c.ForwardTo(f.Node, f.Conn, f.Replay, f.Remote, f.Binding)
+	if err != nil {
+		return &resume.Error{Code: frame.CodeNotFound, Reason: err.Error()}
+	}
+	c.log.Debug("link forwarded", "session", f.Session.String(), "owner", f.Node.String(), "remote", f.Remote)
+	return nil
 }

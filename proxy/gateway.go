@@ -24,6 +24,11 @@ type GatewayConfig struct {
 	Server  *resume.ServerConfig
 	Logger  *slog.Logger // nil: discard
 	Metrics Metrics      // nil: NopMetrics
+	// Cluster, if set, makes the gateway a cluster node (docs/cluster.md):
+	// its id goes into every session id, resumes of other nodes' sessions
+	// are forwarded to them and theirs taken. The Gateway owns it from
+	// then on and closes it last, after its sessions.
+	Cluster *Cluster
 }
 
 // Gateway accepts links, opens a session per HELLO and splices it to a new
@@ -35,6 +40,7 @@ type Gateway struct {
 	routes atomic.Pointer[map[string]Route]
 	srv    *resume.Server // owns the link listeners: Serve hands them over
 	accept sync.WaitGroup // the loop taking sessions from srv
+	cl     *Cluster       // nil: standalone
 
 	mu       sync.Mutex
 	draining bool
@@ -74,12 +80,20 @@ func NewGateway(cfg GatewayConfig) (*Gateway, error) {
 		}
 		return nil
 	}
+	if cfg.Cluster != nil {
+		g.cl = cfg.Cluster
+		sc.NodeID = g.cl.ID()
+		sc.Forward = g.cl.forward
+	}
 	srv, err := resume.NewServer(sc)
 	if err != nil {
 		g.abortCancel(shutdownEnd)
 		return nil, err
 	}
 	g.srv = srv
+	if g.cl != nil {
+		g.cl.SetServe(srv.ServeForwarded)
+	}
 	g.tracker.failures = srv.ResumeFailures
 	g.tracker.unconfirmed = srv.Unconfirmed
 	g.tracker.all = srv.Sessions
@@ -234,6 +248,11 @@ func (g *Gateway) Close() error {
 func (g *Gateway) forceClose() {
 	g.abortCancel(shutdownEnd)
 	g.srv.Close()
+	if g.cl != nil {
+		// After the server: a drain keeps taking forwarded resumes of
+		// this node's sessions until they end.
+		g.cl.Close()
+	}
 	g.accept.Wait()
 	g.sessions.Wait()
 }

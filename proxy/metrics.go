@@ -151,7 +151,8 @@ func (t *Tracker) Totals() Totals {
 // SessionInfo describes one live session for the admin API.
 type SessionInfo struct {
 	ID    string `json:"id"`
-	Side  string `json:"side"` // "client" or "gateway"
+	Node  string `json:"node,omitempty"` // the cluster node that holds it (its NodeID), if any
+	Side  string `json:"side"`           // "client" or "gateway"
 	Route string `json:"route"`
 	State string `json:"state"` // CONNECTING, ACTIVE, DISCONNECTED, RECONNECTING (docs/protocol.md section 5.4); CLOSED once ended
 	// Confirmed: the client has shown it holds the session (always true
@@ -197,6 +198,9 @@ func (t *Tracker) info(side string, conn *resume.Conn, x *tracked, now time.Time
 	}
 	if !x.started.IsZero() {
 		si.AgeMS = now.Sub(x.started).Milliseconds()
+	}
+	if n := conn.SessionID().Node(); !n.IsZero() {
+		si.Node = n.String()
 	}
 	return si
 }
