@@ -32,6 +32,9 @@ const MaxReason = 256
 // MaxRoute bounds the route name in HELLO.
 const MaxRoute = 255
 
+// MaxAppAddr bounds the application's address in HELLO.
+const MaxAppAddr = 255
+
 // Type identifies a frame. Values below 0x10 are data-phase frames, values
 // from 0x10 are handshake messages; a decoder accepts each only in its phase.
 type Type uint8
@@ -126,7 +129,7 @@ func maxLen(t Type) (min, max int, ok bool) {
 	case TypeReject:
 		return 2, 2 + 4 + MaxReason, true
 	case TypeHello:
-		return helloFixed, helloFixed + MaxRoute, true
+		return helloFixed, maxHello, true
 	case TypeWelcome:
 		return welcomeLen, welcomeLen, true
 	case TypeResume:

@@ -27,6 +27,10 @@ const (
 	wantMaxPayload = 65536
 	wantMaxReason  = 256
 	wantMaxRoute   = 255
+	wantMaxApp     = 255
+	// HELLO's longest payload: the longest route, then the optional
+	// application address at its longest (appLen 1 + 255).
+	wantMaxHello = wantHelloFixed + wantMaxRoute + 1 + wantMaxApp
 )
 
 func TestConstants(t *testing.T) {
@@ -39,6 +43,7 @@ func TestConstants(t *testing.T) {
 		{"MaxPayload", frame.MaxPayload, wantMaxPayload},
 		{"MaxReason", frame.MaxReason, wantMaxReason},
 		{"MaxRoute", frame.MaxRoute, wantMaxRoute},
+		{"MaxAppAddr", frame.MaxAppAddr, wantMaxApp},
 		{"AckLen", frame.AckLen, wantAckLen},
 		{"PingLen", frame.PingLen, wantU64Len},
 		{"CloseWriteLen", frame.CloseWriteLen, wantU64Len},
@@ -141,6 +146,9 @@ func messageCases(t testing.TB) []msgCase {
 		{"reject throttled max", frame.AppendReject(nil, frame.Reject{Code: frame.CodeThrottled, Reason: maxReason}), frame.TypeReject, parseReject, frame.Reject{Code: frame.CodeThrottled, Reason: maxReason}},
 		{"hello", mustHello(t, &frame.Hello{Key: key(1), ReconnectTimeout: 60000, Buffer: 2 << 20, Route: "db"}), frame.TypeHello, parseHello, &frame.Hello{Key: key(1), ReconnectTimeout: 60000, Buffer: 2 << 20, Route: "db"}},
 		{"hello empty route", mustHello(t, &frame.Hello{}), frame.TypeHello, parseHello, &frame.Hello{}},
+		{"hello app", mustHello(t, &frame.Hello{Key: key(2), ReconnectTimeout: 60000, Buffer: 2 << 20, Route: "db", App: "10.1.2.3:54321"}), frame.TypeHello, parseHello, &frame.Hello{Key: key(2), ReconnectTimeout: 60000, Buffer: 2 << 20, Route: "db", App: "10.1.2.3:54321"}},
+		{"hello app empty route", mustHello(t, &frame.Hello{App: "[2001:db8::1]:80"}), frame.TypeHello, parseHello, &frame.Hello{App: "[2001:db8::1]:80"}},
+		{"hello max route and app", mustHello(t, &frame.Hello{Route: longRoute, App: strings.Repeat("a", wantMaxApp)}), frame.TypeHello, parseHello, &frame.Hello{Route: longRoute, App: strings.Repeat("a", wantMaxApp)}},
 		{"hello max route", mustHello(t, &frame.Hello{Key: key(9), ReconnectTimeout: ^uint32(0), Buffer: ^uint32(0), Route: longRoute}), frame.TypeHello, parseHello, &frame.Hello{Key: key(9), ReconnectTimeout: ^uint32(0), Buffer: ^uint32(0), Route: longRoute}},
 		{"welcome", frame.AppendWelcome(nil, &frame.Welcome{SessionID: sid(0xf0), Key: key(0x30), ReconnectTimeout: 0, Buffer: 65536}), frame.TypeWelcome, parseWelcome, &frame.Welcome{SessionID: sid(0xf0), Key: key(0x30), ReconnectTimeout: 0, Buffer: 65536}},
 		{"resume", frame.AppendResume(nil, resume), frame.TypeResume, parseResume, resume},
@@ -369,7 +377,7 @@ func TestHeaderBounds(t *testing.T) {
 		{frame.TypeReset, 2, 2 + wantMaxReason},
 		{frame.TypeGoAway, 3, 3 + 255 + wantMaxReason},
 		{frame.TypeReject, 2, 2 + 4 + wantMaxReason},
-		{frame.TypeHello, wantHelloFixed, wantHelloFixed + wantMaxRoute},
+		{frame.TypeHello, wantHelloFixed, wantMaxHello},
 		{frame.TypeWelcome, wantWelcomeLen, wantWelcomeLen},
 		{frame.TypeResume, wantResumeLen, wantResumeLen},
 		{frame.TypeResumed, wantResumedLen, wantResumedLen},
@@ -558,6 +566,51 @@ func TestRouteTooLong(t *testing.T) {
 	b, err := frame.AppendHello(nil, &frame.Hello{Route: strings.Repeat("r", wantMaxRoute)})
 	if err != nil || len(b) != wantHeaderLen+wantHelloFixed+wantMaxRoute {
 		t.Errorf("route of %d bytes: %d bytes, %v", wantMaxRoute, len(b), err)
+	}
+	for _, n := range []int{wantMaxApp + 1, 1000} {
+		b, err := frame.AppendHello(append([]byte(nil), prefix...), &frame.Hello{App: strings.Repeat("a", n)})
+		if !errors.Is(err, frame.ErrMalformed) || !bytes.Equal(b, prefix) {
+			t.Errorf("application address of %d bytes: %q, %v; want ErrMalformed and the buffer unchanged", n, b, err)
+		}
+	}
+}
+
+// HELLO's optional application address: absent, or exactly appLen (1..255)
+// bytes after the route; anything else is a length error.
+func TestHelloAppAddr(t *testing.T) {
+	base := mustHello(t, &frame.Hello{Route: "db"})[wantHeaderLen:]
+	for _, tc := range []struct {
+		name string
+		tail []byte
+		app  string // "" with ok: absent
+		ok   bool
+	}{
+		{"absent", nil, "", true},
+		{"one byte", []byte{1, 'x'}, "x", true},
+		{"address", append([]byte{14}, "10.1.2.3:54321"...), "10.1.2.3:54321", true},
+		{"zero length", []byte{0}, "", false},
+		{"short", append([]byte{15}, "10.1.2.3:54321"...), "", false},
+		{"long", append([]byte{13}, "10.1.2.3:54321"...), "", false},
+		{"length only", []byte{5}, "", false},
+		{"trailing after app", append([]byte{1, 'x'}, 0), "", false},
+	} {
+		p := append(append([]byte(nil), base...), tc.tail...)
+		h, err := frame.ParseHello(p)
+		if !tc.ok {
+			if !errors.Is(err, frame.ErrLength) || h != nil {
+				t.Errorf("%s: %+v, %v; want ErrLength", tc.name, h, err)
+			}
+			continue
+		}
+		if err != nil || h.Route != "db" || h.App != tc.app {
+			t.Errorf("%s: %+v, %v; want route db, app %q", tc.name, h, err, tc.app)
+		}
+	}
+	// A route length past the payload is still refused.
+	bad := append([]byte(nil), base...)
+	bad[wantHelloFixed-1] = 3
+	if _, err := frame.ParseHello(bad); !errors.Is(err, frame.ErrLength) {
+		t.Errorf("route length past the end: %v, want ErrLength", err)
 	}
 }
 
@@ -777,7 +830,7 @@ func TestReaderRejects(t *testing.T) {
 		{"data one over", []byte{0x01, 0x01, 0x00, 0x01}, frame.ErrLength},
 		{"empty data", []byte{0x01, 0, 0, 0}, frame.ErrLength},
 		{"short ack", []byte{0x02, 0, 0, 16}, frame.ErrLength},
-		{"long hello", []byte{0x10, 0, 1, 0x29}, frame.ErrLength},
+		{"long hello", []byte{0x10, 0, 2, 0x29}, frame.ErrLength}, // 553
 	} {
 		// The source blocks forever after the header if the reader tries
 		// to read a payload: a pipe whose writer never writes again.
@@ -795,7 +848,7 @@ func TestReaderRejects(t *testing.T) {
 	}
 	// Payload refuses DATA and lengths beyond any control frame.
 	r := frame.NewReader(strings.NewReader(""), 16)
-	for _, h := range []frame.Header{{Type: frame.TypeData, Len: 1}, {Type: frame.TypeHello, Len: wantHelloFixed + wantMaxRoute + 1}} {
+	for _, h := range []frame.Header{{Type: frame.TypeData, Len: 1}, {Type: frame.TypeHello, Len: wantMaxHello + 1}} {
 		if _, err := r.Payload(h); !errors.Is(err, frame.ErrLength) {
 			t.Errorf("Payload(%+v): err %v, want ErrLength", h, err)
 		}

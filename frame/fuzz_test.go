@@ -29,7 +29,7 @@ var wireBounds = map[frame.Type][2]int{
 	frame.TypeReset:      {2, 2 + wantMaxReason},
 	frame.TypeGoAway:     {3, 3 + 255 + wantMaxReason},
 	frame.TypeReject:     {2, 2 + 4 + wantMaxReason},
-	frame.TypeHello:      {wantHelloFixed, wantHelloFixed + wantMaxRoute},
+	frame.TypeHello:      {wantHelloFixed, wantMaxHello},
 	frame.TypeWelcome:    {wantWelcomeLen, wantWelcomeLen},
 	frame.TypeResume:     {wantResumeLen, wantResumeLen},
 	frame.TypeResumed:    {wantResumedLen, wantResumedLen},
@@ -369,9 +369,24 @@ func FuzzReader(f *testing.F) {
 func FuzzParseHello(f *testing.F) {
 	addPayloadSeeds(f, frame.TypeHello)
 	f.Add(append(make([]byte, wantHelloFixed-1), 3, 'a', 'b'))
+	// The optional application address: valid, empty (refused), and
+	// lengths one off either way.
+	route := append(make([]byte, wantHelloFixed-1), 2, 'd', 'b')
+	f.Add(append(append(route[:len(route):len(route)], 9), "1.2.3.4:5"...))
+	f.Add(append(route[:len(route):len(route)], 0))
+	f.Add(append(append(route[:len(route):len(route)], 10), "1.2.3.4:5"...))
+	f.Add(append(append(route[:len(route):len(route)], 8), "1.2.3.4:5"...))
+	f.Add(append(append(make([]byte, wantHelloFixed-1), 0, 21), "[2001:db8::1]:65535"...))
 	f.Fuzz(func(t *testing.T, p []byte) {
 		h, err := frame.ParseHello(p)
-		ok := len(p) >= wantHelloFixed && int(p[wantHelloFixed-1]) == len(p)-wantHelloFixed
+		// The spec's rule, independent of the decoder: route, then
+		// nothing or exactly appLen (>= 1) bytes.
+		ok, appAt := false, 0
+		if len(p) >= wantHelloFixed {
+			rest := len(p) - wantHelloFixed - int(p[wantHelloFixed-1])
+			appAt = len(p) - rest
+			ok = rest == 0 || rest > 1 && int(p[appAt]) == rest-1
+		}
 		if !ok {
 			if err == nil || h != nil || !errors.Is(err, frame.ErrLength) {
 				t.Fatalf("ParseHello(%x) = %+v, %v; want ErrLength", p, h, err)
@@ -381,11 +396,14 @@ func FuzzParseHello(f *testing.F) {
 		if err != nil {
 			t.Fatalf("ParseHello(%x): %v", p, err)
 		}
-		if len(h.Route) > wantMaxRoute || len(p) != wantHelloFixed+len(h.Route) {
-			t.Fatalf("route of %d bytes from a %d-byte payload", len(h.Route), len(p))
+		if len(h.Route) > wantMaxRoute || len(h.App) > wantMaxApp {
+			t.Fatalf("route of %d bytes, app of %d from a %d-byte payload", len(h.Route), len(h.App), len(p))
 		}
-		if !bytes.Equal(h.Key[:], p[:32]) || h.Route != string(p[wantHelloFixed:]) {
+		if !bytes.Equal(h.Key[:], p[:32]) || h.Route != string(p[wantHelloFixed:appAt]) {
 			t.Fatalf("fields at the wrong offsets: %+v", h)
+		}
+		if appAt < len(p) && h.App != string(p[appAt+1:]) || appAt == len(p) && h.App != "" {
+			t.Fatalf("application address %q from %x", h.App, p[appAt:])
 		}
 		checkCanonical(t, frame.TypeHello, p)
 	})

@@ -12,26 +12,50 @@ import (
 //	buffer   u32   client's receive window in bytes (its initial Window)
 //	routeLen u8
 //	route    [routeLen]
+//	then, optionally (absent: the payload ends after route):
+//	appLen   u8    1..MaxAppAddr
+//	app      [appLen]  the application's own address as the client
+//	               sidecar saw it, text "ip:port"
+//
+// App is an extension within protocol version 2: a gateway of an earlier
+// build refuses a HELLO that carries it (its length check), so a client
+// sends it only when told to.
 type Hello struct {
 	Key              [KeyLen]byte
 	ReconnectTimeout uint32
 	Buffer           uint32
 	Route            string
+	App              string // "": absent
 }
 
 const helloFixed = KeyLen + 4 + 4 + 1
+
+// maxHello is the longest HELLO payload: the longest route and app.
+const maxHello = helloFixed + MaxRoute + 1 + MaxAppAddr
 
 // AppendHello appends a HELLO frame.
 func AppendHello(b []byte, h *Hello) ([]byte, error) {
 	if len(h.Route) > MaxRoute {
 		return b, fmt.Errorf("%w: route longer than %d bytes", ErrMalformed, MaxRoute)
 	}
-	b = appendHeader(b, TypeHello, helloFixed+len(h.Route))
+	if len(h.App) > MaxAppAddr {
+		return b, fmt.Errorf("%w: application address longer than %d bytes", ErrMalformed, MaxAppAddr)
+	}
+	n := helloFixed + len(h.Route)
+	if h.App != "" {
+		n += 1 + len(h.App)
+	}
+	b = appendHeader(b, TypeHello, n)
 	b = append(b, h.Key[:]...)
 	b = binary.BigEndian.AppendUint32(b, h.ReconnectTimeout)
 	b = binary.BigEndian.AppendUint32(b, h.Buffer)
 	b = append(b, byte(len(h.Route)))
-	return append(b, h.Route...), nil
+	b = append(b, h.Route...)
+	if h.App != "" {
+		b = append(b, byte(len(h.App)))
+		b = append(b, h.App...)
+	}
+	return b, nil
 }
 
 // ParseHello decodes a HELLO payload.
@@ -46,10 +70,23 @@ func ParseHello(p []byte) (*Hello, error) {
 	h.Buffer = binary.BigEndian.Uint32(p[4:])
 	n := int(p[8])
 	p = p[9:]
-	if len(p) != n {
+	if len(p) < n {
 		return nil, fmt.Errorf("%w: HELLO route length %d, %d bytes left", ErrLength, n, len(p))
 	}
-	h.Route = string(p)
+	h.Route = string(p[:n])
+	p = p[n:]
+	if len(p) == 0 {
+		return h, nil
+	}
+	// The application's address: exactly appLen bytes follow, and an
+	// empty one is written by leaving the field out (one encoding per
+	// HELLO).
+	n = int(p[0])
+	p = p[1:]
+	if n == 0 || len(p) != n {
+		return nil, fmt.Errorf("%w: HELLO application address length %d, %d bytes left", ErrLength, n, len(p))
+	}
+	h.App = string(p)
 	return h, nil
 }
 

@@ -7,9 +7,9 @@ import (
 	"sync"
 )
 
-// maxControl is the largest non-DATA payload (a GOAWAY with the longest
-// address and reason).
-const maxControl = max(helloFixed+MaxRoute, 3+MaxAddr+MaxReason)
+// maxControl is the largest non-DATA payload (a HELLO with the longest
+// route and application address).
+const maxControl = max(maxHello, 3+MaxAddr+MaxReason)
 
 // Reader decodes frames from a link. It never allocates per frame: control
 // payloads land in an internal array, DATA payloads are read by the caller
