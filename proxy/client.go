@@ -104,7 +104,8 @@ func (c *Client) Serve(ln net.Listener, r ClientRoute) error {
 		// The settings as they are now: a reload changes those of
 		// sessions that open later, never this one's.
 		sr := cur.Load()
-		c.goSession(func() { c.handle(app, sr.r, sr.cfg) })
+		c.handling.Add(1) // before the accept loop can pause: see FreezeForHandover
+		c.goSession(func() { c.handle(app, sr.r, sr.cfg, st.Name) })
 	}
 }
 
@@ -127,12 +128,13 @@ func (c *Client) AcceptErr() error {
 	return errors.Join(errs...)
 }
 
-func (c *Client) handle(app *net.TCPConn, r ClientRoute, cfg *resume.Config) {
+func (c *Client) handle(app *net.TCPConn, r ClientRoute, cfg *resume.Config, listen string) {
 	app.SetNoDelay(true)
 	start := time.Now()
 	appAddr := app.RemoteAddr().String()
 	sess, err := c.open(app, r, cfg, c.linkDial(r))
 	if err != nil {
+		c.handling.Add(-1)
 		c.log.Warn("session open failed", "side", "client", "route", r.Route, "gateway", r.Gateway, "app", appAddr, "err", err)
 		c.metrics.DialFailed("client", r.Route)
 		resetTCP(app)
@@ -140,6 +142,8 @@ func (c *Client) handle(app *net.TCPConn, r ClientRoute, cfg *resume.Config) {
 	}
 	log := c.log.With("side", "client", "session", sess.SessionID().String(), "route", r.Route)
 	x := c.track(sess, r.Route, appAddr, start)
+	x.listen = listen
+	c.handling.Add(-1)
 	log.Info("session start", "app", appAddr, "gateway", r.Gateway, "link", sess.RemoteAddr(),
 		"reconnect_timeout", sess.ReconnectTimeout())
 	c.splice(app, x, log)
@@ -149,12 +153,13 @@ func (c *Client) handle(app *net.TCPConn, r ClientRoute, cfg *resume.Config) {
 // are retried with the route's strategy for up to the reconnect timeout,
 // as a link failure of a live session would be: the application's connect
 // has already succeeded and it waits as it would during an outage. A
-// refusal by the gateway (unknown route, limits, draining), a gateway
+// refusal by the gateway (unknown route, limits), a gateway
 // certificate that fails verification and a gateway that does not speak
 // TLS fail at once.
 //
 // A gateway that refuses with THROTTLED and a retry delay is not asked
-// again before that delay.
+// again before that delay. One that is draining (SHUTTING_DOWN) is
+// redialed as after a link failure.
 func (c *Client) open(app *net.TCPConn, r ClientRoute, cfg *resume.Config, dial resume.DialFunc) (*resume.Conn, error) {
 	ctx, cancel := context.WithCancel(c.abort) // Close cancels it
 	defer cancel()
@@ -168,7 +173,13 @@ func (c *Client) open(app *net.TCPConn, r ClientRoute, cfg *resume.Config, dial 
 		}
 		var re *resume.Error
 		remote := errors.As(err, &re) && re.Remote
-		if remote && !re.Code.Retryable() || ctx.Err() != nil {
+		// SHUTTING_DOWN is tried again too: behind a load balancer the
+		// next dial may land on a gateway that is not draining (one
+		// that is stops getting new connections once its /readyz
+		// fails), and a lone gateway's successor comes up on its
+		// address within the drain.
+		draining := remote && re.Code == frame.CodeShuttingDown
+		if remote && !re.Code.Retryable() && !draining || ctx.Err() != nil {
 			// A final refusal (unknown route, LIMIT, ...). THROTTLED and
 			// the other retryable codes are tried again below, within
 			// the reconnect timeout: a gateway shedding a burst of

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/lifeline-proxy/lifeline/frame"
@@ -34,6 +35,9 @@ type core struct {
 	abort       context.Context
 	abortCancel context.CancelCauseFunc
 	sessions    sync.WaitGroup // one per session being opened or spliced
+	// handling counts a client's accepted application connections whose
+	// session is not tracked yet: a hand-over waits for them.
+	handling atomic.Int64
 }
 
 // init sets c up; log and m may be nil (discard, NopMetrics).
@@ -80,7 +84,8 @@ func (c *core) goSession(f func()) {
 // End can end it. The caller must call c.untrack or c.splice with it.
 func (c *core) track(conn *resume.Conn, route, app string, started time.Time) *tracked {
 	ctx, cancel := context.WithCancelCause(c.abort)
-	x := &tracked{conn: conn, route: route, app: app, started: started, ctx: ctx, end: cancel, done: make(chan struct{})}
+	x := &tracked{conn: conn, route: route, app: app, started: started, ctx: ctx, end: cancel, done: make(chan struct{}),
+		stop: make(chan stoppedSplice, 1)}
 	c.tracker.add(x)
 	return x
 }
@@ -97,7 +102,20 @@ func (c *core) untrack(x *tracked) {
 // and logs it with the bytes each way.
 func (c *core) splice(conn *net.TCPConn, x *tracked, log *slog.Logger) {
 	c.metrics.SessionStarted(c.side, x.route)
-	res := join(conn, x.conn, x.ctx, spliceFrom{})
+	c.runSplice(conn, x, log, spliceFrom{})
+}
+
+// runSplice is splice from a given point: a session thawed after a
+// hand-over that failed, or taken over from another process, may have
+// one direction ended already. A splice stopped by a hand-over leaves
+// the session tracked and its socket open, and hands both to the
+// hand-over on x.stop.
+func (c *core) runSplice(conn *net.TCPConn, x *tracked, log *slog.Logger, from spliceFrom) {
+	res := join(conn, x.conn, x.ctx, from)
+	if res.Cause == causeHandover {
+		x.stop <- stoppedSplice{tcp: conn, from: spliceFrom{res.UpDone, res.DownDone}, log: log}
+		return
+	}
 	st := x.conn.Stats()
 	c.untrack(x)
 	c.metrics.SessionEnded(c.side, x.route, res.Cause)
@@ -147,6 +165,18 @@ type tracked struct {
 	ctx  context.Context
 	end  context.CancelCauseFunc
 	done chan struct{} // closed when the session is no longer tracked
+	// stop gets the splice's socket when a hand-over stopped it.
+	stop chan stoppedSplice
+	// listen is a client session's application listener (it names the
+	// route when the session is handed over).
+	listen string
+}
+
+// stoppedSplice is a splice a hand-over stopped: where it was.
+type stoppedSplice struct {
+	tcp  *net.TCPConn
+	from spliceFrom
+	log  *slog.Logger
 }
 
 // endCause is why a session is ended from outside its splice: the code

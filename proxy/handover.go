@@ -315,6 +315,12 @@ func parseRights(oob []byte) ([]int, error) {
 	return fds, nil
 }
 
+func closeRecs(recs []*HandoverRecord) {
+	for _, r := range recs {
+		closeFile(r.File)
+	}
+}
+
 func closeFile(f *os.File) {
 	if f != nil {
 		f.Close()

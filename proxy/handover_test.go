@@ -149,11 +149,6 @@ type fakeTaken struct {
 func (f *fakeTaken) Start()   { f.started = true }
 func (f *fakeTaken) Release() { f.released = true; closeRecs(f.recs) }
 
-func closeRecs(recs []*HandoverRecord) {
-	for _, r := range recs {
-		closeFile(r.File)
-	}
-}
 
 // hoTCPPair returns both ends of a loopback TCP connection.
 func hoTCPPair(t *testing.T) (*net.TCPConn, *net.TCPConn) {
