@@ -304,10 +304,9 @@ func (g *Gateway) RestoreHandover(recs []*HandoverRecord) (*Taken, error) {
 }
 
 // RestoreHandover rebuilds the sessions of a hand-over, frozen, for the
-// client: a record names its application listener, which must be served
-// here already (Serve called, paused: see PausableListener) with the
-// route the record names.
-func (c *Client) RestoreHandover(recs []*HandoverRecord) (*Taken, error) {
+// client: routes are the client's listeners by address (as Serve will be
+// given them); a record names its listener.
+func (c *Client) RestoreHandover(recs []*HandoverRecord, routes map[string]ClientRoute) (*Taken, error) {
 	t := &Taken{c: &c.core}
 	t.start = func(it takenItem) {
 		if it.conn == nil {
@@ -328,17 +327,17 @@ func (c *Client) RestoreHandover(recs []*HandoverRecord) (*Taken, error) {
 			closeRecs(recs)
 			return nil, err
 		}
-		sr := c.servedAt(r.Listen)
-		if sr == nil {
+		cr, ok := routes[r.Listen]
+		if !ok {
 			return fail(fmt.Errorf("handover: listener %s (route %q) is not in this client's config", r.Listen, r.Route))
-		}
-		if sr.r.Route != r.Route && r.Kind == RecordSession {
-			return fail(fmt.Errorf("handover: listener %s serves route %q here, the session is on %q", r.Listen, sr.r.Route, r.Route))
 		}
 		if r.Kind == RecordUnspliced {
 			return fail(fmt.Errorf("handover: a gateway's record given to a client"))
 		}
-		cr, cfg := sr.r, sr.cfg
+		cfg := c.withHooks(cr.session())
+		if cr.NewDialer != nil {
+			cfg.DialAddr = c.dialAddr(cr)
+		}
 		it := takenItem{rec: r, cr: cr, cfg: cfg}
 		if r.Kind == RecordSession {
 			conn, err := resume.Restore(r.Snapshot, c.linkDial(cr), cfg)
@@ -397,20 +396,4 @@ func (t *Tracker) list() []*tracked {
 		xs = append(xs, x)
 	}
 	return xs
-}
-
-// servedAt is the route of the listener at addr, waiting a little for its
-// Serve to register it (Serve runs in its own goroutine).
-func (c *Client) servedAt(addr string) *servedRoute {
-	for deadline := time.Now().Add(time.Second); ; time.Sleep(5 * time.Millisecond) {
-		c.mu.Lock()
-		p := c.served[addr]
-		c.mu.Unlock()
-		if p != nil {
-			return p.Load()
-		}
-		if time.Now().After(deadline) {
-			return nil
-		}
-	}
 }

@@ -27,6 +27,11 @@ const redialSummaryEvery = 30 * time.Second
 // returns when the gateway has answered WELCOME, or with an *Error when it
 // answered REJECT.
 func Dial(ctx context.Context, dial DialFunc, route string, cfg *Config) (*Conn, error) {
+	return DialWith(ctx, dial, route, DialOptions{}, cfg)
+}
+
+// DialWith is Dial with per-session options.
+func DialWith(ctx context.Context, dial DialFunc, route string, opts DialOptions, cfg *Config) (*Conn, error) {
 	if cfg == nil {
 		cfg = DefaultConfig()
 	}
@@ -35,6 +40,10 @@ func Dial(ctx context.Context, dial DialFunc, route string, cfg *Config) (*Conn,
 	}
 	if len(route) > frame.MaxRoute {
 		return nil, fmt.Errorf("resume: route name longer than %d bytes", frame.MaxRoute)
+	}
+	app, err := parseAppAddr(opts.AppAddr)
+	if err != nil {
+		return nil, fmt.Errorf("resume: %w", err)
 	}
 	ctx, cancel := context.WithTimeout(ctx, cfg.HandshakeTimeout)
 	defer cancel()
@@ -55,6 +64,7 @@ func Dial(ctx context.Context, dial DialFunc, route string, cfg *Config) (*Conn,
 		ReconnectTimeout: uint32(cfg.ReconnectTimeout / time.Millisecond),
 		Buffer:           uint32(cfg.BufferSize),
 		Route:            route,
+		App:              app,
 	}
 	b := frame.AppendPreamble(nil)
 	b, _ = frame.AppendHello(b, hello)
@@ -103,6 +113,7 @@ func Dial(ctx context.Context, dial DialFunc, route string, cfg *Config) (*Conn,
 	s.cl = newClientPart(dial)
 	s.id = w.SessionID
 	s.route = route
+	s.appAddr = app
 	s.log = cfg.logger().With("session", s.id.String(), "side", "client")
 	s.cl.cred = initialCredential(secret, s.id, pub, w.Key, binding)
 	s.budget = cfg.Budget

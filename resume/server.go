@@ -494,6 +494,12 @@ func (srv *Server) hello(ctx context.Context, c net.Conn, fr *frame.Reader, p []
 		srv.refuse(c, frame.CodeValidation, reason)
 		return
 	}
+	app, err := parseAppAddr(hello.App)
+	if err != nil {
+		srv.refused(RefuseBadHandshake, frame.CodeValidation, remote, "session refused", "err", err)
+		srv.refuse(c, frame.CodeValidation, err.Error())
+		return
+	}
 	cfg := srv.cfg.Session
 	if srv.cfg.SessionFor != nil {
 		if c := srv.cfg.SessionFor(hello.Route); c != nil {
@@ -590,6 +596,7 @@ func (srv *Server) hello(ctx context.Context, c net.Conn, fr *frame.Reader, p []
 		copy(s.id[nodeOffset:], srv.cfg.NodeID[:])
 	}
 	s.route = hello.Route
+	s.appAddr = app
 	s.log = cfg.logger().With("session", s.id.String(), "side", "gateway", "route", hello.Route)
 	s.gw.credCur = initialCredential(secret, s.id, hello.Key, pub, binding)
 	s.reconnectTimeout = min(cfg.ReconnectTimeout, time.Duration(hello.ReconnectTimeout)*time.Millisecond)

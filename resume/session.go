@@ -20,6 +20,9 @@ type session struct {
 	log   *slog.Logger
 	id    SessionID
 	route string
+	// appAddr is the application's address ("ip:port") as the client
+	// stated it in HELLO; empty when it did not.
+	appAddr string
 
 	// reconnectTimeout is the negotiated value (0: no resumption).
 	reconnectTimeout time.Duration

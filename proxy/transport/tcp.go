@@ -25,11 +25,7 @@ func listenStream(cfg Config) (net.Listener, error) {
 			return nil, err
 		}
 	}
-	listen := net.Listen
-	if cfg.ListenTCP != nil {
-		listen = cfg.ListenTCP
-	}
-	l, err := listen("tcp", cfg.Addr)
+	l, err := net.Listen("tcp", cfg.Addr)
 	if err != nil {
 		return nil, err
 	}
