@@ -167,7 +167,7 @@ func (c *Client) open(app *net.TCPConn, r ClientRoute, cfg *resume.Config, dial 
 	defer c.opening.Add(-1)
 	deadline := time.Now().Add(cfg.ReconnectTimeout)
 	for attempt := 0; ; attempt++ {
-		sess, err := resume.Dial(ctx, dial, r.Route, cfg)
+		sess, err := resume.DialWith(ctx, dial, r.Route, dialOptions(app, r), cfg)
 		if err == nil {
 			return sess, nil
 		}

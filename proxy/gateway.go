@@ -24,6 +24,11 @@ type GatewayConfig struct {
 	Server  *resume.ServerConfig
 	Logger  *slog.Logger // nil: discard
 	Metrics Metrics      // nil: NopMetrics
+	// TrustAppAddr: the clients are trusted to state their
+	// application's address (their links are mTLS-authenticated, or the
+	// operator vouches for them): a route with ProxyProtocol names it to
+	// the upstream instead of the client's own address (appaddr.go).
+	TrustAppAddr bool
 	// Cluster, if set, makes the gateway a cluster node (docs/cluster.md):
 	// its id goes into every session id, resumes of other nodes' sessions
 	// are forwarded to them and theirs taken. The Gateway owns it from
@@ -97,6 +102,7 @@ func NewGateway(cfg GatewayConfig) (*Gateway, error) {
 	g.tracker.failures = srv.ResumeFailures
 	g.tracker.unconfirmed = srv.Unconfirmed
 	g.tracker.all = srv.Sessions
+	g.tracker.appTrusted = cfg.TrustAppAddr
 	g.metrics.Track("gateway", g.tracker)
 	g.accept.Add(1)
 	go g.acceptLoop()
@@ -169,7 +175,7 @@ func (g *Gateway) handle(conn *resume.Conn) {
 	up, err := d.DialContext(ctx, "tcp", route.Upstream)
 	cancel()
 	if err == nil && route.ProxyProtocol != 0 {
-		err = writeProxyHeader(up, link, route.ProxyProtocol)
+		err = writeProxyHeader(up, g.upstreamSource(conn, link), route.ProxyProtocol)
 		if err != nil {
 			up.Close()
 		}
@@ -195,7 +201,7 @@ func (g *Gateway) handle(conn *resume.Conn) {
 	}
 	tcp := up.(*net.TCPConn)
 	tcp.SetNoDelay(true)
-	log.Info("session start", "link", link, "upstream", route.Upstream, "upstream_local", tcp.LocalAddr())
+	log.Info("session start", "link", link, "app_peer", conn.PeerAppAddr(), "upstream", route.Upstream, "upstream_local", tcp.LocalAddr())
 	g.splice(tcp, x, log)
 }
 

@@ -66,6 +66,9 @@ type Tracker struct {
 	// opening, if set, counts sessions being opened: a client's that
 	// wait for their first link (CONNECTING, not tracked yet).
 	opening func() int
+	// appTrusted: the gateway names its clients' stated application
+	// addresses to the upstream (GatewayConfig.TrustAppAddr).
+	appTrusted bool
 }
 
 // Totals sums session counters.
@@ -160,8 +163,15 @@ type SessionInfo struct {
 	// the client's first frame).
 	Confirmed bool `json:"confirmed"`
 	// Peer is the other proxy, as the current (or last) link sees it: the
-	// gateway's address on a client, the client sidecar's on a gateway.
+	// gateway's address on a client, the client sidecar's on a gateway
+	// (the one a trusted load balancer's PROXY header named, if any).
 	Peer string `json:"peer"`
+	// AppPeer, on a gateway, is the application's address the client
+	// sidecar stated in HELLO (--send-app-addr), and AppPeerTrusted
+	// whether the gateway believes it: then it, not Peer, is the source
+	// in the PROXY header sent to the upstream (docs/security.md).
+	AppPeer        string `json:"app_peer,omitempty"`
+	AppPeerTrusted bool   `json:"app_peer_trusted,omitempty"`
 	// App is the TCP end this side splices the session to: the
 	// application's address on a client, the upstream's on a gateway.
 	App string `json:"app"`
@@ -201,6 +211,10 @@ func (t *Tracker) info(side string, conn *resume.Conn, x *tracked, now time.Time
 	}
 	if n := conn.SessionID().Node(); !n.IsZero() {
 		si.Node = n.String()
+	}
+	if side == "gateway" {
+		si.AppPeer = conn.PeerAppAddr()
+		si.AppPeerTrusted = si.AppPeer != "" && t.appTrusted
 	}
 	return si
 }

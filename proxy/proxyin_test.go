@@ -165,6 +165,8 @@ type ppOpts struct {
 	routes    []Route
 	upstream  string
 	timeout   time.Duration // PROXY header timeout (default 2 s)
+	sendApp   bool          // the client states its applications' addresses
+	trustApp  bool          // the gateway believes them
 }
 
 // ppStack is a gateway whose link listener takes PROXY headers from the
@@ -203,7 +205,7 @@ func newPPStack(t *testing.T, o ppOpts) *ppStack {
 	}
 	o.server.Session.Logger = log
 	m := NewPromMetrics()
-	gw, err := NewGateway(GatewayConfig{Routes: o.routes, Server: o.server, Logger: log, Metrics: m})
+	gw, err := NewGateway(GatewayConfig{Routes: o.routes, Server: o.server, Logger: log, Metrics: m, TrustAppAddr: o.trustApp})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -237,7 +239,7 @@ func newPPStack(t *testing.T, o ppOpts) *ppStack {
 	}
 	cfg := fastConfig()
 	cfg.Logger = log
-	go cl.Serve(ln, ClientRoute{Route: "default", Dialer: dialer, Session: cfg, Gateway: bal.addr()})
+	go cl.Serve(ln, ClientRoute{Route: "default", Dialer: dialer, Session: cfg, Gateway: bal.addr(), SendAppAddr: o.sendApp})
 	s := &ppStack{gw: gw, client: cl, bal: bal, metrics: m, log: lb, gwAddr: ll.Addr().String(), appAddr: ln.Addr().String()}
 	t.Cleanup(func() {
 		cl.Close()

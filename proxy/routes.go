@@ -88,6 +88,10 @@ type ClientRoute struct {
 	// dialer from then on. nil: such a GOAWAY moves the session to a new
 	// link to Dialer's address.
 	NewDialer func(addr string) (transport.Dialer, error)
+	// SendAppAddr: each session states its application's address in
+	// HELLO, for a gateway that passes it on to the upstream. Gateways
+	// of builds before it refuse such a HELLO.
+	SendAppAddr bool
 }
 
 // Validate reports the first thing wrong with r.
