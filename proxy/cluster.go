@@ -221,9 +221,13 @@ func NewCluster(cfg ClusterConfig) (*Cluster, error) {
 		KeepAlivePeriod:      idle / 3,
 		// One stream per forwarded link: as many as a gateway has
 		// sessions.
-		MaxIncomingStreams:         1 << 20,
-		MaxIncomingUniStreams:      -1,
-		MaxConnectionReceiveWindow: 64 << 20,
+		MaxIncomingStreams:    1 << 20,
+		MaxIncomingUniStreams: -1,
+		// A forwarded link starts with a replay burst: open windows
+		// wide from the start rather than through auto-tuning.
+		InitialStreamReceiveWindow:     1 << 20,
+		InitialConnectionReceiveWindow: 8 << 20,
+		MaxConnectionReceiveWindow:     64 << 20,
 	}
 	cert, err := transport.SelfSignedCert()
 	if err != nil {
