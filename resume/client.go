@@ -210,17 +210,21 @@ func (s *session) redialLoop(migrate bool) {
 		return slog.LevelDebug
 	}
 	for attempt := 0; ; attempt++ {
+		s.mu.Lock()
+		ctx := s.cl.ctx // a new one after a Freeze and Thaw
+		s.unlock()
 		if d := max(s.cfg.Strategy.Delay(attempt), retryAfter); d > 0 || migrate && attempt > 0 {
 			t := time.NewTimer(max(d, time.Millisecond))
 			select {
 			case <-t.C:
-			case <-s.cl.ctx.Done():
+			case <-ctx.Done():
 				t.Stop()
-				return
 			}
 		}
 		s.mu.Lock()
-		if s.state == StateClosed || (!migrate && s.link != nil) {
+		// Frozen: Thaw starts a new loop (it sees redial cleared, under
+		// the same lock as this decision).
+		if s.state == StateClosed || s.frozen || (!migrate && s.link != nil) {
 			s.cl.redial = false
 			s.unlock()
 			return
@@ -405,6 +409,14 @@ func (s *session) attachResumed(conn net.Conn, fr *frame.Reader, r *frame.Resume
 		}
 		closeRaw(conn) // under mu: no TLS close_notify write
 		return ErrConnClosed
+	}
+	if s.frozen {
+		// Frozen while this resume was in flight: the gateway attached the
+		// link and sees it close; the next process resumes with the
+		// credential it had (the gateway still accepts it as the previous
+		// one) and a higher counter.
+		closeRaw(conn)
+		return ErrFrozen
 	}
 	s.cl.cred = cred.rotate(secret, s.id, r.Counter)
 	perr := s.checkResumePoint(d.Received)

@@ -25,6 +25,10 @@ func (c *Conn) Read(p []byte) (int, error) {
 	s.mu.Lock()
 	for {
 		switch {
+		case s.frozen:
+			// What is buffered goes to the next process with the session.
+			s.unlock()
+			return 0, ErrFrozen
 		case s.localClosed:
 			s.unlock()
 			return 0, ErrConnClosed
@@ -70,6 +74,9 @@ func (c *Conn) Write(p []byte) (int, error) {
 	s.mu.Lock()
 	for {
 		switch {
+		case s.frozen:
+			s.unlock()
+			return n, ErrFrozen
 		case s.localClosed:
 			s.unlock()
 			return n, ErrConnClosed
@@ -132,9 +139,18 @@ func (c *Conn) CloseWrite() error {
 // discarded. Close returns when the session's goroutines have exited; if the
 // peer does not acknowledge within LingerTimeout the session is aborted
 // with CodeTimeout.
+//
+// Close (or Reset) of a frozen session only releases it here (Release):
+// it belongs to the hand-over, and nothing is sent.
 func (c *Conn) Close() error {
 	s := c.s
 	s.mu.Lock()
+	if s.frozen {
+		s.unlock()
+		c.Release()
+		s.wg.Wait()
+		return nil
+	}
 	if s.localClosed {
 		s.unlock()
 		return ErrConnClosed
@@ -174,6 +190,12 @@ func (c *Conn) Close() error {
 func (c *Conn) Reset(code Code, reason string) error {
 	s := c.s
 	s.mu.Lock()
+	if s.frozen {
+		s.unlock()
+		c.Release()
+		s.wg.Wait()
+		return nil
+	}
 	s.localClosed = true
 	s.abort(code, reason)
 	s.unlock()
@@ -361,8 +383,9 @@ func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
 		n, err := r.Read(tail)
 		s.mu.Lock()
 		if n > 0 {
-			if werr := s.writeErr(); werr != nil {
-				// Closed while we read: the bytes cannot be sent.
+			if werr := s.writeErr(); werr != nil && werr != ErrFrozen {
+				// Closed while we read: the bytes cannot be sent. (Frozen
+				// ones are kept: they go to the next process.)
 				s.send.Commit(0)
 				s.unlock()
 				return total, werr
@@ -374,9 +397,13 @@ func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
 			s.send.Commit(0)
 		}
 		if err != nil {
+			frozen := s.frozen
 			s.unlock()
-			if err == io.EOF {
+			switch {
+			case err == io.EOF:
 				return total, nil
+			case frozen: // the caller interrupted the read for a hand-over
+				return total, ErrFrozen
 			}
 			return total, err
 		}
@@ -386,6 +413,8 @@ func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
 // writeErr is why Write cannot proceed, or nil. Caller holds mu.
 func (s *session) writeErr() error {
 	switch {
+	case s.frozen: // also once released: the session lives elsewhere
+		return ErrFrozen
 	case s.localClosed:
 		return ErrConnClosed
 	case s.send.shut:
@@ -408,6 +437,9 @@ func (c *Conn) WriteTo(w io.Writer) (int64, error) {
 	s.mu.Lock()
 	for {
 		switch {
+		case s.frozen:
+			s.unlock()
+			return total, ErrFrozen
 		case s.localClosed:
 			s.unlock()
 			return total, ErrConnClosed
@@ -427,6 +459,9 @@ func (c *Conn) WriteTo(w io.Writer) (int64, error) {
 				s.advertise()
 			}
 			if err != nil {
+				if s.frozen { // the caller interrupted the write for a hand-over
+					err = ErrFrozen
+				}
 				s.unlock()
 				return total, err
 			}

@@ -102,6 +102,7 @@ const (
 	RefuseResumePoint      = "resume_point"       // a resume point the gateway cannot serve (BUFFER_LOST) or that is a lie (VALIDATION)
 	RefuseResumeForward    = "resume_forward"     // a resume for another node's session that could not be forwarded to it
 	RefuseForwardedHello   = "forwarded_hello"    // a forwarded link that did not carry a RESUME
+	RefuseHandover         = "handover"           // a HELLO while the gateway hands its sessions to a new process (THROTTLED: retry)
 	RefuseInternal         = "internal"           // key generation or a write failed
 )
 
@@ -165,6 +166,7 @@ type Server struct {
 	// listeners maps each listener Serve runs on to its accept health.
 	listeners map[net.Listener]*acceptloop.State
 	draining  bool
+	frozen    bool // Freeze: handing over to another process
 	isClosed  bool
 	// unconfirmed sessions, in total and by source address; reserved:
 	// HELLOs admitted but not yet registered as sessions.
@@ -226,11 +228,23 @@ func NewServer(cfg *ServerConfig) (*Server, error) {
 
 // Accept returns the next new session.
 func (srv *Server) Accept() (*Conn, error) {
-	select {
-	case c := <-srv.accept:
-		return c, nil
-	case <-srv.closed:
-		return nil, ErrServerClosed
+	for {
+		select {
+		case c := <-srv.accept:
+			s := c.s
+			s.mu.Lock()
+			if s.frozen {
+				// Frozen on its way out: it goes to the next process
+				// undelivered, which delivers it there.
+				s.unlock()
+				continue
+			}
+			s.gw.delivered = true
+			s.unlock()
+			return c, nil
+		case <-srv.closed:
+			return nil, ErrServerClosed
+		}
 	}
 }
 
@@ -403,6 +417,14 @@ func (srv *Server) handshakeLink(c net.Conn, fwd *forwarded) {
 		srv.refuse(c, frame.CodeValidation, h.Type.String()+" instead of HELLO or RESUME")
 		return
 	}
+	if h.Type == frame.TypeResume && srv.isFrozen() {
+		// Handing over: the session may be in the next process already
+		// (this one would answer NOT_FOUND). Closing makes the client
+		// retry, and reach the process that holds it. (A HELLO is told
+		// THROTTLED by hello.)
+		c.Close()
+		return
+	}
 	var binding []byte
 	if fwd != nil {
 		if h.Type != frame.TypeResume {
@@ -460,6 +482,10 @@ func (srv *Server) refuseRetry(c net.Conn, code Code, reason string, retry time.
 }
 
 // Retry delays suggested with REJECT THROTTLED: what frees the resource.
+// retryHandover is how soon a HELLO refused during a hand-over should be
+// tried again: the new process serves within a moment.
+const retryHandover = 100 * time.Millisecond
+
 func (srv *Server) retryBusy() time.Duration {
 	return 50 * time.Millisecond // a handshake slot frees in about a handshake's CPU time
 }
@@ -510,9 +536,9 @@ func (srv *Server) hello(ctx context.Context, c net.Conn, fr *frame.Reader, p []
 	// all pass a cap together. The reservation counts as a session and as
 	// an unconfirmed one until the session is registered or refused.
 	srv.mu.Lock()
-	n, draining := len(srv.sessions)+srv.reserved, srv.draining
+	n, draining, frozen := len(srv.sessions)+srv.reserved, srv.draining, srv.frozen
 	unconf, unconfSrc := srv.unconfirmed, srv.unconfirmedBy[source]
-	admitted := !draining && (srv.cfg.MaxSessions == 0 || n < srv.cfg.MaxSessions) &&
+	admitted := !draining && !frozen && (srv.cfg.MaxSessions == 0 || n < srv.cfg.MaxSessions) &&
 		unconfSrc < srv.cfg.MaxUnconfirmedPerSource && unconf < srv.cfg.MaxUnconfirmed
 	if admitted {
 		srv.reserved++
@@ -539,6 +565,10 @@ func (srv *Server) hello(ctx context.Context, c net.Conn, fr *frame.Reader, p []
 	}
 	deny := func(code Code, reason string) { denyRetry(code, reason, 0) }
 	switch {
+	case frozen:
+		srv.refused(RefuseHandover, frame.CodeThrottled, remote, "session refused: handing over to a new process")
+		denyRetry(frame.CodeThrottled, "gateway is handing over to a new process", retryHandover)
+		return
 	case draining:
 		srv.refused(RefuseDraining, frame.CodeShuttingDown, remote, "session refused: draining")
 		deny(frame.CodeShuttingDown, "gateway is draining")
@@ -617,6 +647,12 @@ func (srv *Server) hello(ctx context.Context, c net.Conn, fr *frame.Reader, p []
 		c.Close()
 		return
 	}
+	if srv.frozen {
+		srv.mu.Unlock()
+		srv.refused(RefuseHandover, frame.CodeThrottled, remote, "session refused: handing over to a new process")
+		denyRetry(frame.CodeThrottled, "gateway is handing over to a new process", retryHandover)
+		return
+	}
 	srv.sessions[s.id] = s
 	srv.reserved--
 	registered = true
@@ -641,46 +677,65 @@ func (srv *Server) hello(ctx context.Context, c net.Conn, fr *frame.Reader, p []
 	}
 	s.unlock()
 
-	conn := &Conn{s: s}
-	// Hand the session out only once the client has shown it got WELCOME
-	// (its first frame, or a resume), so that no upstream is dialed for a
-	// session nobody holds. Until then it costs only its own state, and
-	// only until the handshake deadline: a client whose link dropped right
-	// after WELCOME may resume within it, later it starts over.
+	srv.deliver(s, time.Time{})
+}
+
+// deliver hands s out by Accept once its client has shown it got WELCOME
+// (its first frame, or a resume), so that no upstream is dialed for a
+// session nobody holds. Until then it costs only its own state, and only
+// until the handshake deadline (or until, when set): a client whose link
+// dropped right after WELCOME may resume within it, later it starts
+// over. A session frozen meanwhile is left to the process it goes to.
+func (srv *Server) deliver(s *session, until time.Time) {
+	if until.IsZero() {
+		until = time.Now().Add(s.cfg.HandshakeTimeout)
+	}
+	wait := time.NewTimer(time.Until(until))
+	defer wait.Stop()
 	select {
 	case <-s.gw.confirmed:
 	case <-s.done:
 		return
-	case <-ctx.Done():
-		if srv.closedCtx.Err() != nil {
-			s.mu.Lock()
+	case <-srv.closed:
+		s.mu.Lock()
+		if !s.frozen {
 			s.abort(frame.CodeShuttingDown, "gateway closed")
+		}
+		s.unlock()
+		return
+	case <-wait.C:
+		s.mu.Lock()
+		switch {
+		case s.frozen:
 			s.unlock()
 			return
-		}
-		s.mu.Lock()
-		if isClosed(s.gw.confirmed) { // confirmed at the deadline
+		case isClosed(s.gw.confirmed): // confirmed at the deadline
 			s.unlock()
-			break
+		default:
+			s.gw.noTomb = true
+			s.abort(frame.CodeTimeout, "session not confirmed within the handshake timeout")
+			s.unlock()
+			srv.refused(RefuseUnconfirmedTimer, frame.CodeTimeout, nil, "session ended: not confirmed within the handshake timeout",
+				"session", s.id.String(), "source", s.gw.source)
+			return
 		}
-		s.gw.noTomb = true
-		s.abort(frame.CodeTimeout, "session not confirmed within the handshake timeout")
-		s.unlock()
-		srv.refused(RefuseUnconfirmedTimer, frame.CodeTimeout, remote, "session ended: not confirmed within the handshake timeout",
-			"session", s.id.String())
-		return
 	}
-	t := time.NewTimer(cfg.HandshakeTimeout)
+	conn := &Conn{s: s}
+	t := time.NewTimer(s.cfg.HandshakeTimeout)
 	defer t.Stop()
 	select {
 	case srv.accept <- conn:
 	case <-t.C:
 		s.mu.Lock()
-		s.abort(frame.CodeLimit, "gateway did not accept the session in time")
+		if !s.frozen {
+			s.abort(frame.CodeLimit, "gateway did not accept the session in time")
+		}
 		s.unlock()
 	case <-srv.closed:
 		s.mu.Lock()
-		s.abort(frame.CodeShuttingDown, "gateway closed")
+		if !s.frozen {
+			s.abort(frame.CodeShuttingDown, "gateway closed")
+		}
 		s.unlock()
 	}
 }
@@ -778,6 +833,13 @@ func (srv *Server) resume(c net.Conn, fr *frame.Reader, p []byte, binding []byte
 	if s.state == StateClosed {
 		s.unlock()
 		fail(RefuseResumeNotFound, frame.CodeNotFound, "session %v has ended", sid)
+		return
+	}
+	if s.frozen {
+		// Being handed over: the client retries and reaches the process
+		// that holds it next.
+		s.unlock()
+		c.Close()
 		return
 	}
 	used := s.gw.credCur

@@ -64,6 +64,10 @@ type session struct {
 	// CLOSE_WRITE is acked (RESET NONE tells the peer).
 	closeRequested bool
 
+	// frozen: stopped for a hand-over to another process (see
+	// snapshot.go): no link, no timers, calls return ErrFrozen.
+	frozen bool
+
 	expiry *time.Timer // reconnect timeout while DISCONNECTED
 
 	// rmu serializes Read and WriteTo, wmu Write and ReadFrom: WriteTo
@@ -130,6 +134,13 @@ type gatewayPart struct {
 	credPrev credential
 	hasPrev  bool
 	lastCtr  uint64
+	// delivered: Accept handed the session out (the proxy owns its
+	// upstream). A frozen session that was not is delivered by the
+	// process that restores it.
+	delivered bool
+	// unconfirmedUntil: a restored unconfirmed session ends then if its
+	// client has not shown up.
+	unconfirmedUntil time.Time
 }
 
 // Stats are a session's counters.
