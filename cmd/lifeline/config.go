@@ -156,8 +156,11 @@ type gatewayFile struct {
 	// links must open with a PROXY protocol header
 	// (--proxy-protocol-from): one string, comma-separated, or a list.
 	ProxyProtocolFrom addrList `yaml:"proxy_protocol_from"`
-	sessionFile       `yaml:",inline"`
-	Routes            []routeFile `yaml:"routes"`
+	// TrustClientAppAddr believes the application addresses clients
+	// state without mTLS too (--trust-client-app-addr).
+	TrustClientAppAddr bool `yaml:"trust_client_app_addr"`
+	sessionFile        `yaml:",inline"`
+	Routes             []routeFile `yaml:"routes"`
 }
 
 type listenerFile struct {
@@ -167,6 +170,9 @@ type listenerFile struct {
 	Transport   string             `yaml:"transport"`
 	TLS         transport.TLSFiles `yaml:"tls"`
 	sessionFile `yaml:",inline"`
+	// SendAppAddr states each application's address in HELLO
+	// (--send-app-addr).
+	SendAppAddr bool `yaml:"send_app_addr"`
 }
 
 type clientFile struct {

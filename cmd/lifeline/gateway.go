@@ -62,7 +62,8 @@ func startGateway(g *gatewayFile, log *slog.Logger, metrics proxy.Metrics, faile
 		}
 		tc = c
 	}
-	gw, err := proxy.NewGateway(proxy.GatewayConfig{Routes: routes, Server: sc, Logger: log, Metrics: metrics})
+	gw, err := proxy.NewGateway(proxy.GatewayConfig{Routes: routes, Server: sc, Logger: log, Metrics: metrics,
+		TrustAppAddr: trustAppAddr(g)})
 	if err != nil {
 		return nil, nil, usageError{err}
 	}

@@ -36,6 +36,13 @@ func checkProxyFrom(g *gatewayFile) error {
 	return nil
 }
 
+// trustAppAddr reports whether a gateway believes the application
+// addresses its clients state: every link is mTLS-authenticated (a client
+// certificate verified against --tls-ca), or the operator says so.
+func trustAppAddr(g *gatewayFile) bool {
+	return g.TrustClientAppAddr || transport.UsesTLS(g.Transport) && g.TLS.CA != ""
+}
+
 // proxyIn is the link listeners' PROXY protocol setting (nil: off). The
 // header's wait is bounded by the handshake timeout, which bounds the
 // rest of a link's opening too. g was checked (checkProxyFrom).
