@@ -19,6 +19,7 @@ type Balancer struct {
 
 	mu       sync.Mutex
 	backends []string
+	source   *net.TCPAddr // local address of backend connections; nil: any
 	down     []bool
 	next     int
 	pairs    map[*relayPair]struct{}
@@ -49,6 +50,14 @@ func (b *Balancer) Addr() string { return b.ln.Addr().String() }
 func (b *Balancer) SetDown(i int, down bool) {
 	b.mu.Lock()
 	b.down[i] = down
+	b.mu.Unlock()
+}
+
+// SetSource makes the balancer connect to its backends from ip (e.g.
+// 127.0.0.3, so that they see it at another address than its clients).
+func (b *Balancer) SetSource(ip string) {
+	b.mu.Lock()
+	b.source = &net.TCPAddr{IP: net.ParseIP(ip)}
 	b.mu.Unlock()
 }
 
@@ -87,9 +96,13 @@ func (b *Balancer) dial() (*net.TCPConn, int) {
 		}
 	}
 	b.next = (b.next + 1) % n
+	d := net.Dialer{}
+	if b.source != nil {
+		d.LocalAddr = b.source
+	}
 	b.mu.Unlock()
 	for _, i := range order {
-		c, err := net.Dial("tcp", b.backends[i])
+		c, err := d.Dial("tcp", b.backends[i])
 		if err == nil {
 			return c.(*net.TCPConn), i
 		}
