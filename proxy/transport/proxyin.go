@@ -328,8 +328,10 @@ func proxySignature(br *bufio.Reader) bool {
 
 func (c *proxyConn) fail(reason string, err error) {
 	c.setFailed(fmt.Errorf("%w (%s): %v", ErrProxyHeader, reason, err))
-	c.Conn.Close()
+	// Counted before the close, so that whoever sees the close sees
+	// the count.
 	c.l.refused(c, reason, err)
+	c.Conn.Close()
 }
 
 func (c *proxyConn) setFailed(err error) { c.failed.Store(&err) }
