@@ -304,9 +304,10 @@ func (g *Gateway) RestoreHandover(recs []*HandoverRecord) (*Taken, error) {
 }
 
 // RestoreHandover rebuilds the sessions of a hand-over, frozen, for the
-// client: routes are the client's listeners by address (as Serve will be
-// given them); a record names its listener.
-func (c *Client) RestoreHandover(recs []*HandoverRecord, routes map[string]ClientRoute) (*Taken, error) {
+// client: a record names its application listener, which must be served
+// here already (Serve called, paused: see PausableListener) with the
+// route the record names.
+func (c *Client) RestoreHandover(recs []*HandoverRecord) (*Taken, error) {
 	t := &Taken{c: &c.core}
 	t.start = func(it takenItem) {
 		if it.conn == nil {
@@ -327,17 +328,17 @@ func (c *Client) RestoreHandover(recs []*HandoverRecord, routes map[string]Clien
 			closeRecs(recs)
 			return nil, err
 		}
-		cr, ok := routes[r.Listen]
-		if !ok {
+		sr := c.servedAt(r.Listen)
+		if sr == nil {
 			return fail(fmt.Errorf("handover: listener %s (route %q) is not in this client's config", r.Listen, r.Route))
+		}
+		if sr.r.Route != r.Route && r.Kind == RecordSession {
+			return fail(fmt.Errorf("handover: listener %s serves route %q here, the session is on %q", r.Listen, sr.r.Route, r.Route))
 		}
 		if r.Kind == RecordUnspliced {
 			return fail(fmt.Errorf("handover: a gateway's record given to a client"))
 		}
-		cfg := c.withHooks(cr.session())
-		if cr.NewDialer != nil {
-			cfg.DialAddr = c.dialAddr(cr)
-		}
+		cr, cfg := sr.r, sr.cfg
 		it := takenItem{rec: r, cr: cr, cfg: cfg}
 		if r.Kind == RecordSession {
 			conn, err := resume.Restore(r.Snapshot, c.linkDial(cr), cfg)
@@ -396,4 +397,20 @@ func (t *Tracker) list() []*tracked {
 		xs = append(xs, x)
 	}
 	return xs
+}
+
+// servedAt is the route of the listener at addr, waiting a little for its
+// Serve to register it (Serve runs in its own goroutine).
+func (c *Client) servedAt(addr string) *servedRoute {
+	for deadline := time.Now().Add(time.Second); ; time.Sleep(5 * time.Millisecond) {
+		c.mu.Lock()
+		p := c.served[addr]
+		c.mu.Unlock()
+		if p != nil {
+			return p.Load()
+		}
+		if time.Now().After(deadline) {
+			return nil
+		}
+	}
 }

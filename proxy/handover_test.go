@@ -149,7 +149,6 @@ type fakeTaken struct {
 func (f *fakeTaken) Start()   { f.started = true }
 func (f *fakeTaken) Release() { f.released = true; closeRecs(f.recs) }
 
-
 // hoTCPPair returns both ends of a loopback TCP connection.
 func hoTCPPair(t *testing.T) (*net.TCPConn, *net.TCPConn) {
 	t.Helper()

@@ -25,7 +25,11 @@ func listenStream(cfg Config) (net.Listener, error) {
 			return nil, err
 		}
 	}
-	l, err := net.Listen("tcp", cfg.Addr)
+	listen := net.Listen
+	if cfg.ListenTCP != nil {
+		listen = cfg.ListenTCP
+	}
+	l, err := listen("tcp", cfg.Addr)
 	if err != nil {
 		return nil, err
 	}

@@ -38,6 +38,10 @@ type Config struct {
 	// Logger receives the transport's events (QUIC connections, the UDP
 	// buffer warning); nil: slog.Default().
 	Logger *slog.Logger
+	// ListenTCP, if set, opens the TCP socket of a tcp or tls listener
+	// instead of net.Listen (an upgrade in place passes listening sockets
+	// to the next process).
+	ListenTCP func(network, addr string) (net.Listener, error)
 	// ProxyIn, if set, makes a tcp or tls listener read PROXY protocol
 	// headers from the sources it trusts (see proxyin.go). quic refuses
 	// it: the header is a TCP stream's, not UDP's.
