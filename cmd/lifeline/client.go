@@ -14,7 +14,8 @@ import (
 // application listener and gateway dialer per listener entry, all opened
 // before any serves. A listener's fatal error goes to failed. It returns
 // the certificate stores that SIGHUP reloads.
-func startClient(c *clientFile, log *slog.Logger, metrics proxy.Metrics, failed chan<- error) (*proxy.Client, []*transport.CertStore, error) {
+// addrs gets each listener's address by its configured one (for reloads).
+func startClient(c *clientFile, log *slog.Logger, metrics proxy.Metrics, failed chan<- error, addrs map[string]string) (*proxy.Client, []*transport.CertStore, error) {
 	cl := proxy.NewClient(proxy.ClientConfig{Logger: log, Metrics: metrics})
 	var stores []*transport.CertStore
 	type pending struct {
@@ -58,9 +59,10 @@ func startClient(c *clientFile, log *slog.Logger, metrics proxy.Metrics, failed 
 			return fail(fmt.Errorf("cannot listen on %s: %s", l.Listen, errText(err)))
 		}
 		ps = append(ps, pending{ln, proxy.ClientRoute{Route: l.Route, Dialer: d, Session: sess, Gateway: l.Gateway,
-			NewDialer: movedDialer(tcfg), SendAppAddr: l.SendAppAddr}})
+			NewDialer: movedDialer(tcfg)}})
 	}
-	for _, p := range ps {
+	for i, p := range ps {
+		addrs[c.Listeners[i].Listen] = p.ln.Addr().String()
 		ln := p.ln
 		if testHookListener != nil {
 			ln = testHookListener(ln)

@@ -156,11 +156,8 @@ type gatewayFile struct {
 	// links must open with a PROXY protocol header
 	// (--proxy-protocol-from): one string, comma-separated, or a list.
 	ProxyProtocolFrom addrList `yaml:"proxy_protocol_from"`
-	// TrustClientAppAddr believes the application addresses clients
-	// state without mTLS too (--trust-client-app-addr).
-	TrustClientAppAddr bool `yaml:"trust_client_app_addr"`
-	sessionFile        `yaml:",inline"`
-	Routes             []routeFile `yaml:"routes"`
+	sessionFile       `yaml:",inline"`
+	Routes            []routeFile `yaml:"routes"`
 }
 
 type listenerFile struct {
@@ -170,9 +167,6 @@ type listenerFile struct {
 	Transport   string             `yaml:"transport"`
 	TLS         transport.TLSFiles `yaml:"tls"`
 	sessionFile `yaml:",inline"`
-	// SendAppAddr states each application's address in HELLO
-	// (--send-app-addr).
-	SendAppAddr bool `yaml:"send_app_addr"`
 }
 
 type clientFile struct {
@@ -192,6 +186,7 @@ type fileConfig struct {
 	StatusAddr     string       `yaml:"status_addr"`
 	AdminTokenFile string       `yaml:"admin_token_file"`
 	DrainTimeout   duration     `yaml:"drain_timeout"`
+	PIDFile        string       `yaml:"pid_file"`
 	Gateway        *gatewayFile `yaml:"gateway"`
 	Client         *clientFile  `yaml:"client"`
 }

@@ -31,14 +31,13 @@ type options struct {
 	statusAddr   string // --status-addr, its older name
 	tokenFile    string // --admin-token-file
 	drainTimeout duration
+	pidFile      string // --pid-file
 	// gateway limits ("auto" unless set)
 	maxSessions    autoInt
 	memoryBudget   autoSize
 	connectTimeout duration
 	proxyProtocol  int
 	proxyFrom      string // gateway: --proxy-protocol-from
-	trustApp       bool   // gateway: --trust-client-app-addr
-	sendApp        bool   // client: --send-app-addr
 	stateDir       string // gateway
 }
 
@@ -70,11 +69,9 @@ func newFlagSet(cmd string, o *options, stdout io.Writer) *flag.FlagSet {
 		fs.StringVar(&o.stateDir, "state-dir", "", "`directory` where a tls or quic gateway without --tls-cert keeps the key pair it generates once (default: "+stateDirHelp+"; here "+processStateDir()+")")
 		fs.IntVar(&o.proxyProtocol, "proxy-protocol", 0, "send a PROXY protocol header of this `version` (1 or 2) to the upstream, naming the client sidecar's address (0: off)")
 		fs.StringVar(&o.proxyFrom, "proxy-protocol-from", "", "`CIDRs` (comma-separated; or IP addresses) of load balancers whose link connections must open with a PROXY protocol v1/v2 header naming the real client; a header from any other source is refused (tcp and tls transports only)")
-		fs.BoolVar(&o.trustApp, "trust-client-app-addr", false, "believe the application addresses clients state (--send-app-addr) on links without mTLS too, and name them to upstreams with --proxy-protocol (with --tls-ca they are believed anyway)")
 	} else {
 		fs.StringVar(&o.listen, "listen", "", "local `address` applications connect to, e.g. 127.0.0.1:6380")
 		fs.StringVar(&o.gateway, "gateway", "", "gateway `address`, e.g. gw.example.net:7000")
-		fs.BoolVar(&o.sendApp, "send-app-addr", false, "state each application's address in its session's HELLO, for a gateway that names it to its upstream in a PROXY header (gateways of builds before this flag refuse such sessions)")
 	}
 	fs.StringVar(&o.route, "route", defaultRoute, "route `name` (the gateway maps it to an upstream)")
 	fs.StringVar(&o.transport, "transport", defaultTransport, "link transport: tls, quic, or tcp (unauthenticated and unencrypted: for trusted networks only)")
@@ -106,6 +103,7 @@ func newFlagSet(cmd string, o *options, stdout io.Writer) *flag.FlagSet {
 	fs.StringVar(&o.statusAddr, "status-addr", "", "older name of --admin-addr")
 	fs.StringVar(&o.tokenFile, "admin-token-file", "", "`file` holding the bearer token the admin API's /sessions requests must carry (re-read when it changes)")
 	fs.Var(durationFlag{&o.drainTimeout}, "drain-timeout", "on SIGTERM/SIGINT, let sessions finish this long, then close them")
+	fs.StringVar(&o.pidFile, "pid-file", "", "`file` to write the process id to once serving (removed at exit; kept current across USR2 upgrades); refuses to start if it names a running lifeline")
 	fs.Usage = func() {
 		fmt.Fprintf(stdout, "Usage of lifeline %s:\n", cmd)
 		fs.SetOutput(stdout)

@@ -29,19 +29,9 @@ func startGateway(g *gatewayFile, log *slog.Logger, metrics proxy.Metrics, faile
 	if g.MaxHandshakes > 0 {
 		sc.MaxHandshakes = g.MaxHandshakes
 	}
-	var routes []proxy.Route
-	for _, r := range g.Routes {
-		ct := r.ConnectTimeout.D
-		if !r.ConnectTimeout.Set && g.ConnectTimeout.Set {
-			ct = g.ConnectTimeout.D
-		}
-		rs, err := g.sessionFile.over(r.sessionFile).sessionConfigFor(g.Transport)
-		if err != nil {
-			return nil, nil, usageError{fmt.Errorf("route %q: %w", r.Name, err)}
-		}
-		rs.Logger = log
-		routes = append(routes, proxy.Route{Name: r.Name, Upstream: r.Upstream, ConnectTimeout: ct,
-			ProxyProtocol: r.ProxyProtocol, Session: rs})
+	routes, err := gatewayRoutes(g, log)
+	if err != nil {
+		return nil, nil, usageError{err}
 	}
 	var store *transport.CertStore
 	var id *transport.GatewayIdentity
@@ -62,8 +52,7 @@ func startGateway(g *gatewayFile, log *slog.Logger, metrics proxy.Metrics, faile
 		}
 		tc = c
 	}
-	gw, err := proxy.NewGateway(proxy.GatewayConfig{Routes: routes, Server: sc, Logger: log, Metrics: metrics,
-		TrustAppAddr: trustAppAddr(g)})
+	gw, err := proxy.NewGateway(proxy.GatewayConfig{Routes: routes, Server: sc, Logger: log, Metrics: metrics})
 	if err != nil {
 		return nil, nil, usageError{err}
 	}
@@ -110,4 +99,25 @@ func startGateway(g *gatewayFile, log *slog.Logger, metrics proxy.Metrics, faile
 		stores = append(stores, store)
 	}
 	return gw, stores, nil
+}
+
+// gatewayRoutes builds the gateway's routes from its config section, each
+// with its session settings (the gateway's, overridden by the route's);
+// at start and at every config reload.
+func gatewayRoutes(g *gatewayFile, log *slog.Logger) ([]proxy.Route, error) {
+	var routes []proxy.Route
+	for _, r := range g.Routes {
+		ct := r.ConnectTimeout.D
+		if !r.ConnectTimeout.Set && g.ConnectTimeout.Set {
+			ct = g.ConnectTimeout.D
+		}
+		rs, err := g.sessionFile.over(r.sessionFile).sessionConfigFor(g.Transport)
+		if err != nil {
+			return nil, fmt.Errorf("route %q: %w", r.Name, err)
+		}
+		rs.Logger = log
+		routes = append(routes, proxy.Route{Name: r.Name, Upstream: r.Upstream, ConnectTimeout: ct,
+			ProxyProtocol: r.ProxyProtocol, Session: rs})
+	}
+	return routes, nil
 }

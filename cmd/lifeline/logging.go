@@ -19,6 +19,12 @@ func parseLevel(s string) (slog.Level, error) {
 // checked before (parseOptions).
 func newLogger(w io.Writer, format, level string) *slog.Logger {
 	lv, _ := parseLevel(level)
+	return newLoggerVar(w, format, lv)
+}
+
+// newLoggerVar is newLogger at a level that can change while it runs (a
+// config reload sets log.level).
+func newLoggerVar(w io.Writer, format string, lv slog.Leveler) *slog.Logger {
 	opts := &slog.HandlerOptions{Level: lv}
 	if format == "json" {
 		return slog.New(slog.NewJSONHandler(w, opts))

@@ -21,8 +21,24 @@ func runProxy(cmd string, args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	log := newLogger(stderr, st.logFormat, st.logLevel)
+	level := new(slog.LevelVar)
+	if lv, err := parseLevel(st.logLevel); err == nil {
+		level.Set(lv)
+	}
+	log := newLoggerVar(stderr, st.logFormat, level)
 	metrics := proxy.NewPromMetrics()
+	if st.pidFile != "" {
+		// Before anything listens: a second lifeline on the same pid
+		// file does not start.
+		stale, err := checkPIDFile(st.pidFile)
+		if err != nil {
+			return err
+		}
+		if stale != "" {
+			log.Warn("pid file is stale; overwriting it", "file", st.pidFile, "why", stale)
+		}
+	}
+	rl := newReloader(cmd, st, log, level, metrics.Registry())
 
 	sigs, stopSignals := notifySignals()
 	defer stopSignals()
@@ -50,13 +66,15 @@ func runProxy(cmd string, args []string, stdout, stderr io.Writer) error {
 			return err
 		}
 		srv, stores = gw, s
+		rl.gw = gw
 		admin, aerr = proxy.GatewayAdmin(gw, acfg)
 	} else {
-		cl, s, err := startClient(st.fc.Client, log, metrics, failed)
+		cl, s, err := startClient(st.fc.Client, log, metrics, failed, rl.clientAddrs)
 		if err != nil {
 			return err
 		}
 		srv, stores = cl, s
+		rl.cl = cl
 		admin, aerr = proxy.ClientAdmin(cl, acfg)
 	}
 	if aerr != nil {
@@ -71,7 +89,24 @@ func runProxy(cmd string, args []string, stdout, stderr io.Writer) error {
 		}
 		defer stop()
 	}
-	return waitForSignals(log, sigs, failed, srv, stores, st.drainTimeout)
+	rl.stores = stores
+	if st.pidFile != "" {
+		// Written once serving, so that it never names a process that
+		// failed to start. (An upgrade's new process: see pidfile.go.)
+		if err := writePIDFile(st.pidFile); err != nil {
+			srv.Close()
+			return err
+		}
+		defer func() {
+			if err := removePIDFile(st.pidFile); err != nil {
+				log.Warn("pid file not removed", "err", err)
+			}
+		}()
+	}
+	if err := sdNotify("READY=1"); err != nil {
+		log.Warn("sd_notify", "err", err)
+	}
+	return waitForSignals(log, sigs, failed, srv, rl)
 }
 
 // serveAdmin serves the admin API h on addr until stop.

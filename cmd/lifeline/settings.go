@@ -19,6 +19,11 @@ type settings struct {
 	adminAddr    string // the admin API's address ("": none)
 	tokenFile    string // its bearer token ("": none asked for)
 	drainTimeout time.Duration
+	pidFile      string // --pid-file ("": none)
+	// What a reload needs to read the config file again with the same
+	// precedence: the flags as given, and which were set.
+	opts *options
+	set  map[string]bool
 }
 
 // parseOptions parses the flags of gateway or client, reads --config if
@@ -45,6 +50,7 @@ func parseOptions(cmd string, args []string, stdout io.Writer) (*settings, error
 	if err != nil {
 		return nil, err
 	}
+	st.opts, st.set = &o, set
 	st.fc = st.fc.withDefaults()
 	if err := st.check(cmd, o.config); err != nil {
 		return nil, err
@@ -53,12 +59,13 @@ func parseOptions(cmd string, args []string, stdout io.Writer) (*settings, error
 }
 
 // settingsFromFile reads the config file of --config. Only the flags for
-// logging, the admin API, drain and the state directory may be set with
-// it; they take precedence over the file.
+// logging, the admin API, drain, the state directory and the pid file may
+// be set with it; they take precedence over the file, at start and at
+// every reload (SIGHUP).
 func settingsFromFile(o *options, set map[string]bool) (*settings, error) {
 	for name := range set {
 		switch name {
-		case "config", "log-format", "log-level", "admin-addr", "status-addr", "admin-token-file", "drain-timeout", "state-dir":
+		case "config", "log-format", "log-level", "admin-addr", "status-addr", "admin-token-file", "drain-timeout", "state-dir", "pid-file":
 		default:
 			return nil, usagef("--%s cannot be combined with --config; set it in the file", name)
 		}
@@ -91,6 +98,10 @@ func settingsFromFile(o *options, set map[string]bool) (*settings, error) {
 	if !set["drain-timeout"] && fc.DrainTimeout.Set {
 		st.drainTimeout = fc.DrainTimeout.D
 	}
+	st.pidFile = o.pidFile
+	if !set["pid-file"] && fc.PIDFile != "" {
+		st.pidFile = fc.PIDFile
+	}
 	if set["state-dir"] && fc.Gateway != nil {
 		fc.Gateway.StateDir = o.stateDir
 	}
@@ -106,7 +117,8 @@ func settingsFromFlags(cmd string, o *options, set map[string]bool) (*settings, 
 	if err != nil {
 		return nil, err
 	}
-	st := &settings{logFormat: o.logFormat, logLevel: o.logLevel, adminAddr: adminAddr, tokenFile: o.tokenFile, drainTimeout: o.drainTimeout.D}
+	st := &settings{logFormat: o.logFormat, logLevel: o.logLevel, adminAddr: adminAddr, tokenFile: o.tokenFile, drainTimeout: o.drainTimeout.D,
+		pidFile: o.pidFile}
 	sess := o.session
 	if !set["reconnect-strategy"] {
 		sess.ReconnectStrategy = "" // the file's way of saying the default
@@ -121,8 +133,6 @@ func settingsFromFlags(cmd string, o *options, set map[string]bool) (*settings, 
 		g := &gatewayFile{Listen: o.listens, Transport: o.transport, TLS: o.tls, MaxSessions: o.maxSessions,
 			MemoryBudget: o.memoryBudget, StateDir: o.stateDir, ConnectTimeout: o.connectTimeout, sessionFile: sess,
 			Routes: []routeFile{{Name: o.route, Upstream: o.upstream, ConnectTimeout: o.connectTimeout, ProxyProtocol: o.proxyProtocol}}}
-		g.ProxyProtocolFrom = proxyFromFlag(o.proxyFrom, set["proxy-protocol-from"])
-		g.TrustClientAppAddr = o.trustApp
 		st.fc = &fileConfig{Gateway: g}
 	} else {
 		if o.listen == "" || o.gateway == "" {
@@ -130,7 +140,6 @@ func settingsFromFlags(cmd string, o *options, set map[string]bool) (*settings, 
 		}
 		st.fc = &fileConfig{Client: &clientFile{Listeners: []listenerFile{{Listen: o.listen, Gateway: o.gateway,
 			Route: o.route, Transport: o.transport, TLS: o.tls, sessionFile: sess}}}}
-		st.fc.Client.Listeners[0].SendAppAddr = o.sendApp
 	}
 	return st, nil
 }

@@ -13,7 +13,7 @@ import (
 
 // The signals a gateway or client handles: SIGTERM and SIGINT drain the
 // sessions and stop, a second one stops at once; SIGHUP reloads the TLS
-// certificates.
+// certificates and the config file (reload.go).
 var (
 	shutdownSignals = []os.Signal{syscall.SIGTERM, syscall.SIGINT}
 	reloadSignals   = []os.Signal{syscall.SIGHUP}
@@ -43,10 +43,10 @@ type server interface {
 }
 
 // waitForSignals serves until a shutdown signal, then drains srv for at
-// most drainTimeout and returns nil; or until a listener fails for good
-// (on failed), then closes srv and returns the listener's error. A reload
-// signal reloads every certificate store in stores.
-func waitForSignals(log *slog.Logger, sigs <-chan os.Signal, failed <-chan error, srv server, stores []*transport.CertStore, drainTimeout time.Duration) error {
+// most the drain timeout and returns nil; or until a listener fails for
+// good (on failed), then closes srv and returns the listener's error. A
+// reload signal reloads the certificates and the config file (rl).
+func waitForSignals(log *slog.Logger, sigs <-chan os.Signal, failed <-chan error, srv server, rl *reloader) error {
 	for {
 		var sig os.Signal
 		select {
@@ -57,10 +57,10 @@ func waitForSignals(log *slog.Logger, sigs <-chan os.Signal, failed <-chan error
 			return err
 		}
 		if isReloadSignal(sig) {
-			reloadCerts(log, stores)
+			rl.reload()
 			continue
 		}
-		drain(log, sig, sigs, srv, drainTimeout)
+		drain(log, sig, sigs, srv, rl.drainTimeout())
 		return nil
 	}
 }
@@ -81,6 +81,9 @@ func reloadCerts(log *slog.Logger, stores []*transport.CertStore) {
 // then the rest are closed; another signal closes them at once.
 func drain(log *slog.Logger, sig os.Signal, sigs <-chan os.Signal, srv server, timeout time.Duration) {
 	log.Info("draining", "signal", sig.String(), "timeout", timeout)
+	if err := sdNotify("STOPPING=1"); err != nil {
+		log.Warn("sd_notify", "err", err)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	done := make(chan error, 1)
