@@ -1,19 +1,12 @@
-//go:build handover
-
 package proxy
 
 import (
-	"errors"
 	"fmt"
 	"net"
 	"time"
 
 	"github.com/lifeline-proxy/lifeline/resume"
 )
-
-func init() {
-	isFrozen = func(err error) bool { return errors.Is(err, resume.ErrFrozen) }
-}
 
 // undeliveredGrace is how long the gateway's freeze waits for a session
 // that the session server had handed out (Accept) just before it froze

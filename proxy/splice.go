@@ -231,8 +231,8 @@ const causeHandover = "handover"
 type spliceFrom struct{ UpDone, DownDone bool }
 
 // isFrozen reports whether err says the session was frozen for a
-// hand-over (resume.ErrFrozen).
-var isFrozen = func(err error) bool { return false }
+// hand-over.
+func isFrozen(err error) bool { return errors.Is(err, resume.ErrFrozen) }
 
 // sessionCode maps a session error to the code that aborts the splice.
 // The session has already ended, so Reset only releases it.

@@ -53,7 +53,7 @@ func startClient(c *clientFile, log *slog.Logger, metrics proxy.Metrics, failed 
 		if err != nil {
 			return fail(err)
 		}
-		ln, err := net.Listen("tcp", l.Listen)
+		ln, err := appListen("tcp", l.Listen)
 		if err != nil {
 			d.Close()
 			return fail(fmt.Errorf("cannot listen on %s: %s", l.Listen, errText(err)))

@@ -15,6 +15,7 @@ import (
 // main dispatches to the commands: gateway and client (serve.go),
 // sessions (sessions.go), demo, bench, version and help.
 func main() {
+	upgradesEnabled = true // the real binary: USR2 upgrades it in place (upgrade.go)
 	os.Exit(withCPUProfile(os.Stderr, func() int { return run(os.Args[1:], os.Stdout, os.Stderr) }))
 }
 

@@ -39,6 +39,10 @@ func runProxy(cmd string, args []string, stdout, stderr io.Writer) error {
 		}
 	}
 	rl := newReloader(cmd, st, log, level, metrics.Registry())
+	up, err := startUpgrader(log) // before any listener: they are shared with the next process
+	if err != nil {
+		return err
+	}
 
 	sigs, stopSignals := notifySignals()
 	defer stopSignals()
@@ -90,6 +94,12 @@ func runProxy(cmd string, args []string, stdout, stderr io.Writer) error {
 		defer stop()
 	}
 	rl.stores = stores
+	// The new process of an upgrade takes the old one's sessions before
+	// it serves (its listeners are paused until then).
+	if err := up.takeOver(srv); err != nil {
+		srv.Close()
+		return err
+	}
 	if st.pidFile != "" {
 		// Written once serving, so that it never names a process that
 		// failed to start. (An upgrade's new process: see pidfile.go.)
@@ -103,6 +113,9 @@ func runProxy(cmd string, args []string, stdout, stderr io.Writer) error {
 			}
 		}()
 	}
+	if err := up.ready(); err != nil {
+		log.Warn("upgrade: readiness", "err", err)
+	}
 	if err := sdNotify("READY=1"); err != nil {
 		log.Warn("sd_notify", "err", err)
 	}
@@ -111,7 +124,7 @@ func runProxy(cmd string, args []string, stdout, stderr io.Writer) error {
 
 // serveAdmin serves the admin API h on addr until stop.
 func serveAdmin(addr string, h http.Handler, token bool, log *slog.Logger, failed chan<- error) (stop func(), err error) {
-	ln, err := net.Listen("tcp", addr)
+	ln, err := adminListen("tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("cannot listen on admin address %s: %v", addr, errText(err))
 	}

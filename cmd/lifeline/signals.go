@@ -23,7 +23,7 @@ var (
 // ends that.
 func notifySignals() (sigs <-chan os.Signal, stop func()) {
 	c := make(chan os.Signal, 4)
-	signal.Notify(c, append(append([]os.Signal{}, shutdownSignals...), reloadSignals...)...)
+	signal.Notify(c, append(append(append([]os.Signal{}, shutdownSignals...), reloadSignals...), upgradeSignals...)...)
 	return c, func() { signal.Stop(c) }
 }
 
@@ -58,6 +58,12 @@ func waitForSignals(log *slog.Logger, sigs <-chan os.Signal, failed <-chan error
 		}
 		if isReloadSignal(sig) {
 			rl.reload()
+			continue
+		}
+		if isUpgradeSignal(sig) {
+			if upgradeOnSignal(log, srv) {
+				return nil // the new process has the sessions and serves
+			}
 			continue
 		}
 		drain(log, sig, sigs, srv, rl.drainTimeout())

@@ -13,6 +13,7 @@ import (
 	"github.com/cloudflare/tableflip"
 
 	"github.com/lifeline-proxy/lifeline/proxy"
+	"github.com/lifeline-proxy/lifeline/resume"
 )
 
 // In-place upgrades (kill -USR2, issue 12; docs/operations.md "Upgrading
@@ -161,14 +162,6 @@ func (u *upgrader) shared(kinds ...string) []*sharedListener {
 	return out
 }
 
-// The session side of a hand-over (upgrade_handover.go): nil in a
-// binary built without it, whose upgrades then fail cleanly.
-var (
-	freezeSessions  func(srv server, wait time.Duration) (proxy.HandoverBatch, error)
-	restoreSessions func(srv server, recs []*proxy.HandoverRecord) (proxy.HandoverTaken, error)
-	snapshotVersion uint16
-)
-
 // takeOver is the new process's start: it asks the old one for its
 // sessions, restores them, and on COMMIT starts them and its listeners.
 // A process that is not the new one of an upgrade does nothing. An error
@@ -179,7 +172,7 @@ func (u *upgrader) takeOver(srv server) error {
 	}
 	defer u.parent.Close()
 	hello := proxy.HandoverHello{Protocol: proxy.HandoverProtocol, RecordVersion: proxy.HandoverRecordVersion,
-		SnapshotVersion: snapshotVersion, Version: versionString()}
+		SnapshotVersion: resume.SnapshotVersion, Version: versionString()}
 	restore := func(recs []*proxy.HandoverRecord) (proxy.HandoverTaken, error) {
 		if os.Getenv(refuseEnv) == "1" {
 			for _, r := range recs {
@@ -189,15 +182,13 @@ func (u *upgrader) takeOver(srv server) error {
 			}
 			return nil, fmt.Errorf("refused for a test (%s=1)", refuseEnv)
 		}
-		if restoreSessions == nil {
-			for _, r := range recs {
-				if r.File != nil {
-					r.File.Close()
-				}
-			}
-			return nil, errors.New("this binary was built without session hand-over")
+		switch s := srv.(type) {
+		case *proxy.Gateway:
+			return s.RestoreHandover(recs)
+		case *proxy.Client:
+			return s.RestoreHandover(recs)
 		}
-		return restoreSessions(srv, recs)
+		return nil, fmt.Errorf("%T cannot take sessions", srv)
 	}
 	taken, n, err := proxy.RequestHandover(u.parent, hello, restore, handoverTimeout)
 	if err != nil {
@@ -227,10 +218,6 @@ func (u *upgrader) ready() error {
 // has). False: the upgrade failed, was rolled back and logged, and this
 // process goes on serving.
 func (u *upgrader) upgrade(srv server) bool {
-	if freezeSessions == nil {
-		u.log.Error("upgrade failed; still serving", "err", "this binary was built without session hand-over")
-		return false
-	}
 	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
 	if err != nil {
 		u.log.Error("upgrade: socket pair", "err", err)
@@ -268,33 +255,55 @@ func (u *upgrader) upgrade(srv server) bool {
 		res, err := proxy.ServeHandover(conn, func() (proxy.HandoverBatch, error) { return u.freeze(srv) }, handoverTimeout)
 		handed <- outcome{res, err}
 	}()
-	var ho outcome
+	var (
+		ho    outcome
+		upErr error
+		upGot bool
+	)
 	select {
 	case ho = <-handed:
-	case err := <-upgraded:
-		// The new process ended (or timed out) first: nothing of ours is
-		// in its hands unless DONE came, which ServeHandover sees.
-		conn.Close()
-		ho = <-handed
-		if ho.err == nil {
-			u.log.Error("upgrade: the new process took the sessions and then failed; they are lost", "err", err)
-		} else {
-			u.log.Error("upgrade failed; still serving", "err", err, "handover", ho.err)
+	case upErr = <-upgraded:
+		upGot = true
+		switch {
+		case upErr == nil:
+			// Ready: the new process wrote DONE before it said so.
+			ho = <-handed
+		default:
+			// The new process ended (or timed out) first: nothing of
+			// ours is in its hands unless DONE came, which ServeHandover
+			// sees. What it wrote before it went (a REFUSE) is still to
+			// be read: a moment for that, then the socket closes under
+			// any wait.
+			select {
+			case ho = <-handed:
+			case <-time.After(time.Second):
+				conn.Close()
+				ho = <-handed
+			}
 		}
-		u.resume()
-		return false
 	}
 	if ho.err != nil {
+		// Rolled back: the listeners accept again (batch.Rollback).
 		u.log.Error("upgrade failed; the sessions stay here and this process goes on serving", "err", ho.err,
 			"new_version", ho.res.Peer.Version, "new_pid", ho.res.Peer.Pid)
-		<-upgraded // the new process exits without COMMIT (bounded by tableflip's timeout)
+		if !upGot {
+			upErr = <-upgraded // the new process exits without COMMIT (bounded by tableflip's timeout)
+		}
+		if upErr == nil {
+			// It said it serves without our sessions (no hand-over
+			// code?): two processes now accept; this one drains.
+			u.log.Error("upgrade: the new process serves without the sessions; this one goes on until they end")
+		}
 		return false
 	}
 	u.log.Info("upgrade: sessions handed over", "sessions", ho.res.Sessions, "new_version", ho.res.Peer.Version, "new_pid", ho.res.Peer.Pid)
-	if err := <-upgraded; err != nil {
+	if !upGot {
+		upErr = <-upgraded
+	}
+	if upErr != nil {
 		// Committed: the sessions are the new process's, whatever
 		// became of it. New connections come here again.
-		u.log.Error("upgrade: the new process failed after taking the sessions", "err", err)
+		u.log.Error("upgrade: the new process failed after taking the sessions", "err", upErr)
 		u.resume()
 		return false
 	}
@@ -311,7 +320,18 @@ func (u *upgrader) freeze(srv server) (proxy.HandoverBatch, error) {
 			return nil, err
 		}
 	}
-	b, err := freezeSessions(srv, freezeWait)
+	var (
+		b   proxy.HandoverBatch
+		err error
+	)
+	switch s := srv.(type) {
+	case *proxy.Gateway:
+		b, err = s.FreezeForHandover(freezeWait)
+	case *proxy.Client:
+		b, err = s.FreezeForHandover(freezeWait)
+	default:
+		err = fmt.Errorf("%T cannot hand sessions over", srv)
+	}
 	if err != nil {
 		u.resume()
 		return nil, err
