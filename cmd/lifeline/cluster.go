@@ -79,34 +79,36 @@ func nodeName(nodeID string, listen []string) string {
 // startCluster gives sc the gateway's node id (from nodeID, else derived
 // from listen) and, if cf enables it, starts its peer layer (nil
 // otherwise). The caller owns the cluster until a Gateway takes it.
-func startCluster(nodeID string, listen []string, cf clusterFile, sc *resume.ServerConfig, log *slog.Logger, metrics proxy.Metrics) (*proxy.Cluster, error) {
+// logNode logs the node's name and id; call it once the gateway listens
+// (a start that fails says only why).
+func startCluster(nodeID string, listen []string, cf clusterFile, sc *resume.ServerConfig, log *slog.Logger, metrics proxy.Metrics) (cl *proxy.Cluster, logNode func(), err error) {
 	name := nodeName(nodeID, listen)
 	if err := proxy.ValidateNodeName(name); err != nil {
 		// A derived name with characters a name may not have (a host
 		// name with spaces): ask for one.
-		return nil, usagef("%v; set --node-id", err)
+		return nil, nil, usagef("%v; set --node-id", err)
 	}
 	sc.NodeID = proxy.NodeIDOf(name)
+	logNode = func() {
+		log.Info("gateway node", "node", name, "node_id", sc.NodeID.String(), "cluster", cl != nil)
+	}
 	if !cf.enabled() {
-		log.Info("gateway node", "node", name, "node_id", sc.NodeID.String(), "cluster", false)
-		return nil, nil
+		return nil, logNode, nil
 	}
 	key, err := proxy.ReadClusterKey(cf.KeyFile)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	var reg prometheus.Registerer
 	if pm, ok := metrics.(*proxy.PromMetrics); ok {
 		reg = pm.Registry()
 	}
-	cl, err := proxy.NewCluster(proxy.ClusterConfig{NodeName: name, Key: key, Listen: cf.Listen, Peers: cf.Peers,
+	cl, err = proxy.NewCluster(proxy.ClusterConfig{NodeName: name, Key: key, Listen: cf.Listen, Peers: cf.Peers,
 		Logger: log, Registry: reg})
 	if err != nil {
-		return nil, fmt.Errorf("cluster: %w", err)
+		return nil, nil, fmt.Errorf("cluster: %w", err)
 	}
-	log.Info("gateway node", "node", name, "node_id", sc.NodeID.String(), "cluster", true,
-		"cluster_listen", cl.Addr().String(), "peers", len(cf.Peers))
-	return cl, nil
+	return cl, logNode, nil
 }
 
 // commaListFlag sets a list from one comma-separated value (and appends

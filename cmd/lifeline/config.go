@@ -156,8 +156,11 @@ type gatewayFile struct {
 	// links must open with a PROXY protocol header
 	// (--proxy-protocol-from): one string, comma-separated, or a list.
 	ProxyProtocolFrom addrList `yaml:"proxy_protocol_from"`
-	sessionFile       `yaml:",inline"`
-	Routes            []routeFile `yaml:"routes"`
+	// NodeID and Cluster: cluster.go.
+	NodeID      string      `yaml:"node_id"`
+	Cluster     clusterFile `yaml:"cluster"`
+	sessionFile `yaml:",inline"`
+	Routes      []routeFile `yaml:"routes"`
 }
 
 type listenerFile struct {
@@ -486,7 +489,7 @@ func validateGateway(g *gatewayFile) error {
 			return fmt.Errorf("gateway route %q: %v", r.Name, err)
 		}
 	}
-	return nil
+	return validateCluster(g.NodeID, g.Cluster)
 }
 
 // validateClient checks a client section, defaults filled in

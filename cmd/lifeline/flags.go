@@ -39,6 +39,9 @@ type options struct {
 	proxyProtocol  int
 	proxyFrom      string // gateway: --proxy-protocol-from
 	stateDir       string // gateway
+	// gateway cluster (cluster.go)
+	nodeID, clusterListen, clusterKeyFile string
+	clusterPeers                          addrList
 }
 
 // newFlagSet defines the flags of gateway or client on o. The defaults
@@ -67,6 +70,10 @@ func newFlagSet(cmd string, o *options, stdout io.Writer) *flag.FlagSet {
 		fs.Var(autoSizeFlag{&o.memoryBudget}, "memory-budget", "`bytes` of buffers for all sessions, new sessions refused beyond (default auto: a quarter of the machine's memory or of its cgroup's limit; 0: no limit)")
 		fs.Var(durationFlag{&o.connectTimeout}, "connect-timeout", "upstream connect timeout; the application gets a reset past it")
 		fs.StringVar(&o.stateDir, "state-dir", "", "`directory` where a tls or quic gateway without --tls-cert keeps the key pair it generates once (default: "+stateDirHelp+"; here "+processStateDir()+")")
+		fs.StringVar(&o.nodeID, "node-id", "", "this gateway's `name` in a cluster, hashed into the ids of the sessions it creates (default: host name/first --listen address)")
+		fs.StringVar(&o.clusterListen, "cluster-listen", "", "UDP `address` the other gateways of the cluster connect to, e.g. 0.0.0.0:7100")
+		fs.Var(commaListFlag{&o.clusterPeers}, "cluster-peers", "the cluster's gateways' cluster addresses, `host:port,...` (this one's may be among them)")
+		fs.StringVar(&o.clusterKeyFile, "cluster-key-file", "", "`file` holding the cluster's shared secret (at least 32 bytes, mode 0600), which authenticates the gateways to each other")
 		fs.IntVar(&o.proxyProtocol, "proxy-protocol", 0, "send a PROXY protocol header of this `version` (1 or 2) to the upstream, naming the client sidecar's address (0: off)")
 		fs.StringVar(&o.proxyFrom, "proxy-protocol-from", "", "`CIDRs` (comma-separated; or IP addresses) of load balancers whose link connections must open with a PROXY protocol v1/v2 header naming the real client; a header from any other source is refused (tcp and tls transports only)")
 	} else {

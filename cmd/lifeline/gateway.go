@@ -52,8 +52,15 @@ func startGateway(g *gatewayFile, log *slog.Logger, metrics proxy.Metrics, faile
 		}
 		tc = c
 	}
-	gw, err := proxy.NewGateway(proxy.GatewayConfig{Routes: routes, Server: sc, Logger: log, Metrics: metrics})
+	cl, logNode, err := startCluster(g.NodeID, g.Listen, g.Cluster, sc, log, metrics)
 	if err != nil {
+		return nil, nil, err
+	}
+	gw, err := proxy.NewGateway(proxy.GatewayConfig{Routes: routes, Server: sc, Logger: log, Metrics: metrics, Cluster: cl})
+	if err != nil {
+		if cl != nil {
+			cl.Close()
+		}
 		return nil, nil, usageError{err}
 	}
 	pin := proxyIn(g, sess.HandshakeTimeout, metrics)
@@ -61,7 +68,7 @@ func startGateway(g *gatewayFile, log *slog.Logger, metrics proxy.Metrics, faile
 	// fails the start.
 	var lls []net.Listener
 	for _, addr := range g.Listen {
-		ll, err := transport.Listen(transport.Config{Name: g.Transport, Addr: addr, TLS: tc, Logger: log, ProxyIn: pin, ListenTCP: linkListen})
+		ll, err := transport.Listen(transport.Config{Name: g.Transport, Addr: addr, TLS: tc, Logger: log, ProxyIn: pin})
 		if err != nil {
 			for _, l := range lls {
 				l.Close()
@@ -88,6 +95,7 @@ func startGateway(g *gatewayFile, log *slog.Logger, metrics proxy.Metrics, faile
 			"reconnect_timeout", sess.ReconnectTimeout, "mtls", g.TLS.CA != "", "proxy_protocol_from", strings.Join(g.ProxyProtocolFrom, ","))
 	}
 	logLimits()
+	logNode()
 	if id != nil {
 		logGatewayPin(log, id, g.Transport, lls[0].Addr())
 	}

@@ -132,6 +132,7 @@ func settingsFromFlags(cmd string, o *options, set map[string]bool) (*settings, 
 		}
 		g := &gatewayFile{Listen: o.listens, Transport: o.transport, TLS: o.tls, MaxSessions: o.maxSessions,
 			MemoryBudget: o.memoryBudget, StateDir: o.stateDir, ConnectTimeout: o.connectTimeout, sessionFile: sess,
+			NodeID: o.nodeID, Cluster: clusterFile{Listen: o.clusterListen, Peers: o.clusterPeers, KeyFile: o.clusterKeyFile},
 			Routes: []routeFile{{Name: o.route, Upstream: o.upstream, ConnectTimeout: o.connectTimeout, ProxyProtocol: o.proxyProtocol}}}
 		st.fc = &fileConfig{Gateway: g}
 	} else {
