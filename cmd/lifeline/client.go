@@ -59,7 +59,7 @@ func startClient(c *clientFile, log *slog.Logger, metrics proxy.Metrics, failed 
 			return fail(fmt.Errorf("cannot listen on %s: %s", l.Listen, errText(err)))
 		}
 		ps = append(ps, pending{ln, proxy.ClientRoute{Route: l.Route, Dialer: d, Session: sess, Gateway: l.Gateway,
-			NewDialer: movedDialer(tcfg)}})
+			NewDialer: movedDialer(tcfg), SendAppAddr: l.SendAppAddr}})
 	}
 	for i, p := range ps {
 		addrs[c.Listeners[i].Listen] = p.ln.Addr().String()

@@ -156,6 +156,9 @@ type gatewayFile struct {
 	// links must open with a PROXY protocol header
 	// (--proxy-protocol-from): one string, comma-separated, or a list.
 	ProxyProtocolFrom addrList `yaml:"proxy_protocol_from"`
+	// TrustClientAppAddr believes the application addresses clients
+	// state without mTLS too (--trust-client-app-addr).
+	TrustClientAppAddr bool `yaml:"trust_client_app_addr"`
 	// NodeID and Cluster: cluster.go.
 	NodeID      string      `yaml:"node_id"`
 	Cluster     clusterFile `yaml:"cluster"`
@@ -170,6 +173,9 @@ type listenerFile struct {
 	Transport   string             `yaml:"transport"`
 	TLS         transport.TLSFiles `yaml:"tls"`
 	sessionFile `yaml:",inline"`
+	// SendAppAddr states each application's address in HELLO
+	// (--send-app-addr).
+	SendAppAddr bool `yaml:"send_app_addr"`
 }
 
 type clientFile struct {

@@ -38,6 +38,8 @@ type options struct {
 	connectTimeout duration
 	proxyProtocol  int
 	proxyFrom      string // gateway: --proxy-protocol-from
+	trustApp       bool   // gateway: --trust-client-app-addr
+	sendApp        bool   // client: --send-app-addr
 	stateDir       string // gateway
 	// gateway cluster (cluster.go)
 	nodeID, clusterListen, clusterKeyFile string
@@ -76,9 +78,11 @@ func newFlagSet(cmd string, o *options, stdout io.Writer) *flag.FlagSet {
 		fs.StringVar(&o.clusterKeyFile, "cluster-key-file", "", "`file` holding the cluster's shared secret (at least 32 bytes, mode 0600), which authenticates the gateways to each other")
 		fs.IntVar(&o.proxyProtocol, "proxy-protocol", 0, "send a PROXY protocol header of this `version` (1 or 2) to the upstream, naming the client sidecar's address (0: off)")
 		fs.StringVar(&o.proxyFrom, "proxy-protocol-from", "", "`CIDRs` (comma-separated; or IP addresses) of load balancers whose link connections must open with a PROXY protocol v1/v2 header naming the real client; a header from any other source is refused (tcp and tls transports only)")
+		fs.BoolVar(&o.trustApp, "trust-client-app-addr", false, "believe the application addresses clients state (--send-app-addr) on links without mTLS too, and name them to upstreams with --proxy-protocol (with --tls-ca they are believed anyway)")
 	} else {
 		fs.StringVar(&o.listen, "listen", "", "local `address` applications connect to, e.g. 127.0.0.1:6380")
 		fs.StringVar(&o.gateway, "gateway", "", "gateway `address`, e.g. gw.example.net:7000")
+		fs.BoolVar(&o.sendApp, "send-app-addr", false, "state each application's address in its session's HELLO, for a gateway that names it to its upstream in a PROXY header (gateways of builds before this flag refuse such sessions)")
 	}
 	fs.StringVar(&o.route, "route", defaultRoute, "route `name` (the gateway maps it to an upstream)")
 	fs.StringVar(&o.transport, "transport", defaultTransport, "link transport: tls, quic, or tcp (unauthenticated and unencrypted: for trusted networks only)")

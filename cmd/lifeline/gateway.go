@@ -56,7 +56,8 @@ func startGateway(g *gatewayFile, log *slog.Logger, metrics proxy.Metrics, faile
 	if err != nil {
 		return nil, nil, err
 	}
-	gw, err := proxy.NewGateway(proxy.GatewayConfig{Routes: routes, Server: sc, Logger: log, Metrics: metrics, Cluster: cl})
+	gw, err := proxy.NewGateway(proxy.GatewayConfig{Routes: routes, Server: sc, Logger: log, Metrics: metrics, Cluster: cl,
+		TrustAppAddr: trustAppAddr(g)})
 	if err != nil {
 		if cl != nil {
 			cl.Close()

@@ -134,6 +134,8 @@ func settingsFromFlags(cmd string, o *options, set map[string]bool) (*settings, 
 			MemoryBudget: o.memoryBudget, StateDir: o.stateDir, ConnectTimeout: o.connectTimeout, sessionFile: sess,
 			NodeID: o.nodeID, Cluster: clusterFile{Listen: o.clusterListen, Peers: o.clusterPeers, KeyFile: o.clusterKeyFile},
 			Routes: []routeFile{{Name: o.route, Upstream: o.upstream, ConnectTimeout: o.connectTimeout, ProxyProtocol: o.proxyProtocol}}}
+		g.ProxyProtocolFrom = proxyFromFlag(o.proxyFrom, set["proxy-protocol-from"])
+		g.TrustClientAppAddr = o.trustApp
 		st.fc = &fileConfig{Gateway: g}
 	} else {
 		if o.listen == "" || o.gateway == "" {
@@ -141,6 +143,7 @@ func settingsFromFlags(cmd string, o *options, set map[string]bool) (*settings, 
 		}
 		st.fc = &fileConfig{Client: &clientFile{Listeners: []listenerFile{{Listen: o.listen, Gateway: o.gateway,
 			Route: o.route, Transport: o.transport, TLS: o.tls, sessionFile: sess}}}}
+		st.fc.Client.Listeners[0].SendAppAddr = o.sendApp
 	}
 	return st, nil
 }
