@@ -44,7 +44,7 @@ func upgradeBinaries(t testing.TB) map[string]string {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				out, err := exec.Command("go", "build", "-ldflags", "-X main.version="+v, "-o", p, ".").CombinedOutput()
+				out, err := exec.Command("go", "build", upgradeBuildFlags(), "-ldflags", "-X main.version="+v, "-o", p, ".").CombinedOutput()
 				if err != nil {
 					mu.Lock()
 					upErr = fmt.Errorf("go build %s: %v\n%s", v, err, out)
@@ -138,6 +138,9 @@ func startUpProc(t testing.TB, bin string, env []string, args ...string) *upProc
 		case <-p.eof:
 		case <-time.After(10 * time.Second):
 			t.Error("a process of the upgrade chain kept the log pipe open")
+		}
+		if strings.Contains(p.output(), "WARNING: DATA RACE") {
+			t.Error("a data race in a lifeline process (see its log)")
 		}
 		if t.Failed() {
 			t.Logf("%s log:\n%s", args[0], p.output())
@@ -622,4 +625,14 @@ func alive(pid int) bool {
 		return b[i+2] != 'Z'
 	}
 	return true
+}
+
+// upgradeBuildFlags: LIFELINE_UPGRADE_RACE=1 builds the upgrading
+// binaries with the race detector (slower; a race makes a process exit
+// 66 with a report in the log).
+func upgradeBuildFlags() string {
+	if os.Getenv("LIFELINE_UPGRADE_RACE") == "1" {
+		return "-race"
+	}
+	return "-trimpath=false"
 }
