@@ -403,3 +403,25 @@ func TestReloadClientConfig(t *testing.T) {
 		t.Error("the added listener accepts connections without a restart")
 	}
 }
+
+// Under systemd (Type=notify, NotifyAccess=all), an upgrade in place
+// tells it a reload began, and the new process names itself the main
+// process once it serves.
+func TestUpgradeNotifiesSystemd(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds and runs the binary")
+	}
+	bins := upgradeBinaries(t)
+	notify := newNotifyListener(t)
+	p := startUpProc(t, bins["v1"], []string{notify.env}, "gateway", "--transport", "tcp", "--listen", "127.0.0.1:0",
+		"--upstream", testnet.EchoServer(t))
+	notify.expect(t, "READY=1")
+	old := p.waitPID()
+	p.upgrade(bins["v2"], "v2")
+	notify.expect(t, "RELOADING=1\nMONOTONIC_USEC=")
+	pid := p.waitPID()
+	if pid == old {
+		t.Fatalf("pid %d did not change", pid)
+	}
+	notify.expect(t, fmt.Sprintf("MAINPID=%d\nREADY=1", pid))
+}

@@ -22,11 +22,13 @@ import (
 //	READY=1                        listeners up and serving (runProxy)
 //	RELOADING=1, MONOTONIC_USEC=   SIGHUP: config and certificates being reloaded
 //	READY=1                        reload done (whatever its result)
+//	RELOADING=1, MONOTONIC_USEC=   SIGUSR2: an upgrade in place begins (old process)
+//	MAINPID=<pid>, READY=1         the new process serves (sdNotifyMainPID)
+//	READY=1                        or the upgrade failed: the old process serves on
 //	STOPPING=1                     SIGTERM/SIGINT: draining
 //
-// After an in-place upgrade (USR2), the NEW process, once it serves,
-// must call sdNotifyMainPID(): it sends "MAINPID=<its pid>\nREADY=1" so
-// that systemd follows it instead of the old process, which then exits.
+// The new process of an upgrade sends MAINPID so that systemd follows it
+// instead of the old process, which then exits.
 
 // notifySocketEnv names the socket; tests point it at their own.
 const notifySocketEnv = "NOTIFY_SOCKET"

@@ -116,7 +116,13 @@ func runProxy(cmd string, args []string, stdout, stderr io.Writer) error {
 	if err := up.ready(); err != nil {
 		log.Warn("upgrade: readiness", "err", err)
 	}
-	if err := sdNotify("READY=1"); err != nil {
+	// systemd (Type=notify): ready. The new process of an upgrade also
+	// names itself the service's main process, as the old one exits.
+	notify := func() error { return sdNotify("READY=1") }
+	if up.child() {
+		notify = sdNotifyMainPID
+	}
+	if err := notify(); err != nil {
 		log.Warn("sd_notify", "err", err)
 	}
 	return waitForSignals(log, sigs, failed, srv, rl)

@@ -61,8 +61,16 @@ func waitForSignals(log *slog.Logger, sigs <-chan os.Signal, failed <-chan error
 			continue
 		}
 		if isUpgradeSignal(sig) {
+			// systemd waits (ExecReload) until READY=1: from the new
+			// process with its MAINPID, or from this one if it failed.
+			if err := sdNotifyReloading(); err != nil {
+				log.Warn("sd_notify", "err", err)
+			}
 			if upgradeOnSignal(log, srv) {
 				return nil // the new process has the sessions and serves
+			}
+			if err := sdNotify("READY=1"); err != nil {
+				log.Warn("sd_notify", "err", err)
 			}
 			continue
 		}
