@@ -27,11 +27,10 @@ type handItem struct {
 // their splices stopped, held until Commit or Rollback. It implements
 // HandoverBatch.
 type Handover struct {
-	c       *core
-	items   []*handItem
-	srv     *resume.Server // gateway: thawed on Rollback
-	done    bool
-	listens map[string]bool
+	c     *core
+	items []*handItem
+	srv   *resume.Server // gateway: thawed on Rollback
+	done  bool
 }
 
 // FreezeForHandover freezes every session of the gateway and stops its
