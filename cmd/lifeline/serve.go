@@ -104,8 +104,13 @@ func runProxy(cmd string, args []string, stdout, stderr io.Writer) error {
 		// Written once serving, so that it never names a process that
 		// failed to start. (An upgrade's new process: see pidfile.go.)
 		if err := writePIDFile(st.pidFile); err != nil {
-			srv.Close()
-			return err
+			if !up.child() {
+				srv.Close()
+				return err
+			}
+			// The sessions are ours now: losing them for a pid
+			// file would be the worse failure.
+			log.Error("upgrade: pid file not written; it still names the old process", "err", err)
 		}
 		defer func() {
 			if err := removePIDFile(st.pidFile); err != nil {
@@ -113,17 +118,19 @@ func runProxy(cmd string, args []string, stdout, stderr io.Writer) error {
 			}
 		}()
 	}
-	if err := up.ready(); err != nil {
-		log.Warn("upgrade: readiness", "err", err)
-	}
 	// systemd (Type=notify): ready. The new process of an upgrade also
-	// names itself the service's main process, as the old one exits.
+	// names itself the service's main process, before it lets the old
+	// one exit (up.ready): systemd must not see the main process gone
+	// without knowing the next.
 	notify := func() error { return sdNotify("READY=1") }
 	if up.child() {
 		notify = sdNotifyMainPID
 	}
 	if err := notify(); err != nil {
 		log.Warn("sd_notify", "err", err)
+	}
+	if err := up.ready(); err != nil {
+		log.Warn("upgrade: readiness", "err", err)
 	}
 	return waitForSignals(log, sigs, failed, srv, rl)
 }
