@@ -430,7 +430,8 @@ func (s *session) attachResumed(conn net.Conn, fr *frame.Reader, r *frame.Resume
 		l := newLink(s, conn, fr, d.Resend)
 		s.link = l // so end() sends the RESET on it
 		l.started = true
-		s.spawn(func() { l.writeLoop(nil) })
+		l.startWriter(nil)
+		l.kick()
 		s.abort(perr.Code, perr.Reason)
 		return nil
 	}

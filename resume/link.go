@@ -21,9 +21,11 @@ const writeBatch = 256 << 10
 // or a final ACK): a blackholed link must not keep a session's goroutines.
 const finalWriteTimeout = time.Second
 
-// link is one transport connection attached to a session. It has a reader
-// and a writer goroutine; both end when the link is closed. A link never
-// comes back: after a failure the session gets a new one.
+// link is one transport connection attached to a session. Its reader
+// goroutine runs until the link is closed; its writer goroutine runs only
+// while there is something to send (kick starts it, it exits when it finds
+// nothing), so that an idle session does not keep one parked per link. A
+// link never comes back: after a failure the session gets a new one.
 type link struct {
 	s    *session
 	conn net.Conn
@@ -36,17 +38,28 @@ type link struct {
 	rxStart uint64
 	rxOff   uint64
 
-	wake       chan struct{}
 	closed     chan struct{}
 	closeOnce  sync.Once
 	readerDone chan struct{}
+	// writerDone is closed once no writer runs and none will again (the
+	// link is closed or no longer attached): the next link's writer
+	// waits for it before it reads the replay buffer.
 	writerDone chan struct{}
 	started    bool // under s.mu
-	doneOnce   sync.Once
-	lastRecv   atomic.Int64 // UnixNano of the last frame received
-	liveMu     sync.Mutex
-	live       *time.Timer // nil once stopped
-	liveAt     time.Time   // when live fires; zero while idle and unarmed
+
+	// Writer state, under wmu (taken after s.mu, never before it). A
+	// writer runs from kick to the first time it finds nothing to send.
+	wmu      sync.Mutex
+	wStarted bool  // start ran: kick may start writers
+	writing  bool  // a writer goroutine runs
+	wDone    bool  // writerDone is closed
+	wPrev    *link // its writer must be done before ours writes
+
+	doneOnce sync.Once
+	lastRecv atomic.Int64 // UnixNano of the last frame received
+	liveMu   sync.Mutex
+	live     *time.Timer // nil once stopped
+	liveAt   time.Time   // when live fires; zero while idle and unarmed
 
 	// Under s.mu.
 	grace  *time.Timer // a retired link's grace period
@@ -88,7 +101,6 @@ type link struct {
 func newLink(s *session, conn net.Conn, fr *frame.Reader, rxStart uint64) *link {
 	l := &link{
 		s: s, conn: conn, fr: fr, rxStart: rxStart, rxOff: rxStart,
-		wake:       make(chan struct{}, 1),
 		closed:     make(chan struct{}),
 		readerDone: make(chan struct{}),
 		writerDone: make(chan struct{}),
@@ -109,11 +121,33 @@ func newLink(s *session, conn net.Conn, fr *frame.Reader, rxStart uint64) *link 
 	return l
 }
 
+// kick makes sure a writer runs to send what is due: it starts one unless
+// one is running (which collects again before it exits, under s.mu, so
+// nothing queued before that is missed).
 func (l *link) kick() {
-	select {
-	case l.wake <- struct{}{}:
-	default:
+	l.wmu.Lock()
+	defer l.wmu.Unlock()
+	if l.writing || l.wDone || !l.wStarted {
+		return
 	}
+	l.writing = true
+	l.s.spawn(l.writeLoop)
+}
+
+// writerExit records that the running writer returns; terminal: no writer
+// may run again. Caller holds wmu.
+func (l *link) writerExitLocked(terminal bool) {
+	l.writing = false
+	if (terminal || isClosed(l.closed)) && !l.wDone {
+		l.wDone = true
+		close(l.writerDone)
+	}
+}
+
+func (l *link) writerExit(terminal bool) {
+	l.wmu.Lock()
+	l.writerExitLocked(terminal)
+	l.wmu.Unlock()
 }
 
 // close shuts the connection; both goroutines see it and exit.
@@ -130,6 +164,11 @@ func (l *link) close() {
 		if !l.started {
 			l.markDone(l.prev)
 		}
+		l.wmu.Lock()
+		if l.wStarted && !l.writing {
+			l.writerExitLocked(true)
+		}
+		l.wmu.Unlock()
 	})
 }
 
@@ -224,7 +263,7 @@ func (l *link) start() {
 	prev := l.prev
 	l.prev = nil
 	s.spawn(func() { l.readLoop(prev) })
-	s.spawn(func() { l.writeLoop(prev) })
+	l.startWriter(prev)
 	l.liveMu.Lock()
 	if !isClosed(l.closed) {
 		l.live = time.AfterFunc(s.cfg.PingInterval, l.checkLiveness)
@@ -232,6 +271,14 @@ func (l *link) start() {
 	}
 	l.liveMu.Unlock()
 	l.kick()
+}
+
+// startWriter lets kick start writers, the first of which waits for prev's
+// to be done. Caller holds s.mu.
+func (l *link) startWriter(prev *link) {
+	l.wmu.Lock()
+	l.wStarted, l.wPrev = true, prev
+	l.wmu.Unlock()
 }
 
 // Liveness is acknowledgement-driven, as TCP's user timeout is, so that an
@@ -542,53 +589,52 @@ func (l *link) readControl(h frame.Header) error {
 	return nil
 }
 
-func (l *link) writeLoop(prev *link) {
+// writeLoop sends what is due until there is nothing left, then returns;
+// kick starts it again. Only one runs per link at a time (l.writing).
+func (l *link) writeLoop() {
 	s := l.s
-	defer close(l.writerDone)
-	if prev != nil {
-		<-prev.writerDone
+	if p := l.wPrev; p != nil {
+		<-p.writerDone
+		l.wPrev = nil // only the writer touches it after start
 	}
 	for {
-		select {
-		case <-l.wake:
-		case <-l.closed:
+		s.mu.Lock()
+		n := l.collect()
+		final := l.final
+		stale := s.link != l && !final
+		if stale || (n == 0 && !final) {
+			// Under s.mu: a kick after our collect sees writing false
+			// and starts the next writer. A stale (retired) link never
+			// writes again: the link that replaced it waits for us.
+			l.writerExit(stale)
+			s.unlock()
 			return
 		}
-		for {
-			s.mu.Lock()
-			n := l.collect()
-			final := l.final
-			stale := s.link != l && !final
-			s.unlock()
-			if stale {
-				return // retired: the link that replaced it waits for us
+		s.unlock()
+		if n > 0 {
+			_, err := l.flush()
+			if l.pinned {
+				s.mu.Lock()
+				s.send.unpin(l.pinAt)
+				l.pinned = false
+				s.releaseSent()
+				s.unlock()
 			}
-			if n == 0 && !final {
-				break
-			}
-			if n > 0 {
-				_, err := l.flush()
-				if l.pinned {
-					s.mu.Lock()
-					s.send.unpin(l.pinAt)
-					l.pinned = false
-					s.releaseSent()
-					s.unlock()
+			if err != nil {
+				if !final {
+					s.linkFailed(l, err)
 				}
-				if err != nil {
-					if !final {
-						s.linkFailed(l, err)
-					}
-					l.close()
-					return
-				}
-			}
-			if final {
-				if l.awaitingClose() == nil {
-					l.close()
-				} // else the reader closes it when the peer does
+				l.close()
+				l.writerExit(true)
 				return
 			}
+		}
+		if final {
+			if l.awaitingClose() == nil {
+				l.close()
+			} // else the reader closes it when the peer does
+			l.writerExit(true)
+			return
 		}
 	}
 }

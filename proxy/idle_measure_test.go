@@ -1,0 +1,121 @@
+package proxy
+
+import (
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"runtime"
+	"runtime/pprof"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/lifeline-proxy/lifeline/internal/testnet"
+	"github.com/lifeline-proxy/lifeline/resume"
+)
+
+// TestIdleMeasure (LIFELINE_IDLE_MEASURE=1; N sessions from
+// LIFELINE_IDLE_N, default 1000) says what an idle session costs in one
+// process that holds both its client sidecar and its gateway: heap and
+// stack bytes and goroutines per session, net of the same number of
+// direct connections to the same echo service (the application's and the
+// upstream's sockets and the echo goroutines). LIFELINE_IDLE_HEAP=FILE
+// writes a heap profile (inuse) with the sessions held. It is a
+// measurement for docs/bench.md, not a check.
+func TestIdleMeasure(t *testing.T) {
+	if os.Getenv("LIFELINE_IDLE_MEASURE") == "" {
+		t.Skip("LIFELINE_IDLE_MEASURE=1 to run")
+	}
+	if os.Getenv("LIFELINE_IDLE_HEAP") != "" {
+		defer func(r int) { runtime.MemProfileRate = r }(runtime.MemProfileRate)
+		runtime.MemProfileRate = 1 // name every allocation
+	}
+	n := 1000
+	if v, err := strconv.Atoi(os.Getenv("LIFELINE_IDLE_N")); err == nil && v > 0 {
+		n = v
+	}
+	echo := testnet.EchoServer(t)
+	sc := resume.DefaultServerConfig()
+	s := newStack(t, stackOpts{upstream: echo, server: sc, cfg: resume.DefaultConfig(), noRelay: true,
+		log: slog.New(slog.DiscardHandler)})
+
+	open := func(addr string) []net.Conn {
+		cs := make([]net.Conn, 0, n)
+		b := []byte{1}
+		for range n {
+			c, err := net.DialTimeout("tcp", addr, 2*time.Second)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := c.Write(b); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := io.ReadFull(c, b); err != nil {
+				t.Fatal(err)
+			}
+			cs = append(cs, c)
+		}
+		return cs
+	}
+	type reading struct {
+		heap, stack, sys uint64
+		goroutines       int
+	}
+	read := func() reading {
+		time.Sleep(500 * time.Millisecond) // acks and timers settle
+		runtime.GC()
+		runtime.GC()
+		var m runtime.MemStats
+		runtime.ReadMemStats(&m)
+		return reading{m.HeapInuse, m.StackInuse, m.Sys - m.HeapReleased, runtime.NumGoroutine()}
+	}
+	closeAll := func(cs []net.Conn) {
+		for _, c := range cs {
+			c.Close()
+		}
+	}
+
+	r0 := read()
+	direct := open(echo)
+	r1 := read()
+	closeAll(direct)
+	waitFor(t, "echo goroutines to end", 5*time.Second, func() bool { return runtime.NumGoroutine() <= r0.goroutines })
+	r2 := read()
+	held := open(s.appAddr)
+	r3 := read()
+	if f := os.Getenv("LIFELINE_IDLE_HEAP"); f != "" {
+		out, err := os.Create(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		pprof.Lookup("heap").WriteTo(out, 0)
+		out.Close()
+	}
+	if f := os.Getenv("LIFELINE_IDLE_GOROUTINES"); f != "" {
+		out, err := os.Create(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		pprof.Lookup("goroutine").WriteTo(out, 1)
+		out.Close()
+	}
+	per := func(a, b uint64) string { return fmt.Sprintf("%.1f KB", (float64(b)-float64(a))/float64(n)/1024) }
+	// Net of the direct connections: what client and gateway add.
+	net := func(dBase, dHeld, lBase, lHeld uint64) string {
+		d := (float64(dHeld) - float64(dBase)) / float64(n)
+		l := (float64(lHeld) - float64(lBase)) / float64(n)
+		return fmt.Sprintf("%.1f KB", (l-d)/1024)
+	}
+	t.Logf("%d sessions; direct connections: heap %s, stack %s, goroutines %.2f per connection",
+		n, per(r0.heap, r1.heap), per(r0.stack, r1.stack), float64(r1.goroutines-r0.goroutines)/float64(n))
+	t.Logf("through lifeline (client + gateway in this process): heap %s, stack %s, goroutines %.2f per session",
+		per(r2.heap, r3.heap), per(r2.stack, r3.stack), float64(r3.goroutines-r2.goroutines)/float64(n))
+	t.Logf("lifeline's own (net of direct): heap %s, stack %s, goroutines %.2f, heap+stack %s per session (both ends)",
+		net(r0.heap, r1.heap, r2.heap, r3.heap), net(r0.stack, r1.stack, r2.stack, r3.stack),
+		float64((r3.goroutines-r2.goroutines)-(r1.goroutines-r0.goroutines))/float64(n),
+		net(r0.heap+r0.stack, r1.heap+r1.stack, r2.heap+r2.stack, r3.heap+r3.stack))
+	closeAll(held)
+	waitFor(t, "sessions to end", 10*time.Second, func() bool { return len(s.gw.Sessions()) == 0 })
+}
