@@ -133,7 +133,11 @@ func (rl *reloader) apply(next *settings) error {
 		return err
 	}
 	if rl.gw != nil {
-		routes, err := gatewayRoutes(next.fc.Gateway, rl.log)
+		// Session settings depend on the transport (quic: no keepalive
+		// by default): the one in use, which a reload does not change.
+		g := *next.fc.Gateway
+		g.Transport = rl.start.fc.Gateway.Transport
+		routes, err := gatewayRoutes(&g, rl.log)
 		if err != nil {
 			return err
 		}
