@@ -284,10 +284,21 @@ func (u *upgrader) upgrade(srv server) bool {
 	}
 	if ho.err != nil {
 		// Rolled back: the listeners accept again (batch.Rollback).
-		u.log.Error("upgrade failed; the sessions stay here and this process goes on serving", "err", ho.err,
-			"new_version", ho.res.Peer.Version, "new_pid", ho.res.Peer.Pid)
 		if !upGot {
-			upErr = <-upgraded // the new process exits without COMMIT (bounded by tableflip's timeout)
+			// Its exit status says more than a closed socket does.
+			select {
+			case upErr = <-upgraded:
+				upGot = true
+			case <-time.After(time.Second):
+			}
+		}
+		args := []any{"err", ho.err, "new_version", ho.res.Peer.Version, "new_pid", ho.res.Peer.Pid}
+		if upErr != nil {
+			args = append(args, "new_process", upErr.Error()) // e.g. "child pid=123 exited: exit status 1"
+		}
+		u.log.Error("upgrade failed; the sessions stay here and this process goes on serving", args...)
+		if !upGot {
+			upErr = <-upgraded // it exits without COMMIT (or tableflip kills it after upgradeTimeout)
 		}
 		if upErr == nil {
 			// It said it serves without our sessions (no hand-over
