@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -424,4 +425,80 @@ func TestUpgradeNotifiesSystemd(t *testing.T) {
 		t.Fatalf("pid %d did not change", pid)
 	}
 	notify.expect(t, fmt.Sprintf("MAINPID=%d\nREADY=1", pid))
+}
+
+// What a reload reports as applied and as needing a new process, from
+// two parsed files: every gateway setting besides routes, session
+// settings and connect_timeout counts as needing a new process, settings
+// added to the file format later included.
+func TestReloadDiffs(t *testing.T) {
+	load := func(text string) *settings {
+		t.Helper()
+		fc, err := parseConfig("c.yaml", []byte(text))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return &settings{fc: fc.withDefaults(), logLevel: "info", drainTimeout: 30 * time.Second}
+	}
+	old := load(`
+gateway:
+  listen: 127.0.0.1:7000
+  max_sessions: 100
+  reconnect_timeout: 60s
+  routes:
+    - {name: a, upstream: 127.0.0.1:1}
+    - {name: b, upstream: 127.0.0.1:2, buffer: 1MiB}
+client:
+  listeners:
+    - {listen: 127.0.0.1:6000, gateway: h:1, route: a}
+    - {listen: 127.0.0.1:6001, gateway: h:1, route: b}
+`)
+	next := load(`
+gateway:
+  listen: 127.0.0.1:7001
+  max_sessions: 200
+  reconnect_timeout: 30s
+  connect_timeout: 2s
+  node_id: n2
+  routes:
+    - {name: a, upstream: 127.0.0.1:3, proxy_protocol: 2}
+    - {name: c, upstream: 127.0.0.1:4}
+client:
+  listeners:
+    - {listen: 127.0.0.1:6000, gateway: h:1, route: c, ping_interval: 2s}
+    - {listen: 127.0.0.1:6001, gateway: h:2, route: c}
+    - {listen: 127.0.0.1:6002, gateway: h:1}
+`)
+	next.logLevel, next.drainTimeout = "debug", 10*time.Second
+	rl := &reloader{start: old}
+	got := rl.changes(old, next)
+	want := []string{
+		"log.level info -> debug",
+		"drain_timeout 30s -> 10s",
+		"gateway reconnect_timeout 1m0s -> 30s",
+		"gateway connect_timeout default -> 2s",
+		`route "a" upstream 127.0.0.1:1 -> 127.0.0.1:3`,
+		`route "a" proxy_protocol 0 -> 2`,
+		`route "c" added (upstream 127.0.0.1:4)`,
+		`route "b" removed`,
+		`listener 127.0.0.1:6000 route "a" -> "c"`,
+		"listener 127.0.0.1:6000 ping_interval default -> 2s",
+	}
+	if !slices.Equal(got, want) {
+		t.Errorf("changes:\n got %q\nwant %q", got, want)
+	}
+	restart := rl.needsRestart(old, next)
+	wantRestart := []string{
+		"gateway listen [127.0.0.1:7000] -> [127.0.0.1:7001]",
+		"gateway max_sessions 100 -> 200",
+		`gateway node_id "" -> n2`,
+		"listener 127.0.0.1:6001 gateway h:1 -> h:2",
+		"listener 127.0.0.1:6002 added",
+	}
+	if !slices.Equal(restart, wantRestart) {
+		t.Errorf("needs restart:\n got %q\nwant %q", restart, wantRestart)
+	}
+	if d := rl.needsRestart(old, old); len(d) != 0 {
+		t.Errorf("the same file needs a restart for %q", d)
+	}
 }
