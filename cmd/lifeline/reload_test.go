@@ -502,3 +502,40 @@ client:
 		t.Errorf("the same file needs a restart for %q", d)
 	}
 }
+
+// A SIGHUP (log rotation, config management) while a gateway drains is
+// ignored: the session it drains for goes on and ends on its own.
+func TestHUPWhileDraining(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds and runs the binary")
+	}
+	gw := startProc(t, "gateway", "--transport", "tcp", "--listen", "127.0.0.1:0", "--upstream", taggedUpstream(t, "A"), "--drain-timeout", "30s")
+	gwAddr := gw.waitLog("gateway listening", 30*time.Second)["addr"].(string)
+	app := freeAddr(t)
+	cl := startProc(t, "client", "--transport", "tcp", "--listen", app, "--gateway", gwAddr)
+	cl.waitLog("client listening", 30*time.Second)
+	c, tag := openTag(t, app)
+	if tag != "A" {
+		t.Fatalf("tag %q", tag)
+	}
+	gw.cmd.Process.Signal(syscall.SIGTERM)
+	gw.waitLog("draining", 10*time.Second)
+	gw.cmd.Process.Signal(syscall.SIGHUP)
+	gw.waitLog("signal ignored while draining", 10*time.Second)
+	msg := []byte("still here while draining")
+	c.Write(msg)
+	b := make([]byte, len(msg))
+	if _, err := io.ReadFull(c, b); err != nil || !bytes.Equal(b, msg) {
+		t.Fatalf("echo while draining: %q, %v", b, err)
+	}
+	c.CloseWrite()
+	if rest, err := io.ReadAll(c); err != nil || len(rest) != 0 {
+		t.Errorf("after the half-close: %q, %v", rest, err)
+	}
+	if code := gw.wait(20 * time.Second); code != 0 {
+		t.Errorf("gateway exited %d", code)
+	}
+	if gw.count("second signal: closing now") != 0 {
+		t.Error("the SIGHUP closed the sessions")
+	}
+}

@@ -102,15 +102,24 @@ func drain(log *slog.Logger, sig os.Signal, sigs <-chan os.Signal, srv server, t
 	defer cancel()
 	done := make(chan error, 1)
 	go func() { done <- srv.Shutdown(ctx) }()
-	select {
-	case err := <-done:
-		if err != nil {
-			log.Warn("drain timeout passed; closed the remaining sessions")
+	for {
+		select {
+		case err := <-done:
+			if err != nil {
+				log.Warn("drain timeout passed; closed the remaining sessions")
+			}
+		case sig := <-sigs:
+			if isReloadSignal(sig) || isUpgradeSignal(sig) {
+				// A HUP from log rotation or config management must
+				// not end every session of a draining process.
+				log.Warn("signal ignored while draining", "signal", sig.String())
+				continue
+			}
+			log.Warn("second signal: closing now", "signal", sig.String())
+			cancel()
+			<-done
 		}
-	case sig := <-sigs:
-		log.Warn("second signal: closing now", "signal", sig.String())
-		cancel()
-		<-done
+		break
 	}
 	log.Info("stopped")
 }
