@@ -111,7 +111,7 @@ func (c *core) splice(conn *net.TCPConn, x *tracked, log *slog.Logger) {
 // the session tracked and its socket open, and hands both to the
 // hand-over on x.stop.
 func (c *core) runSplice(conn *net.TCPConn, x *tracked, log *slog.Logger, from spliceFrom) {
-	res := join(conn, x.conn, x.ctx, from)
+	res := join(conn, x.conn, x.ctx, from, &x.ctl)
 	if res.Cause == causeHandover {
 		x.stop <- stoppedSplice{tcp: conn, from: spliceFrom{res.UpDone, res.DownDone}, log: log}
 		return
@@ -165,8 +165,10 @@ type tracked struct {
 	ctx  context.Context
 	end  context.CancelCauseFunc
 	done chan struct{} // closed when the session is no longer tracked
-	// stop gets the splice's socket when a hand-over stopped it.
+	// stop gets the splice's socket when a hand-over stopped it; ctl
+	// stops the splice.
 	stop chan stoppedSplice
+	ctl  spliceCtl
 	// listen is a client session's application listener (it names the
 	// route when the session is handed over).
 	listen string

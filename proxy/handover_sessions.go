@@ -101,6 +101,11 @@ func isDone(conn *resume.Conn) bool {
 func (h *Handover) waitStopped(deadline time.Time) error {
 	t := time.NewTimer(time.Until(deadline))
 	defer t.Stop()
+	for _, it := range h.items {
+		if it.x != nil {
+			it.x.ctl.handover()
+		}
+	}
 	kept := h.items[:0]
 	var err error
 	for _, it := range h.items {

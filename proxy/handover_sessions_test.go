@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"strings"
@@ -213,4 +214,88 @@ func dupFile(r *HandoverRecord) (*os.File, error) {
 	}
 	defer c.Close()
 	return c.(*net.TCPConn).File()
+}
+
+// A session handed over with one direction ended keeps it ended: the
+// application's FIN, already passed into the session, is not passed
+// twice (the client's new splice must not read the socket again), and
+// the rest of the other direction arrives, then its FIN.
+func TestHandoverHalfClosed(t *testing.T) {
+	for _, side := range []string{"gateway-rollback", "client-commit"} {
+		t.Run(side, func(t *testing.T) {
+			gotEOF := make(chan string, 1)
+			release := make(chan struct{})
+			up := testnet.TCPServer(t, func(c *net.TCPConn) {
+				b, _ := io.ReadAll(c) // until the application's FIN
+				gotEOF <- string(b)
+				<-release
+				c.Write([]byte("reply to " + string(b)))
+				c.CloseWrite()
+			})
+			var once sync.Once
+			t.Cleanup(func() { once.Do(func() { close(release) }) }) // before the server's own
+			s := newStack(t, stackOpts{upstream: up})
+			app := dialApp(t, s.appAddr)
+			defer app.Close()
+			app.Write([]byte("request"))
+			app.CloseWrite()
+			select {
+			case b := <-gotEOF:
+				if b != "request" {
+					t.Fatalf("upstream got %q", b)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatal("the FIN did not reach the upstream")
+			}
+			var h *Handover
+			var err error
+			if side == "gateway-rollback" {
+				h, err = s.gw.FreezeForHandover(5 * time.Second)
+			} else {
+				h, err = s.client.FreezeForHandover(5 * time.Second)
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			recs, err := h.Records()
+			if err != nil || len(recs) != 1 {
+				t.Fatalf("%d records, %v", len(recs), err)
+			}
+			r := recs[0]
+			// The client's splice passed the application's FIN on; the
+			// gateway's passed the session's FIN to the upstream.
+			if side == "client-commit" && (!r.UpDone || r.DownDone) || side == "gateway-rollback" && (r.UpDone || !r.DownDone) {
+				t.Fatalf("record: up done %v, down done %v", r.UpDone, r.DownDone)
+			}
+			if side == "gateway-rollback" {
+				r.File.Close()
+				h.Rollback()
+			} else {
+				ln, err := net.Listen("tcp", "127.0.0.1:0")
+				if err != nil {
+					t.Fatal(err)
+				}
+				d, err := transport.NewDialer(transport.Config{Name: "tcp", Addr: s.relay.Addr()})
+				if err != nil {
+					t.Fatal(err)
+				}
+				c2 := NewClient(ClientConfig{Logger: testLogger(t)})
+				defer c2.Close()
+				go c2.Serve(ln, ClientRoute{Route: "default", Dialer: d, Session: fastConfig(), Gateway: s.relay.Addr()})
+				r.Listen = ln.Addr().String()
+				taken, err := c2.RestoreHandover(recs)
+				if err != nil {
+					t.Fatal(err)
+				}
+				h.Commit()
+				taken.Start()
+			}
+			once.Do(func() { close(release) })
+			app.SetReadDeadline(time.Now().Add(10 * time.Second))
+			b, err := io.ReadAll(app)
+			if err != nil || string(b) != "reply to request" {
+				t.Fatalf("application read %q, %v", b, err)
+			}
+		})
+	}
 }

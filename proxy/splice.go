@@ -23,6 +23,13 @@ type session interface {
 	io.WriterTo
 	CloseWrite() error
 	Reset(code resume.Code, reason string) error
+	Frozen() bool
+}
+
+// deliverer is a session that writes what it receives to a socket
+// without a goroutine of ours waiting (resume.Conn.DeliverTo).
+type deliverer interface {
+	DeliverTo(w io.Writer, done func(n int64, err error))
 }
 
 // countingReader counts what it reads and keeps its source's error, to
@@ -71,15 +78,17 @@ type spliceResult struct {
 // (SHUTTING_DOWN after a drain timeout, APP_RESET for an operator's end;
 // SHUTTING_DOWN without one).
 //
-// It costs one goroutine besides the caller's (an idle session's memory is
-// mostly goroutine stacks): the caller runs the session -> application
-// direction, and the abort is a context.AfterFunc, not a watcher.
-func join(app *net.TCPConn, sess session, abort context.Context, from spliceFrom) spliceResult {
+// An idle session's memory is mostly goroutine stacks, so join keeps only
+// the caller's while idle: the caller runs the application -> session
+// direction, the session runs the other one itself (resume.Conn.DeliverTo)
+// in a goroutine that exists only while it has bytes to write, and the
+// abort is a context.AfterFunc, not a watcher.
+func join(app *net.TCPConn, sess session, abort context.Context, from spliceFrom, ctl *spliceCtl) spliceResult {
 	var (
 		up, down  atomic.Int64
 		once      sync.Once
 		res       spliceResult
-		upDone    = make(chan struct{})
+		downDone  = make(chan struct{})
 		abortedMu sync.Mutex
 		// handedOver is set once the session is frozen for a hand-over:
 		// both directions then stop where they are, nothing is closed
@@ -92,6 +101,14 @@ func join(app *net.TCPConn, sess session, abort context.Context, from spliceFrom
 			// The direction still blocked in the socket returns now.
 			app.SetDeadline(time.Unix(1, 0))
 		}
+	}
+	// A hand-over stops this splice through ctl once it has frozen the
+	// session: with one direction ended, nothing else would wake the
+	// other from its socket read. Frozen before we got here: stop now.
+	ctl.set(handover)
+	defer ctl.set(nil)
+	if sess.Frozen() {
+		handover()
 	}
 	// stopped reports whether err means the hand-over stopped a
 	// direction: the session said so, or our own past deadline did.
@@ -126,10 +143,49 @@ func join(app *net.TCPConn, sess session, abort context.Context, from spliceFrom
 		errors.As(context.Cause(abort), &ec)
 		fail(ec.code, ec.reason, ec)
 	})
+	// session -> application: the session writes from its receive buffer
+	// straight to the socket (one writev per batch).
+	downResult := func(n int64, err error) {
+		down.Add(n)
+		var se *resume.Error
+		switch {
+		case err == nil: // the peer's FIN, after all its data
+			if err := app.CloseWrite(); err != nil && !isLocalClose(err) {
+				fail(frame.CodeAppReset, "application connection: "+err.Error(), &resume.Error{Code: frame.CodeAppReset, Reason: err.Error()})
+				return
+			}
+			downEnd = true
+		case stopped(err):
+		case errors.Is(err, resume.ErrConnClosed):
+			// We reset it ourselves (fail is a no-op then), or the
+			// session was reset behind the splice's back: the TCP
+			// connection must not wait for its own side to notice.
+			fail(frame.CodeAppReset, "session closed locally", err)
+		case errors.As(err, &se):
+			code, reason := sessionCode(err)
+			fail(code, reason, err)
+		case isLocalClose(err):
+		default: // the application's socket failed
+			fail(frame.CodeAppReset, "application connection: "+err.Error(), &resume.Error{Code: frame.CodeAppReset, Reason: err.Error()})
+		}
+	}
+	switch d, ok := sess.(deliverer); {
+	case downEnd: // before a hand-over
+		close(downDone)
+	case ok:
+		d.DeliverTo(app, func(n int64, err error) {
+			defer close(downDone)
+			downResult(n, err)
+		})
+	default:
+		go func() {
+			defer close(downDone)
+			downResult(sess.WriteTo(app))
+		}()
+	}
 	// application -> session: ReadFrom reads the socket straight into the
 	// replay buffer (no intermediate copy).
-	go func() {
-		defer close(upDone)
+	func() {
 		if upEnded {
 			return // before a hand-over
 		}
@@ -159,37 +215,7 @@ func join(app *net.TCPConn, sess session, abort context.Context, from spliceFrom
 			fail(code, reason, err)
 		}
 	}()
-	// session -> application: WriteTo writes from the receive buffer
-	// straight to the socket (one writev per batch).
-	func() {
-		if downEnd {
-			return // before a hand-over
-		}
-		n, err := sess.WriteTo(app)
-		down.Add(n)
-		var se *resume.Error
-		switch {
-		case err == nil: // the peer's FIN, after all its data
-			if err := app.CloseWrite(); err != nil && !isLocalClose(err) {
-				fail(frame.CodeAppReset, "application connection: "+err.Error(), &resume.Error{Code: frame.CodeAppReset, Reason: err.Error()})
-				return
-			}
-			downEnd = true
-		case stopped(err):
-		case errors.Is(err, resume.ErrConnClosed):
-			// We reset it ourselves (fail is a no-op then), or the
-			// session was reset behind the splice's back: the TCP
-			// connection must not wait for its own side to notice.
-			fail(frame.CodeAppReset, "session closed locally", err)
-		case errors.As(err, &se):
-			code, reason := sessionCode(err)
-			fail(code, reason, err)
-		case isLocalClose(err):
-		default: // the application's socket failed
-			fail(frame.CodeAppReset, "application connection: "+err.Error(), &resume.Error{Code: frame.CodeAppReset, Reason: err.Error()})
-		}
-	}()
-	<-upDone
+	<-downDone
 	if !stop() {
 		<-abortDone // the abort ran (or runs): let it finish with res
 	}
@@ -225,6 +251,29 @@ func join(app *net.TCPConn, sess session, abort context.Context, from spliceFrom
 // causeHandover is spliceResult.Cause for a splice stopped by a
 // hand-over: the session and its TCP socket are left as they are.
 const causeHandover = "handover"
+
+// spliceCtl lets a hand-over stop a running splice.
+type spliceCtl struct {
+	mu   sync.Mutex
+	stop func()
+}
+
+func (c *spliceCtl) set(f func()) {
+	c.mu.Lock()
+	c.stop = f
+	c.mu.Unlock()
+}
+
+// handover stops the splice, if one runs, for a hand-over: call it only
+// once the session is frozen.
+func (c *spliceCtl) handover() {
+	c.mu.Lock()
+	f := c.stop
+	c.mu.Unlock()
+	if f != nil {
+		f()
+	}
+}
 
 // spliceFrom is where a splice starts: a session handed over by another
 // process may have one direction ended already.

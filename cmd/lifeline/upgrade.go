@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -42,6 +43,7 @@ const (
 	freezeWait      = 8 * time.Second
 	pauseWait       = 2 * time.Second
 	upgradeTimeout  = 45 * time.Second
+	exitWait        = 5 * time.Second
 )
 
 // refuseEnv, set to 1 in a new process's environment, makes it refuse
@@ -317,6 +319,13 @@ func (u *upgrader) upgrade(srv server) bool {
 		u.log.Error("upgrade: the new process failed after taking the sessions", "err", upErr)
 		u.resume()
 		return false
+	}
+	// Sessions that were closing (not handed over: a Close waits for
+	// its last bytes to be acknowledged) finish here before the exit.
+	ctx, cancel := context.WithTimeout(context.Background(), exitWait)
+	defer cancel()
+	if err := srv.Shutdown(ctx); err != nil {
+		u.log.Warn("upgrade: sessions that were closing did not finish before the exit", "wait", exitWait)
 	}
 	u.log.Info("upgrade: the new process serves; exiting")
 	return true

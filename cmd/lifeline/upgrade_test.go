@@ -142,7 +142,7 @@ func startUpProc(t testing.TB, bin string, env []string, args ...string) *upProc
 		if strings.Contains(p.output(), "WARNING: DATA RACE") {
 			t.Error("a data race in a lifeline process (see its log)")
 		}
-		if t.Failed() {
+		if t.Failed() || os.Getenv("LIFELINE_UPGRADE_LOG") == "1" {
 			t.Logf("%s log:\n%s", args[0], p.output())
 		}
 	})
