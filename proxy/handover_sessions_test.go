@@ -299,3 +299,37 @@ func TestHandoverHalfClosed(t *testing.T) {
 		})
 	}
 }
+
+// A client with an application whose session is still opening (its
+// gateway unreachable) does not hand over: the freeze fails after its
+// wait, nothing is frozen, and the session opens once the path is back.
+func TestHandoverClientOpening(t *testing.T) {
+	s := newStack(t, stackOpts{upstream: testnet.EchoServer(t)})
+	e := startEchoes(s.appAddr, 2)
+	e.progress(t, "echo before")
+	s.relay.SetDown(true)
+	done := make(chan error, 1)
+	go func() {
+		done <- faultnet.Echo{Seed: 99, Size: 10000, Timeout: 20 * time.Second}.Dial(s.appAddr)
+	}()
+	waitFor(t, "the new session to be opening", 5*time.Second, func() bool { return s.client.handling.Load() > 0 })
+	start := time.Now()
+	h, err := s.client.FreezeForHandover(300 * time.Millisecond)
+	if err == nil || !strings.Contains(err.Error(), "still opening") {
+		t.Fatalf("freeze with a session opening: %v, %v", h, err)
+	}
+	if d := time.Since(start); d > 2*time.Second {
+		t.Fatalf("the freeze gave up after %v", d)
+	}
+	for _, x := range s.client.tracker.list() {
+		if x.conn.Frozen() {
+			t.Fatalf("session %s left frozen", x.conn.SessionID())
+		}
+	}
+	s.relay.SetDown(false)
+	if err := <-done; err != nil {
+		t.Fatalf("the opening session: %v", err)
+	}
+	e.progress(t, "echo after")
+	e.finish(t)
+}
