@@ -419,3 +419,59 @@ func TestPausableListener(t *testing.T) {
 		t.Fatal("accepted after Close")
 	}
 }
+
+// FuzzHandoverHello: any HELLO payload parses or is refused, and what
+// parses encodes back to the same bytes.
+func FuzzHandoverHello(f *testing.F) {
+	f.Add(HandoverHello{Protocol: 1, RecordVersion: 1, SnapshotVersion: 1, Pid: 42, Version: "v1.2.3"}.marshal())
+	f.Add([]byte{})
+	f.Add([]byte{1, 1, 0})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		h, err := parseHello(b)
+		if err != nil {
+			return
+		}
+		if !bytes.Equal(h.marshal(), b) {
+			t.Fatalf("HELLO %x re-encodes as %x", b, h.marshal())
+		}
+	})
+}
+
+// FuzzHandoverStream: whatever the old process's side sends, the new
+// process's side neither panics nor hangs nor starts anything it was
+// not committed: it returns an error, or sessions after a COMMIT.
+func FuzzHandoverStream(f *testing.F) {
+	rec := encode(f, &HandoverRecord{Kind: RecordUnspliced, Route: "r", Snapshot: []byte("s")})
+	msg := func(typ byte, p []byte) []byte {
+		return append([]byte{typ, byte(len(p) >> 24), byte(len(p) >> 16), byte(len(p) >> 8), byte(len(p))}, p...)
+	}
+	good := append(append(msg(hoSession, rec), msg(hoEnd, []byte{0, 0, 0, 1})...), msg(hoCommit, nil)...)
+	f.Add(good)
+	f.Add(msg(hoAbort, []byte("no")))
+	f.Add(msg(hoEnd, []byte{0, 0, 0, 0}))
+	f.Add([]byte{hoSession, 0xff, 0xff, 0xff, 0xff})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		old, nw := socketPair(t)
+		go func() {
+			h := handoverConn{old}
+			h.recv() // HELLO
+			old.Write(b)
+			old.CloseWrite()
+		}()
+		started := false
+		taken, _, err := RequestHandover(nw, HandoverHello{Protocol: HandoverProtocol, RecordVersion: HandoverRecordVersion},
+			func(recs []*HandoverRecord) (HandoverTaken, error) {
+				closeRecs(recs)
+				return &fakeTaken{}, nil
+			}, 2*time.Second)
+		if err == nil {
+			if taken == nil {
+				t.Fatal("no error and no sessions")
+			}
+			started = true
+		}
+		if started && !bytes.Contains(b, []byte{hoCommit, 0, 0, 0, 0}) {
+			t.Fatalf("sessions taken without a COMMIT in %x", b)
+		}
+	})
+}
