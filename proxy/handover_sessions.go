@@ -44,11 +44,13 @@ func (g *Gateway) FreezeForHandover(wait time.Duration) (*Handover, error) {
 	deadline := time.Now().Add(wait)
 	h := &Handover{c: &g.core, srv: g.srv}
 	conns := g.srv.Freeze()
+	// One grace for all: a burst of unconfirmed sessions must not
+	// add up.
+	grace := time.Now().Add(undeliveredGrace)
 	for _, conn := range conns {
 		it := &handItem{conn: conn}
 		h.items = append(h.items, it)
 		id := conn.SessionID().String()
-		grace := time.Now().Add(undeliveredGrace)
 		for it.x = g.tracker.find(id); it.x == nil && time.Now().Before(grace) && !isDone(conn); it.x = g.tracker.find(id) {
 			time.Sleep(5 * time.Millisecond)
 		}
