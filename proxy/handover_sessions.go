@@ -44,16 +44,28 @@ func (g *Gateway) FreezeForHandover(wait time.Duration) (*Handover, error) {
 	deadline := time.Now().Add(wait)
 	h := &Handover{c: &g.core, srv: g.srv}
 	conns := g.srv.Freeze()
-	// One grace for all: a burst of unconfirmed sessions must not
-	// add up.
-	grace := time.Now().Add(undeliveredGrace)
+	byID := g.trackedByID()
+	var missing []*handItem
 	for _, conn := range conns {
-		it := &handItem{conn: conn}
+		it := &handItem{conn: conn, x: byID[conn.SessionID()]}
 		h.items = append(h.items, it)
-		id := conn.SessionID().String()
-		for it.x = g.tracker.find(id); it.x == nil && time.Now().Before(grace) && !isDone(conn); it.x = g.tracker.find(id) {
-			time.Sleep(5 * time.Millisecond)
+		if it.x == nil {
+			missing = append(missing, it)
 		}
+	}
+	// A session handed out just before the freeze is taken by the
+	// gateway in a moment; one grace for all of them, so that a burst of
+	// unconfirmed sessions (never handed out) does not add up.
+	for grace := time.Now().Add(undeliveredGrace); len(missing) > 0 && time.Now().Before(grace); {
+		time.Sleep(5 * time.Millisecond)
+		byID = g.trackedByID()
+		still := missing[:0]
+		for _, it := range missing {
+			if it.x = byID[it.conn.SessionID()]; it.x == nil && !isDone(it.conn) {
+				still = append(still, it)
+			}
+		}
+		missing = still
 	}
 	if err := h.waitStopped(deadline); err != nil {
 		h.Rollback()
@@ -412,4 +424,14 @@ func (c *Client) servedAt(addr string) *servedRoute {
 			return nil
 		}
 	}
+}
+
+// trackedByID indexes the tracked sessions by id.
+func (c *core) trackedByID() map[resume.SessionID]*tracked {
+	xs := c.tracker.list()
+	m := make(map[resume.SessionID]*tracked, len(xs))
+	for _, x := range xs {
+		m[x.conn.SessionID()] = x
+	}
+	return m
 }
