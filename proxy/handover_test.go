@@ -475,3 +475,32 @@ func FuzzHandoverStream(f *testing.F) {
 		}
 	})
 }
+
+// A new process that takes COMMIT but never says DONE (hung): the old
+// one rolls back after its timeout (and would kill it: its pid is 0
+// here, so nothing is killed).
+func TestHandoverNoDone(t *testing.T) {
+	old, nw := socketPair(t)
+	b, _ := newBatch(t)
+	done := runServe(old, b, nil, 300*time.Millisecond)
+	h := handoverConn{nw}
+	h.send(hoHello, HandoverHello{Protocol: HandoverProtocol, RecordVersion: HandoverRecordVersion}.marshal(), nil)
+	for {
+		typ, _, f, err := h.recv()
+		closeFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if typ == hoEnd {
+			break
+		}
+	}
+	h.send(hoOK, nil, nil)
+	if typ, _, _, err := h.recv(); err != nil || typ != hoCommit {
+		t.Fatalf("want COMMIT, got %q, %v", typ, err)
+	}
+	r := <-done // no DONE
+	if r.err == nil || b.committed || !b.rolled {
+		t.Fatalf("err %v committed %v rolled back %v", r.err, b.committed, b.rolled)
+	}
+}
