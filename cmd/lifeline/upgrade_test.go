@@ -485,6 +485,11 @@ type upgradeStack struct {
 }
 
 func newUpgradeStack(t *testing.T, side string, env []string) *upgradeStack {
+	return newUpgradeStackOver(t, side, "tcp", env)
+}
+
+// newUpgradeStackOver is newUpgradeStack with links over tr (tcp, tls).
+func newUpgradeStackOver(t *testing.T, side, tr string, env []string) *upgradeStack {
 	if testing.Short() {
 		t.Skip("runs the binary")
 	}
@@ -494,18 +499,29 @@ func newUpgradeStack(t *testing.T, side string, env []string) *upgradeStack {
 	s := &upgradeStack{cli: cli}
 	// The gateway's config names its routes; the client has one listener
 	// per route.
-	cfg := "gateway:\n  transport: tcp\n  listen: 127.0.0.1:0\n  reconnect_timeout: 60s\n" + fastYAML + "  routes:\n    - name: echo\n      upstream: " + echo + "\n"
+	cfg := "gateway:\n  transport: " + tr + "\n  listen: 127.0.0.1:0\n  reconnect_timeout: 60s\n" + fastYAML + "  routes:\n    - name: echo\n      upstream: " + echo + "\n"
 	if redisAddr != "" {
 		cfg += "    - name: redis\n      upstream: " + redisAddr + "\n"
 	}
 	gwConf := writeFile(t, "gateway.yaml", cfg)
-	var gwAddr string
+	var gwAddr, pin string
+	const pinMsg = "gateway certificate: self-signed, kept in the state directory; clients pin its fingerprint (--tls-pin)"
 	if side == "gateway" {
 		s.up = startUpProc(t, bins["v1"], env, "gateway", "--config", gwConf)
 		gwAddr = s.up.waitFor(0, 30*time.Second, "gateway listening", msgIs("gateway listening"))["addr"].(string)
+		if tr == "tls" {
+			pin = s.up.waitFor(0, 10*time.Second, "the certificate's pin", msgIs(pinMsg))["sha256"].(string)
+		}
 	} else {
 		gw := startProc(t, "gateway", "--config", gwConf)
 		gwAddr = gw.waitLog("gateway listening", 30*time.Second)["addr"].(string)
+		if tr == "tls" {
+			pin = gw.waitLog(pinMsg, 10*time.Second)["sha256"].(string)
+		}
+	}
+	tlsYAML := ""
+	if tr == "tls" {
+		tlsYAML = "      tls:\n        pin: " + pin + "\n"
 	}
 	relay, err := faultnet.NewRelay("127.0.0.1:0", gwAddr)
 	if err != nil {
@@ -514,10 +530,10 @@ func newUpgradeStack(t *testing.T, side string, env []string) *upgradeStack {
 	t.Cleanup(func() { relay.Close() })
 	s.relay = relay
 	s.echoApp = freeAddr(t)
-	ccfg := "client:\n  listeners:\n    - listen: " + s.echoApp + "\n      gateway: " + relay.Addr() + "\n      route: echo\n      transport: tcp\n      reconnect_timeout: 60s\n" + indent(fastYAML)
+	ccfg := "client:\n  listeners:\n    - listen: " + s.echoApp + "\n      gateway: " + relay.Addr() + "\n      route: echo\n      transport: " + tr + "\n      reconnect_timeout: 60s\n" + indent(fastYAML) + tlsYAML
 	if redisAddr != "" {
 		s.redisApp = freeAddr(t)
-		ccfg += "    - listen: " + s.redisApp + "\n      gateway: " + relay.Addr() + "\n      route: redis\n      transport: tcp\n      reconnect_timeout: 60s\n" + indent(fastYAML)
+		ccfg += "    - listen: " + s.redisApp + "\n      gateway: " + relay.Addr() + "\n      route: redis\n      transport: " + tr + "\n      reconnect_timeout: 60s\n" + indent(fastYAML) + tlsYAML
 	}
 	clConf := writeFile(t, "client.yaml", ccfg)
 	if side == "client" {
@@ -635,4 +651,24 @@ func upgradeBuildFlags() string {
 		return "-race"
 	}
 	return "-trimpath=false"
+}
+
+// The same over tls (the gateway's self-signed certificate, pinned):
+// the gateway upgrades twice, the client once.
+func TestUpgradeTLS(t *testing.T) {
+	for _, side := range []string{"gateway", "client"} {
+		t.Run(side, func(t *testing.T) {
+			s := newUpgradeStackOver(t, side, "tls", nil)
+			bins := upgradeBinaries(t)
+			tr := s.traffic(t, 10)
+			tr.flowing("before")
+			s.up.upgrade(bins["v2"], "v2")
+			tr.flowing("after the upgrade")
+			if side == "gateway" {
+				s.up.upgrade(bins["v3"], "v3")
+				tr.flowing("after the second upgrade")
+			}
+			tr.finish()
+		})
+	}
 }
