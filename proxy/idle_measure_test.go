@@ -38,7 +38,11 @@ func TestIdleMeasure(t *testing.T) {
 	}
 	echo := testnet.EchoServer(t)
 	sc := resume.DefaultServerConfig()
-	s := newStack(t, stackOpts{upstream: echo, server: sc, cfg: resume.DefaultConfig(), noRelay: true,
+	// LIFELINE_IDLE_PARK=1: the links go through a relay, which is then
+	// reset and refuses new links, and what is measured is the parked
+	// sessions (the relay's own goroutines are gone by then).
+	park := os.Getenv("LIFELINE_IDLE_PARK") != ""
+	s := newStack(t, stackOpts{upstream: echo, server: sc, cfg: resume.DefaultConfig(), noRelay: !park,
 		log: slog.New(slog.DiscardHandler)})
 
 	open := func(addr string) []net.Conn {
@@ -85,6 +89,25 @@ func TestIdleMeasure(t *testing.T) {
 	r2 := read()
 	held := open(s.appAddr)
 	r3 := read()
+	if park {
+		s.relay.SetDown(true)
+		s.relay.Reset()
+		waitFor(t, "every session parked", 20*time.Second, func() bool {
+			for _, si := range s.gw.Sessions() {
+				if si.State != "DISCONNECTED" {
+					return false
+				}
+			}
+			for _, si := range s.client.Sessions() {
+				if si.State != "DISCONNECTED" && si.State != "RECONNECTING" {
+					return false
+				}
+			}
+			return true
+		})
+		r3 = read()
+		t.Logf("parked (the links reset at the relay, new ones refused):")
+	}
 	if f := os.Getenv("LIFELINE_IDLE_HEAP"); f != "" {
 		out, err := os.Create(f)
 		if err != nil {
@@ -116,6 +139,7 @@ func TestIdleMeasure(t *testing.T) {
 		net(r0.heap, r1.heap, r2.heap, r3.heap), net(r0.stack, r1.stack, r2.stack, r3.stack),
 		float64((r3.goroutines-r2.goroutines)-(r1.goroutines-r0.goroutines))/float64(n),
 		net(r0.heap+r0.stack, r1.heap+r1.stack, r2.heap+r2.stack, r3.heap+r3.stack))
+	s.relay.SetDown(false)
 	closeAll(held)
-	waitFor(t, "sessions to end", 10*time.Second, func() bool { return len(s.gw.Sessions()) == 0 })
+	waitFor(t, "sessions to end", 20*time.Second, func() bool { return len(s.gw.Sessions()) == 0 })
 }

@@ -436,48 +436,116 @@ func (c *Conn) WriteTo(w io.Writer) (int64, error) {
 	var segs [][]byte
 	s.mu.Lock()
 	for {
-		switch {
-		case s.frozen:
+		wait, done, err := s.writeToStep(w, &segs, &total)
+		if done {
 			s.unlock()
-			return total, ErrFrozen
-		case s.localClosed:
-			s.unlock()
-			return total, ErrConnClosed
-		case s.aborted:
-			s.unlock()
-			return total, s.err
-		case s.recv.Len() > 0:
-			start := s.recv.Start()
-			segs = s.recv.Slices(segs[:0], start, min(s.recv.Len(), writeBatch))
-			s.unlock()
-			bufs := net.Buffers(segs)
-			n, err := bufs.WriteTo(w)
-			total += n
-			s.mu.Lock()
-			if s.recv.Start() == start { // not dropped by Close or abort meanwhile
-				s.recv.Discard(start + uint64(n))
-				s.advertise()
-			}
-			if err != nil {
-				if s.frozen { // the caller interrupted the write for a hand-over
-					err = ErrFrozen
-				}
+			return total, err
+		}
+		if wait {
+			if err := s.await(s.readWaiter(), s.rdl.wait(), nil); err != nil {
 				s.unlock()
 				return total, err
 			}
+		}
+	}
+}
+
+// writeToStep is one step of WriteTo: it writes one batch of what is
+// received to w, or says that WriteTo returns now (done, with err) or
+// waits for more (wait). Caller holds rmu and mu; mu is held on return.
+func (s *session) writeToStep(w io.Writer, segs *[][]byte, total *int64) (wait, done bool, err error) {
+	switch {
+	case s.frozen:
+		return false, true, ErrFrozen
+	case s.localClosed:
+		return false, true, ErrConnClosed
+	case s.aborted:
+		return false, true, s.err
+	case s.recv.Len() > 0:
+		start := s.recv.Start()
+		*segs = s.recv.Slices((*segs)[:0], start, min(s.recv.Len(), writeBatch))
+		s.unlock()
+		bufs := net.Buffers(*segs)
+		n, err := bufs.WriteTo(w)
+		*total += n
+		s.mu.Lock()
+		if s.recv.Start() == start { // not dropped by Close or abort meanwhile
+			s.recv.Discard(start + uint64(n))
+			s.advertise()
+		}
+		if err != nil {
+			if s.frozen { // the caller interrupted the write for a hand-over
+				err = ErrFrozen
+			}
+			return false, true, err
+		}
+		return false, false, nil
+	case s.recv.fin && s.recv.End() == s.recv.finOff:
+		return false, true, nil
+	case s.state == StateClosed:
+		return false, true, s.err
+	}
+	return true, false, nil
+}
+
+// sink is where DeliverTo writes. Under mu.
+type sink struct {
+	w       io.Writer
+	done    func(int64, error)
+	total   int64
+	segs    [][]byte
+	running bool // a pump goroutine runs
+	ended   bool // done was (or is being) called
+}
+
+// DeliverTo is WriteTo without a goroutine waiting in it: the session
+// writes received bytes to w itself, from a goroutine that runs only while
+// there is something to write (or an end to report), so that an idle
+// session keeps none. done is called once, from that goroutine, with what
+// WriteTo would have returned, and the goroutine returns right after it.
+// The read deadline does not apply; Read and WriteTo must not be called
+// meanwhile, nor DeliverTo again.
+func (c *Conn) DeliverTo(w io.Writer, done func(n int64, err error)) {
+	s := c.s
+	s.mu.Lock()
+	defer s.unlock()
+	s.sink = &sink{w: w, done: done}
+	s.kickSink() // it may have ended, or hold bytes, already
+}
+
+// kickSink starts a pump unless one runs or the sink has ended: called
+// wherever readers are woken. Caller holds mu.
+func (s *session) kickSink() {
+	if k := s.sink; k != nil && !k.running && !k.ended {
+		k.running = true
+		// Not tracked by wg: its owner is DeliverTo's caller, which
+		// waits for done (and may call Reset, which waits for wg, from
+		// done).
+		go s.pump(k)
+	}
+}
+
+// pump writes what the receive buffer holds to the sink until it is empty,
+// then returns; at the stream's end it reports it with done.
+func (s *session) pump(k *sink) {
+	s.rmu.Lock()
+	s.mu.Lock()
+	for {
+		wait, done, err := s.writeToStep(k.w, &k.segs, &k.total)
+		if !wait && !done {
 			continue
-		case s.recv.fin && s.recv.End() == s.recv.finOff:
-			s.unlock()
-			return total, nil
-		case s.state == StateClosed:
-			err := s.err
-			s.unlock()
-			return total, err
 		}
-		if err := s.await(s.readWaiter(), s.rdl.wait(), nil); err != nil {
-			s.unlock()
-			return total, err
+		// Under mu: a wake-up after this sees running false and starts
+		// the next pump.
+		k.running = false
+		k.ended = done
+		clear(k.segs) // an idle session keeps no reference to a chunk
+		s.unlock()
+		s.rmu.Unlock()
+		if done {
+			k.done(k.total, err)
 		}
+		return
 	}
 }
 

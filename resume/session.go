@@ -76,6 +76,7 @@ type session struct {
 	rmu, wmu sync.Mutex
 
 	readWait  chan struct{} // closed and cleared when readers may proceed
+	sink      *sink         // where DeliverTo writes, if it was called
 	writeWait chan struct{}
 	rdl, wdl  deadline
 
@@ -254,6 +255,7 @@ func (s *session) wakeReaders() {
 		close(s.readWait)
 		s.readWait = nil
 	}
+	s.kickSink()
 }
 
 func (s *session) wakeWriters() {
