@@ -16,7 +16,7 @@ import (
 //
 // The zero limit counts without limiting. A nil *Budget does nothing.
 type Budget struct {
-	limit int64
+	limit atomic.Int64 // SetLimit may change it while sessions run
 	used  atomic.Int64
 
 	// waiting is set (under mu) when a writer waits for memory, so that
@@ -27,7 +27,28 @@ type Budget struct {
 }
 
 // NewBudget returns a Budget of limit bytes (0: no limit, only counting).
-func NewBudget(limit int64) *Budget { return &Budget{limit: max(limit, 0)} }
+func NewBudget(limit int64) *Budget {
+	b := &Budget{}
+	b.limit.Store(max(limit, 0))
+	return b
+}
+
+// SetLimit changes the limit (0: none). A lower limit than what is in use
+// takes no memory back: writers wait until enough is released. A higher
+// one wakes writers waiting for memory.
+func (b *Budget) SetLimit(limit int64) {
+	if b == nil {
+		return
+	}
+	b.limit.Store(max(limit, 0))
+	b.mu.Lock()
+	if b.freed != nil {
+		close(b.freed)
+		b.freed = nil
+	}
+	b.waiting.Store(false)
+	b.mu.Unlock()
+}
 
 // InUse is the bytes charged now.
 func (b *Budget) InUse() int64 {
@@ -42,12 +63,16 @@ func (b *Budget) Limit() int64 {
 	if b == nil {
 		return 0
 	}
-	return b.limit
+	return b.limit.Load()
 }
 
 // Exhausted reports whether the limit is reached.
 func (b *Budget) Exhausted() bool {
-	return b != nil && b.limit > 0 && b.used.Load() >= b.limit
+	if b == nil {
+		return false
+	}
+	limit := b.limit.Load()
+	return limit > 0 && b.used.Load() >= limit
 }
 
 func (b *Budget) charge(n int64) {
@@ -77,7 +102,7 @@ func (b *Budget) full() chan struct{} {
 	b.waiting.Store(true)
 	// Checked again after announcing the wait: a release between the first
 	// check and the Store would otherwise go unnoticed.
-	if b.used.Load() < b.limit {
+	if limit := b.limit.Load(); limit == 0 || b.used.Load() < limit {
 		return nil
 	}
 	if b.freed == nil {

@@ -46,6 +46,13 @@ type pendingLink struct {
 	inSrc  *list.Element
 }
 
+// setLimits changes the caps for links that come next.
+func (p *pendingLinks) setLimits(max, perSource int) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.max, p.perSource = max, perSource
+}
+
 func (p *pendingLinks) init(max, perSource int) {
 	p.max, p.perSource = max, perSource
 	p.bySource = make(map[string]*list.List)

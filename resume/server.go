@@ -495,7 +495,10 @@ func (srv *Server) retryUnconfirmed() time.Duration {
 }
 
 func (srv *Server) retryFailures() time.Duration {
-	return time.Duration(float64(time.Second) / float64(srv.cfg.FailureRate)) // one token
+	srv.mu.Lock()
+	r := srv.cfg.FailureRate
+	srv.mu.Unlock()
+	return time.Duration(float64(time.Second) / float64(r)) // one token
 }
 
 // hello opens a session. The caller's handshake slot is released as soon
@@ -538,8 +541,9 @@ func (srv *Server) hello(ctx context.Context, c net.Conn, fr *frame.Reader, p []
 	srv.mu.Lock()
 	n, draining, frozen := len(srv.sessions)+srv.reserved, srv.draining, srv.frozen
 	unconf, unconfSrc := srv.unconfirmed, srv.unconfirmedBy[source]
-	admitted := !draining && !frozen && (srv.cfg.MaxSessions == 0 || n < srv.cfg.MaxSessions) &&
-		unconfSrc < srv.cfg.MaxUnconfirmedPerSource && unconf < srv.cfg.MaxUnconfirmed
+	lim := srv.limitsLocked() // SetLimits may change them
+	admitted := !draining && !frozen && (lim.MaxSessions == 0 || n < lim.MaxSessions) &&
+		unconfSrc < lim.MaxUnconfirmedPerSource && unconf < lim.MaxUnconfirmed
 	if admitted {
 		srv.reserved++
 		srv.unconfirmed++
@@ -573,22 +577,22 @@ func (srv *Server) hello(ctx context.Context, c net.Conn, fr *frame.Reader, p []
 		srv.refused(RefuseDraining, frame.CodeShuttingDown, remote, "session refused: draining")
 		deny(frame.CodeShuttingDown, "gateway is draining")
 		return
-	case srv.cfg.MaxSessions > 0 && n >= srv.cfg.MaxSessions:
-		srv.refused(RefuseMaxSessions, frame.CodeLimit, remote, "session refused: max sessions", "max", srv.cfg.MaxSessions)
-		deny(frame.CodeLimit, fmt.Sprintf("gateway holds its maximum of %d sessions", srv.cfg.MaxSessions))
+	case lim.MaxSessions > 0 && n >= lim.MaxSessions:
+		srv.refused(RefuseMaxSessions, frame.CodeLimit, remote, "session refused: max sessions", "max", lim.MaxSessions)
+		deny(frame.CodeLimit, fmt.Sprintf("gateway holds its maximum of %d sessions", lim.MaxSessions))
 		return
 	case srv.budget.Exhausted():
-		srv.refused(RefuseMemoryBudget, frame.CodeLimit, remote, "session refused: memory budget", "budget", srv.cfg.MemoryBudget)
+		srv.refused(RefuseMemoryBudget, frame.CodeLimit, remote, "session refused: memory budget", "budget", srv.budget.Limit())
 		deny(frame.CodeLimit, "gateway memory budget exhausted")
 		return
-	case unconfSrc >= srv.cfg.MaxUnconfirmedPerSource:
+	case unconfSrc >= lim.MaxUnconfirmedPerSource:
 		srv.refused(RefuseUnconfirmed, frame.CodeThrottled, remote, "session refused: too many unconfirmed sessions from this source",
-			"max", srv.cfg.MaxUnconfirmedPerSource)
+			"max", lim.MaxUnconfirmedPerSource)
 		denyRetry(frame.CodeThrottled, "too many unconfirmed sessions from this source", srv.retryUnconfirmed())
 		return
-	case unconf >= srv.cfg.MaxUnconfirmed:
+	case unconf >= lim.MaxUnconfirmed:
 		srv.refused(RefuseUnconfirmed, frame.CodeThrottled, remote, "session refused: too many unconfirmed sessions",
-			"max", srv.cfg.MaxUnconfirmed)
+			"max", lim.MaxUnconfirmed)
 		denyRetry(frame.CodeThrottled, "too many unconfirmed sessions", srv.retryUnconfirmed())
 		return
 	case !admitted: // unreachable: the cases above cover every refusal
