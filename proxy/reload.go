@@ -10,8 +10,8 @@ import (
 // Reloading settings at runtime (SIGHUP in cmd/lifeline). A session reads
 // its route, upstream and session settings once, when it opens, and keeps
 // them: a reload changes what later sessions get, never a live session's.
-// Listeners, transports, TLS files and the resume server's limits are
-// fixed for the life of a Gateway or Client.
+// Listeners and transports and TLS files are fixed for the life of a
+// Gateway or Client; the gateway's limits change with SetLimits.
 
 // Reload replaces the gateway's route table. New sessions (HELLOs from
 // now on, and sessions admitted but not yet connected to their upstream)
@@ -29,6 +29,15 @@ func (g *Gateway) Reload(routes []Route) error {
 	g.setRoutes(table)
 	return nil
 }
+
+// Limits are the gateway's admission and resource limits in force.
+func (g *Gateway) Limits() resume.Limits { return g.srv.Limits() }
+
+// SetLimits changes the gateway's limits (max sessions, memory budget,
+// per-source caps, the failed-resume throttle) for what comes next: live
+// sessions are never ended for a lower limit. An invalid set is refused
+// and the old one kept.
+func (g *Gateway) SetLimits(l resume.Limits) error { return g.srv.SetLimits(l) }
 
 // setRoutes installs table, its session settings made to report to the
 // metrics.

@@ -141,8 +141,16 @@ func (rl *reloader) apply(next *settings) error {
 		if err != nil {
 			return err
 		}
+		lim := rl.gw.Limits()
+		lim.MaxSessions, lim.MemoryBudget, _ = gatewayLimits(&g, rl.log)
+		if err := lim.Validate(); err != nil {
+			return err
+		}
 		if err := rl.gw.Reload(routes); err != nil {
 			return err
+		}
+		if err := rl.gw.SetLimits(lim); err != nil {
+			return err // checked above: cannot happen
 		}
 	}
 	if rl.cl != nil {
@@ -196,6 +204,13 @@ func (rl *reloader) changes(old, next *settings) []string {
 	}
 	if og, ng := old.fc.Gateway, next.fc.Gateway; og != nil && ng != nil {
 		out = append(out, fieldDiffs("gateway ", og.sessionFile, ng.sessionFile)...)
+		out = append(out, fieldDiffs("gateway ", struct {
+			MaxSessions  autoInt  `yaml:"max_sessions"`
+			MemoryBudget autoSize `yaml:"memory_budget"`
+		}{og.MaxSessions, og.MemoryBudget}, struct {
+			MaxSessions  autoInt  `yaml:"max_sessions"`
+			MemoryBudget autoSize `yaml:"memory_budget"`
+		}{ng.MaxSessions, ng.MemoryBudget})...)
 		if og.ConnectTimeout != ng.ConnectTimeout {
 			out = append(out, "gateway connect_timeout "+show(reflect.ValueOf(og.ConnectTimeout))+" -> "+show(reflect.ValueOf(ng.ConnectTimeout)))
 		}
@@ -260,7 +275,7 @@ func (rl *reloader) needsRestart(start, next *settings) []string {
 	// connect_timeout, which reloads apply; settings added to the file
 	// later count here until a reload learns to apply them.
 	if sg, ng := start.fc.Gateway, next.fc.Gateway; sg != nil && ng != nil {
-		out = append(out, fieldDiffs("gateway ", *sg, *ng, "routes", "session", "connect_timeout")...)
+		out = append(out, fieldDiffs("gateway ", *sg, *ng, "routes", "session", "connect_timeout", "max_sessions", "memory_budget")...)
 	}
 	if sc, nc := start.fc.Client, next.fc.Client; sc != nil && nc != nil {
 		for _, n := range nc.Listeners {
