@@ -117,8 +117,10 @@ func (c *core) runSplice(conn *net.TCPConn, x *tracked, log *slog.Logger, from s
 		return
 	}
 	st := x.conn.Stats()
-	c.untrack(x)
+	// Counted before the session leaves the list, so that whoever sees it
+	// gone (End, the admin API, a test) sees it counted too.
 	c.metrics.SessionEnded(c.side, x.route, res.Cause)
+	c.untrack(x)
 	args := []any{"cause", res.Cause, c.upName, res.Up, c.downName, res.Down,
 		"duration", time.Since(x.started).Round(time.Millisecond), "resumes", st.Resumes, "replayed", st.BytesReplayed}
 	if res.Err != nil {
