@@ -69,7 +69,7 @@ func startGateway(g *gatewayFile, log *slog.Logger, metrics proxy.Metrics, faile
 	// fails the start.
 	var lls []net.Listener
 	for _, addr := range g.Listen {
-		ll, err := transport.Listen(transport.Config{Name: g.Transport, Addr: addr, TLS: tc, Logger: log, ProxyIn: pin, ListenTCP: linkListen})
+		ll, err := listenLink(transport.Config{Name: g.Transport, Addr: addr, TLS: tc, Logger: log, ProxyIn: pin})
 		if err != nil {
 			for _, l := range lls {
 				l.Close()

@@ -14,6 +14,7 @@ import (
 	"github.com/cloudflare/tableflip"
 
 	"github.com/lifeline-proxy/lifeline/proxy"
+	"github.com/lifeline-proxy/lifeline/proxy/transport"
 	"github.com/lifeline-proxy/lifeline/resume"
 )
 
@@ -64,8 +65,15 @@ type upgrader struct {
 
 // sharedListener is a listener the next process inherits.
 type sharedListener struct {
-	*proxy.PausableListener
+	pausable
 	kind string // "link", "app" or "admin"
+}
+
+// pausable is a listener a hand-over stops and starts again.
+type pausable interface {
+	net.Listener
+	Pause(wait time.Duration) error
+	Resume()
 }
 
 // procUpgrader is the running proxy's, nil when upgrades are off.
@@ -114,12 +122,7 @@ func listenShared(kind, network, addr string) (net.Listener, error) {
 	if u == nil {
 		return net.Listen(network, addr)
 	}
-	u.mu.Lock()
-	// Keyed by kind and rank, not only the address: "127.0.0.1:0" may
-	// name the admin listener and a link listener alike.
-	key := fmt.Sprintf("%s#%d|%s", kind, u.seq[kind], addr)
-	u.seq[kind]++
-	u.mu.Unlock()
+	key := u.key(kind, addr)
 	ln, err := u.upg.Fds.ListenWithCallback(network, key, func(network, _ string) (net.Listener, error) {
 		return net.Listen(network, addr)
 	})
@@ -130,11 +133,199 @@ func listenShared(kind, network, addr string) (net.Listener, error) {
 	if u.child() {
 		sl.Pause(0) // nothing accepts yet: it returns at once, paused
 	}
-	u.mu.Lock()
-	u.listeners = append(u.listeners, sl)
-	u.mu.Unlock()
+	u.add(sl)
 	return sl, nil
 }
+
+// key names a listener among the inherited files: by kind and rank, not
+// only the address, since "127.0.0.1:0" may name the admin listener and a
+// link listener alike.
+func (u *upgrader) key(kind, addr string) string {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	k := fmt.Sprintf("%s#%d|%s", kind, u.seq[kind], addr)
+	u.seq[kind]++
+	return k
+}
+
+func (u *upgrader) add(l *sharedListener) {
+	u.mu.Lock()
+	u.listeners = append(u.listeners, l)
+	u.mu.Unlock()
+}
+
+// listenLink opens a gateway's link listener (transport.Listen) so that
+// the next process can inherit it: a tcp or tls listener's socket comes
+// through listenShared; a quic listener's UDP socket is inherited too,
+// but QUIC state is per process, so the listener on it stops (its
+// connections closed: clients redial) while the sessions go over, and
+// the new process starts its own only once it has them.
+func listenLink(cfg transport.Config) (net.Listener, error) {
+	u := procUpgrader
+	if u == nil {
+		return transport.Listen(cfg)
+	}
+	if cfg.Name != "quic" {
+		cfg.ListenTCP = linkListen
+		return transport.Listen(cfg)
+	}
+	pc, err := u.upg.Fds.ListenPacketWithCallback("udp", u.key("link", cfg.Addr), func(network, _ string) (net.PacketConn, error) {
+		ua, err := net.ResolveUDPAddr(network, cfg.Addr)
+		if err != nil {
+			return nil, err
+		}
+		return net.ListenUDP(network, ua)
+	})
+	if err != nil {
+		return nil, err
+	}
+	udp, ok := pc.(*net.UDPConn)
+	if !ok {
+		pc.Close()
+		return nil, fmt.Errorf("inherited %s is a %T, not UDP", cfg.Addr, pc)
+	}
+	// Our own copy of the socket: each start makes a *net.UDPConn of
+	// it, which the QUIC listener closes when it stops.
+	f, err := udp.File()
+	addr := udp.LocalAddr()
+	udp.Close()
+	if err != nil {
+		return nil, err
+	}
+	q := &quicShared{cfg: cfg, file: f, addr: addr, wake: make(chan struct{}), closed: make(chan struct{}), parked: make(chan struct{}, 1)}
+	if !u.child() {
+		if err := q.start(); err != nil {
+			f.Close()
+			return nil, err
+		}
+	}
+	u.add(&sharedListener{q, "link"})
+	return q, nil
+}
+
+// quicShared is a quic link listener that can stop and start again on
+// the same UDP socket.
+type quicShared struct {
+	cfg  transport.Config
+	file *os.File
+	addr net.Addr
+
+	mu     sync.Mutex
+	inner  net.Listener  // nil while stopped
+	wake   chan struct{} // closed when started
+	closed chan struct{}
+	once   sync.Once
+	parked chan struct{} // signalled when an Accept waits stopped
+}
+
+// start opens a QUIC listener on the socket.
+func (q *quicShared) start() error {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.inner != nil {
+		return nil
+	}
+	pc, err := net.FilePacketConn(q.file)
+	if err != nil {
+		return err
+	}
+	udp := pc.(*net.UDPConn)
+	cfg := q.cfg
+	cfg.ListenUDP = func(string, *net.UDPAddr) (*net.UDPConn, error) { return udp, nil }
+	in, err := transport.Listen(cfg)
+	if err != nil {
+		udp.Close()
+		return err
+	}
+	q.inner = in
+	close(q.wake)
+	return nil
+}
+
+func (q *quicShared) Accept() (net.Conn, error) {
+	for {
+		q.mu.Lock()
+		in, wake := q.inner, q.wake
+		q.mu.Unlock()
+		select {
+		case <-q.closed:
+			return nil, net.ErrClosed
+		default:
+		}
+		if in == nil {
+			select {
+			case q.parked <- struct{}{}:
+			default:
+			}
+			select {
+			case <-wake:
+			case <-q.closed:
+			}
+			continue
+		}
+		c, err := in.Accept()
+		if err != nil {
+			q.mu.Lock()
+			stopped := q.inner != in
+			q.mu.Unlock()
+			if stopped {
+				continue // Pause closed it
+			}
+		}
+		return c, err
+	}
+}
+
+// Pause closes the QUIC listener (its connections end; clients redial)
+// and waits for the accept loop to wait for the next start.
+func (q *quicShared) Pause(wait time.Duration) error {
+	select {
+	case <-q.parked:
+	default:
+	}
+	q.mu.Lock()
+	in := q.inner
+	if in != nil {
+		q.inner = nil
+		q.wake = make(chan struct{})
+	}
+	q.mu.Unlock()
+	if in != nil {
+		in.Close()
+	}
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	select {
+	case <-q.parked:
+		return nil
+	case <-q.closed:
+		return nil
+	case <-t.C:
+		return fmt.Errorf("quic listener %s: accept loop did not pause within %v", q.addr, wait)
+	}
+}
+
+// Resume starts a QUIC listener again.
+func (q *quicShared) Resume() {
+	if err := q.start(); err != nil {
+		// The socket is there and was listened on: this is not expected.
+		slog.Error("quic listener could not start again", "addr", q.addr, "err", err)
+	}
+}
+
+func (q *quicShared) Close() error {
+	q.once.Do(func() { close(q.closed) })
+	q.mu.Lock()
+	in := q.inner
+	q.inner = nil
+	q.mu.Unlock()
+	if in != nil {
+		in.Close()
+	}
+	return q.file.Close()
+}
+
+func (q *quicShared) Addr() net.Addr { return q.addr }
 
 // linkListen and appListen are what startGateway and startClient open
 // their listeners with.

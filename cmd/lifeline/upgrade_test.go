@@ -329,6 +329,9 @@ func (tr *traffic) flowing(what string) {
 			}
 		}
 		if stuck == 0 && (tr.redis == nil || tr.redis.count() > rn) {
+			if d := time.Since(deadline.Add(-30 * time.Second)); d > time.Second {
+				tr.t.Logf("%s: every session moved within %v", what, d.Round(time.Millisecond))
+			}
 			return
 		}
 		select {
@@ -509,18 +512,18 @@ func newUpgradeStackOver(t *testing.T, side, tr string, env []string) *upgradeSt
 	if side == "gateway" {
 		s.up = startUpProc(t, bins["v1"], env, "gateway", "--config", gwConf)
 		gwAddr = s.up.waitFor(0, 30*time.Second, "gateway listening", msgIs("gateway listening"))["addr"].(string)
-		if tr == "tls" {
+		if tr != "tcp" {
 			pin = s.up.waitFor(0, 10*time.Second, "the certificate's pin", msgIs(pinMsg))["sha256"].(string)
 		}
 	} else {
 		gw := startProc(t, "gateway", "--config", gwConf)
 		gwAddr = gw.waitLog("gateway listening", 30*time.Second)["addr"].(string)
-		if tr == "tls" {
+		if tr != "tcp" {
 			pin = gw.waitLog(pinMsg, 10*time.Second)["sha256"].(string)
 		}
 	}
 	tlsYAML := ""
-	if tr == "tls" {
+	if tr != "tcp" {
 		tlsYAML = "      tls:\n        pin: " + pin + "\n"
 	}
 	relay, err := faultnet.NewRelay("127.0.0.1:0", gwAddr)
@@ -529,11 +532,15 @@ func newUpgradeStackOver(t *testing.T, side, tr string, env []string) *upgradeSt
 	}
 	t.Cleanup(func() { relay.Close() })
 	s.relay = relay
+	linkAddr := relay.Addr()
+	if tr == "quic" {
+		linkAddr = gwAddr // the relay is TCP
+	}
 	s.echoApp = freeAddr(t)
-	ccfg := "client:\n  listeners:\n    - listen: " + s.echoApp + "\n      gateway: " + relay.Addr() + "\n      route: echo\n      transport: " + tr + "\n      reconnect_timeout: 60s\n" + indent(fastYAML) + tlsYAML
+	ccfg := "client:\n  listeners:\n    - listen: " + s.echoApp + "\n      gateway: " + linkAddr + "\n      route: echo\n      transport: " + tr + "\n      reconnect_timeout: 60s\n" + indent(fastYAML) + tlsYAML
 	if redisAddr != "" {
 		s.redisApp = freeAddr(t)
-		ccfg += "    - listen: " + s.redisApp + "\n      gateway: " + relay.Addr() + "\n      route: redis\n      transport: " + tr + "\n      reconnect_timeout: 60s\n" + indent(fastYAML) + tlsYAML
+		ccfg += "    - listen: " + s.redisApp + "\n      gateway: " + linkAddr + "\n      route: redis\n      transport: " + tr + "\n      reconnect_timeout: 60s\n" + indent(fastYAML) + tlsYAML
 	}
 	clConf := writeFile(t, "client.yaml", ccfg)
 	if side == "client" {
@@ -576,9 +583,11 @@ func testUpgradeThrice(t *testing.T, side string) {
 // A new process that refuses the snapshot, and a binary that exits at
 // start: the old process keeps serving every session, nothing lost.
 func TestUpgradeRefusedAndBroken(t *testing.T) {
-	for _, side := range []string{"gateway", "client"} {
-		t.Run(side, func(t *testing.T) {
-			s := newUpgradeStack(t, side, []string{refuseEnv + "=1"})
+	// A quic gateway stops its QUIC listener for the hand-over and must
+	// start it again on the rollback.
+	for _, c := range []struct{ side, link string }{{"gateway", "tcp"}, {"client", "tcp"}, {"gateway", "quic"}} {
+		t.Run(c.side+"-"+c.link, func(t *testing.T) {
+			s := newUpgradeStackOver(t, c.side, c.link, []string{refuseEnv + "=1"})
 			bins := upgradeBinaries(t)
 			tr := s.traffic(t, 10)
 			tr.flowing("before")
@@ -653,12 +662,15 @@ func upgradeBuildFlags() string {
 	return "-trimpath=false"
 }
 
-// The same over tls (the gateway's self-signed certificate, pinned):
-// the gateway upgrades twice, the client once.
-func TestUpgradeTLS(t *testing.T) {
+// The same over tls and quic (the gateway's self-signed certificate,
+// pinned): the gateway upgrades twice, the client once.
+func TestUpgradeTLS(t *testing.T)  { testUpgradeOver(t, "tls") }
+func TestUpgradeQUIC(t *testing.T) { testUpgradeOver(t, "quic") }
+
+func testUpgradeOver(t *testing.T, link string) {
 	for _, side := range []string{"gateway", "client"} {
 		t.Run(side, func(t *testing.T) {
-			s := newUpgradeStackOver(t, side, "tls", nil)
+			s := newUpgradeStackOver(t, side, link, nil)
 			bins := upgradeBinaries(t)
 			tr := s.traffic(t, 10)
 			tr.flowing("before")

@@ -56,7 +56,11 @@ func listenQUIC(cfg Config) (*quicListener, error) {
 	if err != nil {
 		return nil, fmt.Errorf("quic: %w", err)
 	}
-	udp, err := net.ListenUDP("udp", ua)
+	listenUDP := net.ListenUDP
+	if cfg.ListenUDP != nil {
+		listenUDP = cfg.ListenUDP
+	}
+	udp, err := listenUDP("udp", ua)
 	if err != nil {
 		return nil, fmt.Errorf("quic: %w", err)
 	}

@@ -42,6 +42,10 @@ type Config struct {
 	// instead of net.Listen (an upgrade in place passes listening sockets
 	// to the next process).
 	ListenTCP func(network, addr string) (net.Listener, error)
+	// ListenUDP, if set, opens the UDP socket of a quic listener instead
+	// of net.ListenUDP (an upgrade in place passes it on). Closing the
+	// listener closes the *net.UDPConn it returned.
+	ListenUDP func(network string, addr *net.UDPAddr) (*net.UDPConn, error)
 	// ProxyIn, if set, makes a tcp or tls listener read PROXY protocol
 	// headers from the sources it trusts (see proxyin.go). quic refuses
 	// it: the header is a TCP stream's, not UDP's.
