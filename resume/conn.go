@@ -1,6 +1,7 @@
 package resume
 
 import (
+	"errors"
 	"io"
 	"net"
 	"syscall"
@@ -490,7 +491,10 @@ func (s *session) writeToStep(w io.Writer, segs *[][]byte, total *int64) (wait, 
 
 // sink is where DeliverTo writes. Under mu.
 type sink struct {
-	w       io.Writer
+	w io.Writer
+	// nb writes to w without blocking, when w is a socket: the link's
+	// reader writes what it received itself when it can (pumpInline).
+	nb      io.Writer
 	done    func(int64, error)
 	total   int64
 	segs    [][]byte
@@ -510,6 +514,11 @@ func (c *Conn) DeliverTo(w io.Writer, done func(n int64, err error)) {
 	s.mu.Lock()
 	defer s.unlock()
 	s.sink = &sink{w: w, done: done}
+	if sc, ok := w.(syscall.Conn); ok {
+		if rc, err := sc.SyscallConn(); err == nil {
+			s.sink.nb = nonBlocking(rc)
+		}
+	}
 	s.kickSink() // it may have ended, or hold bytes, already
 }
 
@@ -524,6 +533,54 @@ func (s *session) kickSink() {
 		go s.pump(k)
 	}
 }
+
+// claimSink makes the caller the sink's pump, if none runs, to write what
+// was just received without waking another goroutine: it must call
+// pumpInline after releasing mu. Caller holds mu.
+func (s *session) claimSink() bool {
+	k := s.sink
+	if k == nil || k.running || k.ended || k.nb == nil {
+		return false
+	}
+	k.running = true
+	return true
+}
+
+// pumpInline is a link reader's turn as the sink's pump (claimSink): it
+// writes what it can without blocking and leaves the rest, an error or
+// the end to a pump goroutine. One hand-off less per message than waking
+// a goroutine to write; and the reader never blocks on the application,
+// so ACKs and PINGs keep flowing.
+func (s *session) pumpInline() {
+	k := s.sink
+	if !s.rmu.TryLock() { // a Snapshot is waiting for readers
+		go s.pump(k)
+		return
+	}
+	s.mu.Lock()
+	for {
+		wait, done, _ := s.writeToStep(k.nb, &k.segs, &k.total)
+		if done {
+			// Blocked, failed or ended: a goroutine goes on from here
+			// and reports the end (done may Reset the session, which
+			// waits for this reader).
+			s.unlock()
+			s.rmu.Unlock()
+			go s.pump(k)
+			return
+		}
+		if wait {
+			k.running = false
+			clear(k.segs)
+			s.unlock()
+			s.rmu.Unlock()
+			return
+		}
+	}
+}
+
+// errWouldBlock: a non-blocking write wrote less than asked.
+var errWouldBlock = errors.New("resume: write would block")
 
 // pump writes what the receive buffer holds to the sink until it is empty,
 // then returns; at the stream's end it reports it with done.

@@ -481,6 +481,7 @@ func (l *link) readData(n int) error {
 		}
 		k, err := l.fr.ReadData(dst)
 		n -= k
+		inline := false
 		s.mu.Lock()
 		if s.link != l {
 			s.unlock()
@@ -497,6 +498,7 @@ func (l *link) readData(n int) error {
 				s.advertise()
 			} else {
 				s.recv.Commit(k)
+				inline = s.claimSink()
 				s.wakeReaders()
 			}
 			if s.recv.End()-s.recv.ackedTo >= s.ackThreshold() {
@@ -506,6 +508,9 @@ func (l *link) readData(n int) error {
 			}
 		}
 		s.unlock()
+		if inline {
+			s.pumpInline()
+		}
 		if err != nil {
 			return err
 		}
