@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -298,7 +299,8 @@ func TestBinaryAdmin(t *testing.T) {
 	}
 	_, m := httpGet(t, "http://"+gwAdmin+"/metrics")
 	for _, want := range []string{`lifeline_session_ends_total{cause="admin",route="default",side="gateway"} 1`,
-		`lifeline_outage_seconds_count{side="gateway"}`, `lifeline_sessions{side="gateway",state="ACTIVE"} 0`} {
+		`lifeline_outage_seconds_count{side="gateway"}`, `lifeline_sessions{side="gateway",state="ACTIVE"} 0`,
+		`lifeline_build_info{goversion="` + runtime.Version() + `",version="` + versionString() + `"} 1`} {
 		if !strings.Contains(m, want) {
 			t.Errorf("gateway /metrics lacks %s", want)
 		}

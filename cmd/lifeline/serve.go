@@ -7,8 +7,12 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
+	"runtime"
 	"sync"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/lifeline-proxy/lifeline/internal/acceptloop"
 	"github.com/lifeline-proxy/lifeline/proxy"
@@ -27,6 +31,8 @@ func runProxy(cmd string, args []string, stdout, stderr io.Writer) error {
 	}
 	log := newLoggerVar(stderr, st.logFormat, level)
 	metrics := proxy.NewPromMetrics()
+	registerBuildInfo(metrics.Registry())
+	log.Info("lifeline starting", "version", versionString(), "go", runtime.Version(), "pid", os.Getpid(), "command", cmd)
 	if st.pidFile != "" {
 		// Before anything listens: a second lifeline on the same pid
 		// file does not start.
@@ -201,4 +207,14 @@ func warnQUICIdle(log *slog.Logger, name string, liveness time.Duration) {
 		log.Warn("QUIC connections will time out before lifeline's liveness check; keep --liveness-timeout under the QUIC idle timeout",
 			"liveness_timeout", liveness, "quic_idle_timeout", transport.DefaultQUICConfig().IdleTimeout)
 	}
+}
+
+// registerBuildInfo exports lifeline_build_info{version,goversion} 1, so
+// that a dashboard (or an operator after `kill -USR2`) sees which binary
+// serves.
+func registerBuildInfo(reg *prometheus.Registry) {
+	g := prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "lifeline_build_info",
+		Help: "Always 1; the labels name the running binary's version and Go version."}, []string{"version", "goversion"})
+	g.WithLabelValues(versionString(), runtime.Version()).Set(1)
+	reg.MustRegister(g)
 }
