@@ -1005,7 +1005,10 @@ func echoSome(t testing.TB, l *hlink, st *hstream, seed uint64, from uint64, n i
 // after the handshake timeout.
 func TestUnconfirmedHellosDoNotLockOutHandshakes(t *testing.T) {
 	cfg := testConfig()
-	cfg.HandshakeTimeout = 500 * time.Millisecond
+	// Long enough that a flood HELLO on a loaded CI machine (the whole
+	// suite under -race on 2 cores) is answered before its link's
+	// handshake deadline closes it (500 ms was not, about 1 run in 10).
+	cfg.HandshakeTimeout = 2 * time.Second
 	cfg.ReconnectTimeout = 30 * time.Second
 	sc := serverConfig(cfg)
 	ref := countRefusals(sc)

@@ -32,7 +32,6 @@ func runProxy(cmd string, args []string, stdout, stderr io.Writer) error {
 	log := newLoggerVar(stderr, st.logFormat, level)
 	metrics := proxy.NewPromMetrics()
 	registerBuildInfo(metrics.Registry())
-	log.Info("lifeline starting", "version", versionString(), "go", runtime.Version(), "pid", os.Getpid(), "command", cmd)
 	if st.pidFile != "" {
 		// Before anything listens: a second lifeline on the same pid
 		// file does not start.
@@ -138,6 +137,9 @@ func runProxy(cmd string, args []string, stdout, stderr io.Writer) error {
 	if err := up.ready(); err != nil {
 		log.Warn("upgrade: readiness", "err", err)
 	}
+	// Once serving, so that a start that fails prints its one error line
+	// only.
+	log.Info("lifeline running", "version", versionString(), "go", runtime.Version(), "pid", os.Getpid(), "command", cmd)
 	return waitForSignals(log, sigs, failed, srv, rl)
 }
 
