@@ -393,7 +393,17 @@ func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
 			}
 			s.send.Commit(n)
 			total += int64(n)
-			s.kick()
+			if l := s.claimWriter(); l != nil && err == nil {
+				// Send it from here: one hand-off less per message.
+				s.unlock()
+				l.sendInline()
+				s.mu.Lock()
+			} else {
+				if l != nil {
+					l.writerExit(false) // not ours to send after all
+				}
+				s.kick()
+			}
 		} else {
 			s.send.Commit(0)
 		}

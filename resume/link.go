@@ -87,6 +87,9 @@ type link struct {
 	scratch  []byte
 	segs     [][]byte
 	vectored bool
+	// rc is the socket under a vectored link, for the non-blocking
+	// writes of sendInline (nil: it is not used).
+	rc syscall.RawConn
 	// pinned: the batch holds replay-buffer bytes from pinAt on, so the
 	// session keeps them until the write returns (set and cleared under
 	// s.mu).
@@ -115,6 +118,9 @@ func newLink(s *session, conn net.Conn, fr *frame.Reader, rxStart uint64) *link 
 	if sc, ok := conn.(syscall.Conn); ok {
 		if rc, err := sc.SyscallConn(); err == nil {
 			fr.SetIdleWait(func() error { return waitReadable(rc) })
+			if l.vectored && inlineWrites {
+				l.rc = rc
+			}
 		}
 	}
 	l.lastRecv.Store(time.Now().UnixNano())
@@ -596,35 +602,42 @@ func (l *link) readControl(h frame.Header) error {
 
 // writeLoop sends what is due until there is nothing left, then returns;
 // kick starts it again. Only one runs per link at a time (l.writing).
-func (l *link) writeLoop() {
+func (l *link) writeLoop() { l.writeLoopFrom(false, false) }
+
+// writeLoopFrom is writeLoop that, if pending, first finishes the batch
+// left in l.segs (final as collected with it) by sendInline.
+func (l *link) writeLoopFrom(pending, final bool) {
 	s := l.s
-	if p := l.wPrev; p != nil {
+	l.wmu.Lock()
+	p := l.wPrev
+	l.wmu.Unlock()
+	if p != nil {
 		<-p.writerDone
-		l.wPrev = nil // only the writer touches it after start
+		l.wmu.Lock()
+		l.wPrev = nil // and claimWriter may take turns now
+		l.wmu.Unlock()
 	}
 	for {
-		s.mu.Lock()
-		n := l.collect()
-		final := l.final
-		stale := s.link != l && !final
-		if stale || (n == 0 && !final) {
-			// Under s.mu: a kick after our collect sees writing false
-			// and starts the next writer. A stale (retired) link never
-			// writes again: the link that replaced it waits for us.
-			l.writerExit(stale)
-			s.unlock()
-			return
-		}
-		s.unlock()
-		if n > 0 {
-			_, err := l.flush()
-			if l.pinned {
-				s.mu.Lock()
-				s.send.unpin(l.pinAt)
-				l.pinned = false
-				s.releaseSent()
+		if !pending {
+			s.mu.Lock()
+			n := l.collect()
+			final = l.final
+			stale := s.link != l && !final
+			if stale || (n == 0 && !final) {
+				// Under s.mu: a kick after our collect sees writing
+				// false and starts the next writer. A stale (retired)
+				// link never writes again: the link that replaced it
+				// waits for us.
+				l.writerExit(stale)
 				s.unlock()
+				return
 			}
+			s.unlock()
+		}
+		pending = false
+		if len(l.segs) > 0 {
+			_, err := l.flush()
+			l.unpin()
 			if err != nil {
 				if !final {
 					s.linkFailed(l, err)
@@ -641,6 +654,67 @@ func (l *link) writeLoop() {
 			l.writerExit(true)
 			return
 		}
+	}
+}
+
+// unpin lets the session free the replay-buffer bytes of the batch just
+// written.
+func (l *link) unpin() {
+	if l.pinned {
+		s := l.s
+		s.mu.Lock()
+		s.send.unpin(l.pinAt)
+		l.pinned = false
+		s.releaseSent()
+		s.unlock()
+	}
+}
+
+// inlineSendMax bounds what sendInline sends: a request or an answer, not
+// bulk, which a writer goroutine sends in larger batches (measured: bulk
+// sent inline cost 15-40 % more CPU per GB on the sending proxy).
+const inlineSendMax = 16 << 10
+
+// claimWriter makes the caller the current link's writer, if none runs
+// and the link can be written without blocking: it must call sendInline
+// (or writerExit(false)) after releasing mu. Caller holds mu.
+func (s *session) claimWriter() *link {
+	l := s.link
+	if l == nil || l.rc == nil || s.send.End()-s.send.next > inlineSendMax {
+		return nil
+	}
+	l.wmu.Lock()
+	defer l.wmu.Unlock()
+	if l.writing || l.wDone || !l.wStarted || l.wPrev != nil {
+		return nil
+	}
+	l.writing = true
+	return l
+}
+
+// sendInline is a writer's turn run by the goroutine that just put bytes
+// into the replay buffer (claimWriter): it writes what is due with
+// non-blocking writes and leaves whatever would block, the final frames
+// and any error to a writer goroutine, which finishes the batch. One
+// goroutine hand-off less per message than waking a writer.
+func (l *link) sendInline() {
+	s := l.s
+	for {
+		s.mu.Lock()
+		n := l.collect()
+		final := l.final
+		stale := s.link != l && !final
+		if stale || (n == 0 && !final) {
+			l.writerExit(stale)
+			s.unlock()
+			return
+		}
+		s.unlock()
+		if final || writevNonBlocking(l.rc, &l.segs) != nil {
+			s.spawn(func() { l.writeLoopFrom(true, final) })
+			return
+		}
+		l.unpin()
 	}
 }
 
