@@ -167,6 +167,38 @@ func handOverGateway(t *testing.T, from *gatewayProc, sc *ServerConfig, addr *at
 	return to
 }
 
+// handOverEnv is a gateway process that hand-overs replace, and a dial
+// function that follows it (and fails while blocked: the path is down).
+type handOverEnv struct {
+	t       *testing.T
+	sc      *ServerConfig
+	gw      *gatewayProc
+	addr    atomic.Pointer[string]
+	blocked atomic.Bool
+}
+
+func newHandOverEnv(t *testing.T, cfg *Config) *handOverEnv {
+	e := &handOverEnv{t: t, sc: serverConfig(cfg)}
+	e.gw = startGatewayProc(t, e.sc)
+	a := e.gw.addr
+	e.addr.Store(&a)
+	t.Cleanup(func() { e.gw.close() })
+	return e
+}
+
+func (e *handOverEnv) dial(ctx context.Context) (net.Conn, error) {
+	if e.blocked.Load() {
+		return nil, errors.New("path down")
+	}
+	var d net.Dialer
+	return d.DialContext(ctx, "tcp", *e.addr.Load())
+}
+
+// handOver moves the gateway's sessions to a new process.
+func (e *handOverEnv) handOver(ends map[SessionID]*endpoint) {
+	e.gw = handOverGateway(e.t, e.gw, e.sc, &e.addr, ends)
+}
+
 // TestHandOverKeepsEveryByte streams data both ways through several
 // sessions while the gateway is handed over to a new process three times
 // and each client end twice; every byte arrives once and in order.
@@ -178,16 +210,8 @@ func TestHandOverKeepsEveryByte(t *testing.T) {
 	if os.Getenv("DEBUGLOG") != "" {
 		cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
-	sc := serverConfig(cfg)
-	gw := startGatewayProc(t, sc)
-	defer func() { gw.close() }()
-	var addr atomic.Pointer[string]
-	a := gw.addr
-	addr.Store(&a)
-	dial := func(ctx context.Context) (net.Conn, error) {
-		var d net.Dialer
-		return d.DialContext(ctx, "tcp", *addr.Load())
-	}
+	e := newHandOverEnv(t, cfg)
+	dial := e.dial
 
 	type pair struct {
 		client, gateway *endpoint
@@ -201,7 +225,7 @@ func TestHandOverKeepsEveryByte(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		s, err := gw.srv.Accept()
+		s, err := e.gw.srv.Accept()
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -231,7 +255,7 @@ func TestHandOverKeepsEveryByte(t *testing.T) {
 	handOvers := 0
 	for step := 1; step <= 3; step++ {
 		waitFor(t, 20*time.Second, "stream progress", func() bool { return progress() >= int64(step*size/4) })
-		gw = handOverGateway(t, gw, sc, &addr, gwEnds)
+		e.handOver(gwEnds)
 		handOvers++
 		if step == 3 {
 			break
@@ -281,30 +305,17 @@ func TestHandOverKeepsEveryByte(t *testing.T) {
 // was buffered on both sides.
 func TestHandOverOfParkedSession(t *testing.T) {
 	cfg := testConfig()
-	sc := serverConfig(cfg)
-	gw := startGatewayProc(t, sc)
-	defer func() { gw.close() }()
-	var addr atomic.Pointer[string]
-	a := gw.addr
-	addr.Store(&a)
-	var blocked atomic.Bool
-	dial := func(ctx context.Context) (net.Conn, error) {
-		if blocked.Load() {
-			return nil, errors.New("path down")
-		}
-		var d net.Dialer
-		return d.DialContext(ctx, "tcp", *addr.Load())
-	}
-	c, err := Dial(context.Background(), dial, "r", cfg)
+	e := newHandOverEnv(t, cfg)
+	c, err := Dial(context.Background(), e.dial, "r", cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	s, err := gw.srv.Accept()
+	s, err := e.gw.srv.Accept()
 	if err != nil {
 		t.Fatal(err)
 	}
-	blocked.Store(true)
+	e.blocked.Store(true)
 	c.Kill()
 	waitFor(t, 5*time.Second, "gateway parks", func() bool { return s.State() == StateDisconnected })
 	// Bytes written on both ends while parked travel with the snapshot.
@@ -315,13 +326,13 @@ func TestHandOverOfParkedSession(t *testing.T) {
 		t.Fatal(err)
 	}
 	ends := map[SessionID]*endpoint{s.SessionID(): newEndpoint(s)}
-	gw = handOverGateway(t, gw, sc, &addr, ends)
+	e.handOver(ends)
 	ns, _ := ends[s.SessionID()].get()
 	if ns == s {
 		t.Fatal("session not handed over")
 	}
 	defer ns.Close()
-	blocked.Store(false)
+	e.blocked.Store(false)
 	got := make([]byte, len("to gateway while parked"))
 	ns.SetReadDeadline(time.Now().Add(10 * time.Second))
 	if _, err := io.ReadFull(ns, got); err != nil || string(got) != "to gateway while parked" {
@@ -389,17 +400,8 @@ func TestFreezeThawInPlace(t *testing.T) {
 // its client resumes.
 func TestRestoredUndeliveredSessionIsAccepted(t *testing.T) {
 	cfg := testConfig()
-	sc := serverConfig(cfg)
-	gw := startGatewayProc(t, sc)
-	defer func() { gw.close() }()
-	var addr atomic.Pointer[string]
-	a := gw.addr
-	addr.Store(&a)
-	dial := func(ctx context.Context) (net.Conn, error) {
-		var d net.Dialer
-		return d.DialContext(ctx, "tcp", *addr.Load())
-	}
-	c, err := Dial(context.Background(), dial, "r", cfg)
+	e := newHandOverEnv(t, cfg)
+	c, err := Dial(context.Background(), e.dial, "r", cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -408,17 +410,17 @@ func TestRestoredUndeliveredSessionIsAccepted(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitFor(t, 5*time.Second, "confirmed", func() bool {
-		for _, x := range gw.srv.Sessions() {
+		for _, x := range e.gw.srv.Sessions() {
 			if x.Confirmed() {
 				return true
 			}
 		}
 		return false
 	})
-	gw = handOverGateway(t, gw, sc, &addr, nil) // nobody called Accept on the old one
+	e.handOver(nil) // nobody called Accept on the old one
 	acc := make(chan *Conn, 1)
 	go func() {
-		s, err := gw.srv.Accept()
+		s, err := e.gw.srv.Accept()
 		if err == nil {
 			acc <- s
 		}
