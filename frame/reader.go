@@ -12,14 +12,13 @@ import (
 const maxControl = max(maxHello, 3+MaxAddr+MaxReason)
 
 // Reader decodes frames from a link. It never allocates per frame: control
-// payloads land in an internal array, DATA payloads are read by the caller
-// straight into its own buffer with ReadData.
+// payloads are read in place in the read-ahead buffer, DATA payloads by the
+// caller straight into its own buffer with ReadData.
 type Reader struct {
 	src     io.Reader
 	size    int
 	br      *bufio.Reader // nil while parked in an idle wait
 	hdr     [HeaderLen]byte
-	ctl     [maxControl]byte
 	pending int // DATA bytes of the current frame not yet read
 	// idle, if set, blocks until src has something to read (see
 	// SetIdleWait).
@@ -96,14 +95,26 @@ func (r *Reader) Next() (Header, error) {
 
 // Payload reads the payload of a control frame. The slice is valid until
 // the next call on r.
+//
+// It points into the read-ahead buffer (an idle link's Reader holds no
+// payload array of its own), unless that buffer is smaller than the
+// payload.
 func (r *Reader) Payload(h Header) ([]byte, error) {
-	if lo, hi, ok := maxLen(h.Type); h.Type == TypeData || !ok || h.Len < lo || h.Len > hi || h.Len > len(r.ctl) {
+	if lo, hi, ok := maxLen(h.Type); h.Type == TypeData || !ok || h.Len < lo || h.Len > hi || h.Len > maxControl {
 		return nil, fmt.Errorf("%w: Payload(%v, %d)", ErrLength, h.Type, h.Len)
 	}
-	p := r.ctl[:h.Len]
-	if _, err := io.ReadFull(r.br, p); err != nil {
+	p, err := r.br.Peek(h.Len)
+	if err == bufio.ErrBufferFull {
+		p = make([]byte, h.Len)
+		if _, err := io.ReadFull(r.br, p); err != nil {
+			return nil, truncated(err)
+		}
+		return p, nil
+	}
+	if err != nil {
 		return nil, truncated(err)
 	}
+	r.br.Discard(h.Len) // what Peek returned: cannot fail
 	return p, nil
 }
 
