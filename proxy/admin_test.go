@@ -452,7 +452,12 @@ func metricValue(t testing.TB, h http.Handler, name string) float64 {
 // An unconfirmed gateway session is listed (confirmed false) and can be
 // ended.
 func TestAdminUnconfirmedSession(t *testing.T) {
-	s := newStack(t, stackOpts{upstream: testnet.EchoServer(t)})
+	// The unconfirmed session must outlive the listing and the DELETE:
+	// a handshake timeout of 2 s was not always enough under the whole
+	// suite with -race.
+	sc := defaultServerForTest()
+	sc.Session.HandshakeTimeout = 20 * time.Second
+	s := newStack(t, stackOpts{upstream: testnet.EchoServer(t), server: sc})
 	h := s.gwAdmin(t)
 	u := rawHello(t, s.gwAddr)
 	defer u.Close()
