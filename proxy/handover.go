@@ -564,9 +564,9 @@ func ServeHandover(c *net.UnixConn, freeze func() (HandoverBatch, error), timeou
 	case typ == hoRefuse:
 		batch.Rollback()
 		return res, fmt.Errorf("%w: %s", ErrHandoverRefused, p)
-	case typ != hoOK:
+	case typ != hoOK || len(p) != 0:
 		batch.Rollback()
-		return res, fmt.Errorf("handover: got message %q, want OK", typ)
+		return res, fmt.Errorf("handover: got message %q with %d bytes, want an empty OK", typ, len(p))
 	}
 	if err := h.send(hoCommit, nil, nil); err != nil {
 		batch.Rollback()
@@ -689,10 +689,13 @@ func RequestHandover(c *net.UnixConn, hello HandoverHello, restore func([]*Hando
 		taken.Release()
 		return nil, 0, err
 	}
-	typ, _, f, err := h.recv()
+	typ, p, f, err := h.recv()
 	closeFile(f)
-	if err == nil && typ != hoCommit {
-		err = fmt.Errorf("handover: got message %q, want COMMIT", typ)
+	if err == nil && (typ != hoCommit || len(p) != 0) {
+		// Exactly COMMIT: anything else, even a COMMIT with a payload,
+		// is not the old process letting go, and starting would run the
+		// sessions twice.
+		err = fmt.Errorf("handover: got message %q with %d bytes, want an empty COMMIT", typ, len(p))
 	}
 	if err == nil {
 		err = h.send(hoDone, nil, nil)
