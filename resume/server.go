@@ -675,11 +675,7 @@ func (srv *Server) hello(ctx context.Context, c net.Conn, fr *frame.Reader, p []
 	endHandshake()
 	c.SetDeadline(time.Time{})
 	s.log.Info("session start", "remote", remote, "reconnect_timeout", s.reconnectTimeout)
-	s.mu.Lock()
-	if s.link == l {
-		l.start()
-	}
-	s.unlock()
+	s.startLink(l)
 
 	srv.deliver(s, time.Time{})
 }
@@ -742,6 +738,33 @@ func (srv *Server) deliver(s *session, until time.Time) {
 		}
 		s.unlock()
 	}
+}
+
+// startLink starts the goroutines of l, a link whose handshake answer the
+// gateway has just written. If the session ended in between (an
+// operator's DELETE of a session not yet confirmed, a shutdown), l was
+// told to carry the RESET (finish) but its writer never ran: write the
+// RESET here and close l, or the client would hear nothing until its
+// liveness check gives up on a silent link.
+func (s *session) startLink(l *link) {
+	s.mu.Lock()
+	if s.link == l {
+		l.start()
+		s.unlock()
+		return
+	}
+	final, reset := !l.started && l.final, l.reset
+	s.unlock()
+	if !final {
+		return // replaced by a newer resume: retire closed it
+	}
+	if reset != nil {
+		l.conn.SetWriteDeadline(time.Now().Add(finalWriteTimeout))
+		l.conn.Write(frame.AppendCodeReason(nil, frame.TypeReset, reset.Code, reset.Reason))
+	}
+	// Not l.close: the session has ended and its Close may be waiting
+	// for its goroutines; l.close would start one (markDone).
+	closeRaw(l.conn)
 }
 
 // confirm marks s confirmed: its client has shown it holds the session.
@@ -914,11 +937,7 @@ func (srv *Server) resume(c net.Conn, fr *frame.Reader, p []byte, binding []byte
 	}
 	endHandshake()
 	c.SetDeadline(time.Time{})
-	s.mu.Lock()
-	if s.link == l {
-		l.start()
-	}
-	s.unlock()
+	s.startLink(l)
 	s.log.Info("session resumed", "remote", remote, "outage", stats.LastOutage,
 		"replayed", stats.BytesReplayed, "resumes", stats.Resumes)
 }
