@@ -858,7 +858,21 @@ func (srv *Server) resume(c net.Conn, fr *frame.Reader, p []byte, binding []byte
 
 	s.mu.Lock()
 	if s.state == StateClosed {
+		// Ended, and not yet off the books (that runs after its lock):
+		// answer as its tombstone will, or a client that resumes at once
+		// (its link was closed by the end) would read NOT_FOUND for an
+		// orderly close.
+		tomb := s.reconnectTimeout > 0 && !s.expiredOut && !s.gw.noTomb
+		code, reason := endCode(s.err)
 		s.unlock()
+		if tomb {
+			srv.log.Info("resume of an ended session", "session", sid.String(), "code", code)
+			if srv.cfg.OnRefuse != nil {
+				srv.cfg.OnRefuse(RefuseResumeNotFound, code)
+			}
+			srv.refuse(c, code, reason)
+			return
+		}
 		fail(RefuseResumeNotFound, frame.CodeNotFound, "session %v has ended", sid)
 		return
 	}
