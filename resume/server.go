@@ -347,6 +347,17 @@ func (srv *Server) Sessions() []*Conn {
 	return out
 }
 
+// liveLocked lists the sessions the server holds, for work that must run
+// on each without srv.mu (which a session's lock must not be taken under).
+// Caller holds srv.mu.
+func (srv *Server) liveLocked() []*session {
+	live := make([]*session, 0, len(srv.sessions))
+	for _, s := range srv.sessions {
+		live = append(live, s)
+	}
+	return live
+}
+
 // ResumeFailures counts refused resumes (all codes).
 func (srv *Server) ResumeFailures() int64 { return srv.failures.Load() }
 
@@ -1046,10 +1057,7 @@ func (srv *Server) Close() error {
 	for l := range srv.listeners {
 		l.Close()
 	}
-	live := make([]*session, 0, len(srv.sessions))
-	for _, s := range srv.sessions {
-		live = append(live, s)
-	}
+	live := srv.liveLocked()
 	for _, t := range srv.tombs {
 		t.timer.Stop()
 	}

@@ -558,10 +558,7 @@ func (srv *Server) Restore(snap []byte) (*Conn, error) {
 func (srv *Server) Freeze() []*Conn {
 	srv.mu.Lock()
 	srv.frozen = true
-	live := make([]*session, 0, len(srv.sessions))
-	for _, s := range srv.sessions {
-		live = append(live, s)
-	}
+	live := srv.liveLocked()
 	srv.mu.Unlock()
 	out := make([]*Conn, 0, len(live))
 	for _, s := range live {
@@ -580,10 +577,7 @@ func (srv *Server) Freeze() []*Conn {
 func (srv *Server) Thaw() {
 	srv.mu.Lock()
 	srv.frozen = false
-	live := make([]*session, 0, len(srv.sessions))
-	for _, s := range srv.sessions {
-		live = append(live, s)
-	}
+	live := srv.liveLocked()
 	srv.mu.Unlock()
 	for _, s := range live {
 		s.mu.Lock()

@@ -98,6 +98,17 @@ func (e *endpoint) receive(want []byte, progress *atomic.Int64) error {
 	}
 }
 
+// readExactly reads len(want) bytes from c within 10 s and fails the test
+// unless they are want.
+func readExactly(t *testing.T, c *Conn, want string) {
+	t.Helper()
+	got := make([]byte, len(want))
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.ReadFull(c, got); err != nil || string(got) != want {
+		t.Fatalf("session %v read %q, %v; want %q", c.SessionID(), got, err, want)
+	}
+}
+
 func diffError(got, want []byte) error {
 	i := 0
 	for i < len(got) && i < len(want) && got[i] == want[i] {
@@ -333,16 +344,8 @@ func TestHandOverOfParkedSession(t *testing.T) {
 	}
 	defer ns.Close()
 	e.blocked.Store(false)
-	got := make([]byte, len("to gateway while parked"))
-	ns.SetReadDeadline(time.Now().Add(10 * time.Second))
-	if _, err := io.ReadFull(ns, got); err != nil || string(got) != "to gateway while parked" {
-		t.Fatalf("new gateway process read %q, %v", got, err)
-	}
-	got = make([]byte, len("to client while parked"))
-	c.SetReadDeadline(time.Now().Add(10 * time.Second))
-	if _, err := io.ReadFull(c, got); err != nil || string(got) != "to client while parked" {
-		t.Fatalf("client read %q, %v", got, err)
-	}
+	readExactly(t, ns, "to gateway while parked")
+	readExactly(t, c, "to client while parked")
 }
 
 // TestFreezeThawInPlace: a hand-over that fails (the new process refuses
@@ -388,11 +391,7 @@ func TestFreezeThawInPlace(t *testing.T) {
 	if _, err := c.Write([]byte(" two")); err != nil {
 		t.Fatal(err)
 	}
-	got := make([]byte, len("one two"))
-	s.SetReadDeadline(time.Now().Add(10 * time.Second))
-	if _, err := io.ReadFull(s, got); err != nil || string(got) != "one two" {
-		t.Fatalf("after thaw read %q, %v", got, err)
-	}
+	readExactly(t, s, "one two")
 }
 
 // TestRestoredUndeliveredSessionIsAccepted: a session frozen before the
@@ -436,11 +435,7 @@ func TestRestoredUndeliveredSessionIsAccepted(t *testing.T) {
 		t.Fatalf("Accept gave %v", s)
 	}
 	defer s.Close()
-	got := make([]byte, 5)
-	s.SetReadDeadline(time.Now().Add(10 * time.Second))
-	if _, err := io.ReadFull(s, got); err != nil || string(got) != "hello" {
-		t.Fatalf("read %q, %v", got, err)
-	}
+	readExactly(t, s, "hello")
 }
 
 // TestRestoreRejectsCorruptSnapshots: offsets no session could have had
@@ -452,9 +447,10 @@ func TestRestoreRejectsCorruptSnapshots(t *testing.T) {
 	c, s := e.pair(cfg)
 	defer c.Close()
 	defer s.Close()
-	c.Write([]byte("abc"))
-	got := make([]byte, 3)
-	io.ReadFull(s, got)
+	if _, err := c.Write([]byte("abc")); err != nil {
+		t.Fatal(err)
+	}
+	readExactly(t, s, "abc")
 	if err := c.Freeze(); err != nil {
 		t.Fatal(err)
 	}
