@@ -126,39 +126,13 @@ func (b *Balancer) relay(a *net.TCPConn) {
 			return
 		}
 	}
-	a.SetNoDelay(true)
-	c.SetNoDelay(true)
-	p := &relayPair{a: a, b: c}
-	b.mu.Lock()
-	if b.closed {
-		b.mu.Unlock()
-		resetTCP(a)
-		resetTCP(c)
-		return
-	}
-	b.pairs[p] = struct{}{}
-	b.mu.Unlock()
-	var r Relay // pipe keeps no state of its own
-	var wg sync.WaitGroup
-	wg.Add(2)
-	go func() { defer wg.Done(); r.pipe(p, a, c) }()
-	go func() { defer wg.Done(); r.pipe(p, c, a) }()
-	wg.Wait()
-	b.mu.Lock()
-	delete(b.pairs, p)
-	b.mu.Unlock()
+	relayBoth(&b.mu, b.pairs, &b.closed, a, c)
 }
 
 // Break breaks every current connection in the given way and returns how
 // many it hit.
 func (b *Balancer) Break(mode Mode) int {
-	b.mu.Lock()
-	ps := make([]*relayPair, 0, len(b.pairs))
-	for p := range b.pairs {
-		ps = append(ps, p)
-	}
-	b.mu.Unlock()
-	return breakPairs(ps, mode)
+	return breakPairs(pairsOf(&b.mu, b.pairs), mode)
 }
 
 // Close stops the balancer and resets every connection.

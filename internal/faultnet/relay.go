@@ -129,27 +129,46 @@ func (r *Relay) relay(a *net.TCPConn) {
 		resetTCP(a)
 		return
 	}
-	b := c.(*net.TCPConn)
+	relayBoth(&r.mu, r.pairs, &r.closed, a, c.(*net.TCPConn))
+}
+
+// relayBoth copies between a and b both ways until both directions end,
+// with the pair registered in pairs (under mu) so that Break and Close
+// reach it; if closed is already set, both get a reset instead. The Relay
+// and the Balancer share it.
+func relayBoth(mu *sync.Mutex, pairs map[*relayPair]struct{}, closed *bool, a, b *net.TCPConn) {
 	a.SetNoDelay(true)
 	b.SetNoDelay(true)
 	p := &relayPair{a: a, b: b}
-	r.mu.Lock()
-	if r.closed {
-		r.mu.Unlock()
+	mu.Lock()
+	if *closed {
+		mu.Unlock()
 		resetTCP(a)
 		resetTCP(b)
 		return
 	}
-	r.pairs[p] = struct{}{}
-	r.mu.Unlock()
+	pairs[p] = struct{}{}
+	mu.Unlock()
+	var r Relay // pipe keeps no state of its own
 	var wg sync.WaitGroup
 	wg.Add(2)
 	go func() { defer wg.Done(); r.pipe(p, a, b) }()
 	go func() { defer wg.Done(); r.pipe(p, b, a) }()
 	wg.Wait()
-	r.mu.Lock()
-	delete(r.pairs, p)
-	r.mu.Unlock()
+	mu.Lock()
+	delete(pairs, p)
+	mu.Unlock()
+}
+
+// pairsOf lists the pairs registered in pairs (under mu).
+func pairsOf(mu *sync.Mutex, pairs map[*relayPair]struct{}) []*relayPair {
+	mu.Lock()
+	defer mu.Unlock()
+	ps := make([]*relayPair, 0, len(pairs))
+	for p := range pairs {
+		ps = append(ps, p)
+	}
+	return ps
 }
 
 // pipe copies src to dst. A FIN is passed on as a FIN; any error closes
@@ -184,12 +203,7 @@ func (r *Relay) pipe(p *relayPair, src, dst *net.TCPConn) {
 // Break breaks every current connection in the given way and returns how
 // many it hit.
 func (r *Relay) Break(mode Mode) int {
-	r.mu.Lock()
-	ps := make([]*relayPair, 0, len(r.pairs))
-	for p := range r.pairs {
-		ps = append(ps, p)
-	}
-	r.mu.Unlock()
+	ps := pairsOf(&r.mu, r.pairs)
 	n := 0
 	for _, p := range ps {
 		switch mode {
