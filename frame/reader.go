@@ -129,6 +129,30 @@ func (r *Reader) ReadData(p []byte) (int, error) {
 	return n, truncated(err)
 }
 
+// BufferedLen is how many bytes the read-ahead buffer holds: bytes read
+// from the source and not yet consumed.
+func (r *Reader) BufferedLen() int {
+	if r.br == nil {
+		return 0
+	}
+	return r.br.Buffered()
+}
+
+// DataTaken records that the caller read n bytes of the current DATA
+// payload straight from the source, past the Reader (a link that splices
+// payloads to their destination). It is allowed only while nothing is
+// buffered: those bytes come first, through ReadData.
+func (r *Reader) DataTaken(n int) error {
+	if n < 0 || n > r.pending {
+		return fmt.Errorf("frame: DataTaken(%d) with %d DATA bytes pending", n, r.pending)
+	}
+	if b := r.BufferedLen(); b > 0 {
+		return fmt.Errorf("frame: DataTaken with %d bytes buffered", b)
+	}
+	r.pending -= n
+	return nil
+}
+
 // DataRemaining is the number of bytes of the current DATA payload not yet read.
 func (r *Reader) DataRemaining() int { return r.pending }
 

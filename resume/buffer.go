@@ -142,3 +142,31 @@ func (b *ReplayBuffer) free(n int) {
 		b.base = b.end
 	}
 }
+
+// Skip counts n bytes as held and consumed at once: bytes that went
+// straight to their destination (a spliced DATA payload) without passing
+// through the buffer. The buffer must be empty and no Tail being filled
+// (a loan left by a reader that stopped, its link gone, is ended here).
+func (b *ReplayBuffer) Skip(n int) {
+	if b.Len() != 0 {
+		panic("resume: Skip on a buffer that is not empty")
+	}
+	b.lent = false
+	b.free(len(b.chunks))
+	b.end += uint64(n)
+	b.start, b.base = b.end, b.end
+}
+
+// PutBack makes the last n bytes before End held again, their content
+// laid out from chunks[0][0]: the part of a Skip that did not reach its
+// destination after all. The buffer must be empty, with no chunk and no
+// loan; it takes the chunks.
+func (b *ReplayBuffer) PutBack(chunks []*[chunkSize]byte, n int) {
+	if b.Len() != 0 || len(b.chunks) != 0 || b.lent || n > len(chunks)*chunkSize || uint64(n) > b.end {
+		panic("resume: PutBack on a buffer that is not empty")
+	}
+	b.chunks = chunks
+	b.acct.charge(int64(len(chunks)) * chunkSize)
+	b.start = b.end - uint64(n)
+	b.base = b.start
+}

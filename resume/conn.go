@@ -504,7 +504,10 @@ type sink struct {
 	w io.Writer
 	// nb writes to w without blocking, when w is a socket: the link's
 	// reader writes what it received itself when it can (pumpInline).
-	nb      io.Writer
+	nb io.Writer
+	// sp is the socket under w when a tcp link's reader may splice DATA
+	// payloads to it (link.spliceData); nil otherwise.
+	sp      syscall.RawConn
 	done    func(int64, error)
 	total   int64
 	segs    [][]byte
@@ -527,6 +530,11 @@ func (c *Conn) DeliverTo(w io.Writer, done func(n int64, err error)) {
 	if sc, ok := w.(syscall.Conn); ok {
 		if rc, err := sc.SyscallConn(); err == nil {
 			s.sink.nb = nonBlocking(rc)
+		}
+	}
+	if s.sink.nb != nil {
+		if s.sink.sp = spliceConn(w); s.sink.sp != nil {
+			s.spliceSink.Store(true)
 		}
 	}
 	s.kickSink() // it may have ended, or hold bytes, already
@@ -568,6 +576,12 @@ func (s *session) pumpInline() {
 		return
 	}
 	s.mu.Lock()
+	s.pumpInlineLocked(k)
+}
+
+// pumpInlineLocked is pumpInline once the caller holds rmu and mu as the
+// sink's pump; it releases both.
+func (s *session) pumpInlineLocked(k *sink) {
 	for {
 		wait, done, _ := s.writeToStep(k.nb, &k.segs, &k.total)
 		if done {

@@ -90,6 +90,9 @@ type link struct {
 	// rc is the socket under a vectored link, for the non-blocking
 	// writes of sendInline (nil: it is not used).
 	rc syscall.RawConn
+	// spliceRC is the socket under a tcp link, for the reader's splice of
+	// DATA payloads to a TCP sink (spliceData); nil: copy only.
+	spliceRC syscall.RawConn
 	// pinned: the batch holds replay-buffer bytes from pinAt on, so the
 	// session keeps them until the write returns (set and cleared under
 	// s.mu).
@@ -120,6 +123,9 @@ func newLink(s *session, conn net.Conn, fr *frame.Reader, rxStart uint64) *link 
 			fr.SetIdleWait(func() error { return waitReadable(rc) })
 			if l.vectored && inlineWrites {
 				l.rc = rc
+			}
+			if spliceRx {
+				l.spliceRC = spliceConn(conn)
 			}
 		}
 	}
@@ -448,80 +454,106 @@ func (l *link) readLoop(prev *link) {
 
 var errStale = errors.New("link no longer attached")
 
-// readData moves one DATA payload into the receive buffer.
+// readData moves one DATA payload to the application: spliced from the
+// link socket to the sink's when it can be (spliceData), else into the
+// receive buffer.
 func (l *link) readData(n int) error {
 	s := l.s
 	for n > 0 {
-		s.mu.Lock()
-		if s.link != l {
-			s.unlock()
-			return errStale
-		}
-		if l.rxOff+uint64(n) > s.recv.window {
-			s.unlock()
-			return newError(frame.CodeValidation, s.id, "DATA to offset %d beyond window %d", l.rxOff+uint64(n), s.recv.window)
-		}
-		var dst []byte
-		dup := s.recv.End() > l.rxOff
-		if s.recv.fin && !dup {
-			// Duplicates of bytes before the CLOSE_WRITE are fine: a
-			// migration replays what the old link already delivered.
-			s.unlock()
-			return newError(frame.CodeValidation, s.id, "DATA after CLOSE_WRITE")
-		}
-		switch {
-		case dup: // already held (overlapping migration): skip
-			if l.discard == nil {
-				l.discard = make([]byte, 4096)
+		var k int
+		var err error
+		handled := false
+		if l.spliceRC != nil && s.spliceSink.Load() {
+			if b := l.fr.BufferedLen(); b > 0 {
+				// What the read-ahead holds goes first, by copy; the
+				// rest may be spliced.
+				k, err = l.copyStep(min(n, b), l.fr.ReadData)
+				handled = true
+			} else {
+				k, handled, err = l.spliceData(n)
 			}
-			dst = l.discard[:min(len(l.discard), int(s.recv.End()-l.rxOff))]
-		case s.recv.End() < l.rxOff:
-			s.unlock()
-			return newError(frame.CodeInternal, s.id, "gap: DATA at %d, have %d", l.rxOff, s.recv.End())
-		default:
-			dst = s.recv.Tail()
 		}
-		s.unlock()
-		if len(dst) > n {
-			dst = dst[:n]
+		if !handled {
+			k, err = l.copyStep(n, l.fr.ReadData)
 		}
-		k, err := l.fr.ReadData(dst)
 		n -= k
-		inline := false
-		s.mu.Lock()
-		if s.link != l {
-			s.unlock()
-			return errStale
-		}
-		l.rxOff += uint64(k)
-		if k > 0 {
-			l.firstByte()
-		}
-		if !dup {
-			if s.recv.shut {
-				s.recv.Commit(k)
-				s.recv.Discard(s.recv.End())
-				s.advertise()
-			} else {
-				s.recv.Commit(k)
-				inline = s.claimSink()
-				s.wakeReaders()
-			}
-			if s.recv.End()-s.recv.ackedTo >= s.ackThreshold() {
-				s.kick()
-			} else {
-				s.armAck()
-			}
-		}
-		s.unlock()
-		if inline {
-			s.pumpInline()
-		}
 		if err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// copyStep moves up to n bytes of a DATA payload from read into the
+// receive buffer (its lent tail, filled without the lock) and returns how
+// many it read.
+func (l *link) copyStep(n int, read func([]byte) (int, error)) (int, error) {
+	s := l.s
+	s.mu.Lock()
+	if s.link != l {
+		s.unlock()
+		return 0, errStale
+	}
+	if l.rxOff+uint64(n) > s.recv.window {
+		s.unlock()
+		return 0, newError(frame.CodeValidation, s.id, "DATA to offset %d beyond window %d", l.rxOff+uint64(n), s.recv.window)
+	}
+	var dst []byte
+	dup := s.recv.End() > l.rxOff
+	if s.recv.fin && !dup {
+		// Duplicates of bytes before the CLOSE_WRITE are fine: a
+		// migration replays what the old link already delivered.
+		s.unlock()
+		return 0, newError(frame.CodeValidation, s.id, "DATA after CLOSE_WRITE")
+	}
+	switch {
+	case dup: // already held (overlapping migration): skip
+		if l.discard == nil {
+			l.discard = make([]byte, 4096)
+		}
+		dst = l.discard[:min(len(l.discard), int(s.recv.End()-l.rxOff))]
+	case s.recv.End() < l.rxOff:
+		s.unlock()
+		return 0, newError(frame.CodeInternal, s.id, "gap: DATA at %d, have %d", l.rxOff, s.recv.End())
+	default:
+		dst = s.recv.Tail()
+	}
+	s.unlock()
+	if len(dst) > n {
+		dst = dst[:n]
+	}
+	k, err := read(dst)
+	inline := false
+	s.mu.Lock()
+	if s.link != l {
+		s.unlock()
+		return k, errStale
+	}
+	l.rxOff += uint64(k)
+	if k > 0 {
+		l.firstByte()
+	}
+	if !dup {
+		if s.recv.shut {
+			s.recv.Commit(k)
+			s.recv.Discard(s.recv.End())
+			s.advertise()
+		} else {
+			s.recv.Commit(k)
+			inline = s.claimSink()
+			s.wakeReaders()
+		}
+		if s.recv.End()-s.recv.ackedTo >= s.ackThreshold() {
+			s.kick()
+		} else {
+			s.armAck()
+		}
+	}
+	s.unlock()
+	if inline {
+		s.pumpInline()
+	}
+	return k, err
 }
 
 func (l *link) readControl(h frame.Header) error {

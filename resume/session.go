@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/lifeline-proxy/lifeline/frame"
@@ -75,10 +76,14 @@ type session struct {
 	// tail without holding mu.
 	rmu, wmu sync.Mutex
 
-	readWait  chan struct{} // closed and cleared when readers may proceed
-	sink      *sink         // where DeliverTo writes, if it was called
-	writeWait chan struct{}
-	rdl, wdl  deadline
+	readWait chan struct{} // closed and cleared when readers may proceed
+	sink     *sink         // where DeliverTo writes, if it was called
+	// spliceSink: DeliverTo was given a TCP socket, so a tcp link's reader
+	// may splice payloads to it (a hint read without mu; link.spliceData
+	// decides under it).
+	spliceSink atomic.Bool
+	writeWait  chan struct{}
+	rdl, wdl   deadline
 
 	// done is closed when the session reaches CLOSED; wg counts its
 	// goroutines, so Close can wait for them.
@@ -153,6 +158,7 @@ type Stats struct {
 	LinkFailures  int           // links lost
 	LastOutage    time.Duration // from the last link failure to its resume
 	BytesReplayed uint64        // bytes sent again after resumes
+	BytesSpliced  uint64        // of BytesReceived, moved from the link to the application with splice(2), not copied
 	RTT           time.Duration // from the last PONG
 	Buffered      int           // bytes held in both buffers
 	// DownSince is when the link was lost, while the session has none

@@ -1,0 +1,25 @@
+//go:build !linux
+
+package resume
+
+import (
+	"errors"
+	"syscall"
+)
+
+// spliceRx: elsewhere DATA payloads are always copied through the
+// receive buffer.
+const spliceRx = false
+
+type rxPipe struct{}
+
+var errNoSplice = errors.New("resume: splice is not supported here")
+
+func getPipe() (*rxPipe, error)                           { return nil, errNoSplice }
+func putPipe(*rxPipe)                                     {}
+func (*rxPipe) close()                                    {}
+func closeIdlePipes() int                                 { return 0 }
+func spliceIn(syscall.RawConn, *rxPipe, int) (int, error) { return 0, errNoSplice }
+func spliceOut(syscall.RawConn, *rxPipe, int) int         { return 0 }
+func readPipe(*rxPipe, []byte) error                      { return errNoSplice }
+func spliceConn(any) syscall.RawConn                      { return nil }
