@@ -1,10 +1,15 @@
 package resume
 
 import (
+	"errors"
 	"io"
 
 	"github.com/lifeline-proxy/lifeline/frame"
 )
+
+// errNoPipe: no pipe could be had for a splice (out of descriptors, say);
+// the reader copies instead.
+var errNoPipe = errors.New("resume: no pipe for splice")
 
 // spliceData moves one step of a DATA payload (what the pipe takes, at
 // most n bytes) from a tcp link's socket to the sink's TCP socket with
@@ -32,7 +37,7 @@ import (
 // longer attached (the next link resends them from recv.End()). Holding
 // rmu from step 2 to the end makes a Snapshot wait for the step, so a
 // hand-over never sees bytes in a pipe.
-func (l *link) spliceData(n int) (k int, handled bool, err error) {
+func (l *link) spliceData(n int) (int, bool, error) {
 	s := l.s
 	s.mu.Lock()
 	ok := s.link == l && s.sink != nil && s.sink.sp != nil && !s.sink.running && !s.sink.ended &&
@@ -42,13 +47,11 @@ func (l *link) spliceData(n int) (k int, handled bool, err error) {
 	if !ok {
 		return 0, false, nil
 	}
-	p, perr := getPipe()
-	if perr != nil { // out of descriptors, say: copying still works
-		return 0, false, nil
-	}
-	k, err = spliceIn(l.spliceRC, p, n)
+	p, k, err := spliceIn(l.spliceRC, n)
 	if k == 0 {
-		putPipe(p)
+		if errors.Is(err, errNoPipe) { // out of descriptors, say: copy
+			return 0, false, nil
+		}
 		if err == nil {
 			err = io.ErrUnexpectedEOF // the link ended inside a frame
 		}

@@ -41,7 +41,7 @@ func getPipe() (*rxPipe, error) {
 	}
 	var fds [2]int
 	if err := unix.Pipe2(fds[:], unix.O_NONBLOCK|unix.O_CLOEXEC); err != nil {
-		return nil, fmt.Errorf("resume: pipe for splice: %w", err)
+		return nil, fmt.Errorf("%w: %w", errNoPipe, err)
 	}
 	pipePool.open++
 	return &rxPipe{r: fds[0], w: fds[1]}, nil
@@ -83,29 +83,48 @@ func closeIdlePipes() int {
 	return pipePool.open
 }
 
-// spliceIn moves up to n bytes from the socket into the empty pipe p,
-// waiting in the poller (with the socket's read deadline) until some are
-// there. 0 bytes and no error is the peer's FIN.
-func spliceIn(rc syscall.RawConn, p *rxPipe, n int) (int, error) {
+// spliceIn moves up to n bytes from the socket into a pipe, waiting in
+// the poller (with the socket's read deadline) until some are there, and
+// returns the pipe holding them. 0 bytes and no error is the peer's FIN
+// (and no pipe). The pipe is taken only once there are bytes to move: a
+// link stalled in the middle of a frame (a blackholed path, until its
+// liveness timeout) holds no descriptors for it.
+func spliceIn(rc syscall.RawConn, n int) (*rxPipe, int, error) {
+	var p *rxPipe
 	var k int64
 	var err error
 	if rerr := rc.Read(func(fd uintptr) bool {
+		if p == nil {
+			if p, err = getPipe(); err != nil {
+				return true
+			}
+		}
 		for {
 			k, err = unix.Splice(int(fd), nil, p.w, nil, n, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
 			if err != unix.EINTR {
 				break
 			}
 		}
-		// EAGAIN: nothing to read yet (the pipe is empty, so it is not
-		// full): wait in the poller.
-		return err != unix.EAGAIN
+		if err == unix.EAGAIN {
+			// Nothing to read yet (the pipe is empty, so it is not
+			// full): wait in the poller, without the pipe.
+			putPipe(p)
+			p = nil
+			return false
+		}
+		return true
 	}); rerr != nil {
-		return 0, rerr
+		err = rerr
+	} else if err != nil && p != nil {
+		err = fmt.Errorf("resume: splice from link: %w", err)
 	}
-	if err != nil {
-		return 0, fmt.Errorf("resume: splice from link: %w", err)
+	if err != nil || k == 0 {
+		if p != nil {
+			putPipe(p) // empty: the splice moved nothing
+		}
+		return nil, 0, err
 	}
-	return int(k), nil
+	return p, int(k), nil
 }
 
 // spliceOut moves up to n bytes from the pipe to the socket without

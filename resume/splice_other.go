@@ -19,7 +19,7 @@ func getPipe() (*rxPipe, error)                           { return nil, errNoSpl
 func putPipe(*rxPipe)                                     {}
 func (*rxPipe) close()                                    {}
 func closeIdlePipes() int                                 { return 0 }
-func spliceIn(syscall.RawConn, *rxPipe, int) (int, error) { return 0, errNoSplice }
+func spliceIn(syscall.RawConn, int) (*rxPipe, int, error) { return nil, 0, errNoPipe }
 func spliceOut(syscall.RawConn, *rxPipe, int) int         { return 0 }
 func readPipe(*rxPipe, []byte) error                      { return errNoSplice }
 func spliceConn(any) syscall.RawConn                      { return nil }
