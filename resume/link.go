@@ -102,6 +102,23 @@ type link struct {
 	// Reader-owned.
 	confirmedSeen bool   // this link's reader has received a frame
 	discard       []byte // bytes skipped as duplicates
+
+	// rp is where an idle reader waits (idleWait).
+	rp readPark
+}
+
+// readPark is the state of a reader that may wait in the shared poller.
+type readPark struct {
+	mu sync.Mutex
+	// off: the link's read deadline belongs to someone else (retire,
+	// finish) or the link is closed; the reader waits the ordinary way,
+	// under that deadline, from now on.
+	off bool
+	// id is the reader's registration in the shared poller while it is
+	// parked there (no goroutine runs it); 0 otherwise.
+	id uint64
+	// sawData: the last frame read was DATA (reader-owned, not under mu).
+	sawData bool
 }
 
 func newLink(s *session, conn net.Conn, fr *frame.Reader, rxStart uint64) *link {
@@ -120,7 +137,11 @@ func newLink(s *session, conn net.Conn, fr *frame.Reader, rxStart uint64) *link 
 	// sockets gain from it).
 	if sc, ok := conn.(syscall.Conn); ok {
 		if rc, err := sc.SyscallConn(); err == nil {
-			fr.SetIdleWait(func() error { return waitReadable(rc) })
+			if l.vectored && sharedPollerOK {
+				fr.SetIdleWait(func() error { return l.idleWait(rc) })
+			} else {
+				fr.SetIdleWait(func() error { return waitReadable(rc) })
+			}
 			if l.vectored && inlineWrites {
 				l.rc = rc
 			}
@@ -166,6 +187,9 @@ func (l *link) writerExit(terminal bool) {
 func (l *link) close() {
 	l.closeOnce.Do(func() {
 		close(l.closed)
+		// Out of the shared poller before the socket is closed: its fd
+		// number may be reused at once.
+		l.ownDeadline(nil)
 		closeRaw(l.conn)
 		l.liveMu.Lock()
 		if l.live != nil {
@@ -198,7 +222,7 @@ func (l *link) finish(reset *frame.CodeReason) {
 	l.reset = reset
 	if reset != nil && s.cl != nil && s.reconnectTimeout > 0 {
 		l.awaitClose = reset
-		l.conn.SetReadDeadline(time.Now().Add(s.cfg.LivenessTimeout))
+		l.ownDeadline(func() { l.conn.SetReadDeadline(time.Now().Add(s.cfg.LivenessTimeout)) })
 	}
 	l.conn.SetWriteDeadline(time.Now().Add(finalWriteTimeout))
 	l.kick()
@@ -229,7 +253,7 @@ func (l *link) retire() {
 		l.close()
 		return
 	}
-	l.conn.SetDeadline(time.Unix(1, 0))
+	l.ownDeadline(func() { l.conn.SetDeadline(time.Unix(1, 0)) })
 	l.kick()
 	// The grace timer counts as one of the session's goroutines; the
 	// session's end closes the link at once and stops it.
@@ -392,21 +416,37 @@ func (l *link) armBusy() {
 }
 
 func (l *link) readLoop(prev *link) {
-	s := l.s
-	defer close(l.readerDone)
-	// The session keeps its last link (for addresses) while parked: let
-	// the read-ahead buffer go with the reader.
-	defer func() {
-		l.fr.Release()
-		l.fr, l.discard = nil, nil
-	}()
 	if prev != nil {
 		// Our DATA goes into the receive buffer's tail without the lock;
 		// the previous link's reader may still be doing the same.
 		<-prev.readerDone
 	}
+	l.readOn()
+}
+
+// readOn runs the reader until the link is done, or until it parks in the
+// shared poller: then the poller's dispatcher (or whatever wakes it, see
+// ownDeadline) runs readOn again in a new goroutine.
+func (l *link) readOn() {
+	if l.readFrames() {
+		return
+	}
+	// The session keeps its last link (for addresses) while parked: let
+	// the read-ahead buffer go with the reader.
+	l.fr.Release()
+	l.fr, l.discard = nil, nil
+	close(l.readerDone)
+}
+
+// readFrames reads and handles frames until the link fails (false) or the
+// reader parks in the shared poller (true).
+func (l *link) readFrames() (parked bool) {
+	s := l.s
 	for {
 		h, err := l.fr.Next()
+		if err == errParked {
+			return true
+		}
 		if err != nil {
 			if reset := l.awaitingClose(); reset != nil {
 				l.close()
@@ -414,10 +454,10 @@ func (l *link) readLoop(prev *link) {
 					s.log.Debug("RESET not confirmed, sending it on a new link", "err", err)
 					s.spawn(func() { s.sendResetOnNewLink(*reset) })
 				}
-				return
+				return false
 			}
 			s.linkFailed(l, err)
-			return
+			return false
 		}
 		l.lastRecv.Store(time.Now().UnixNano())
 		if !l.confirmedSeen {
@@ -426,6 +466,7 @@ func (l *link) readLoop(prev *link) {
 			s.confirm()
 			s.unlock()
 		}
+		l.rp.sawData = h.Type == frame.TypeData
 		if h.Type == frame.TypeData {
 			err = l.readData(h.Len)
 		} else {
@@ -447,7 +488,7 @@ func (l *link) readLoop(prev *link) {
 		}
 		if err != nil {
 			s.linkFailed(l, err)
-			return
+			return false
 		}
 	}
 }

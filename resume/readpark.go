@@ -1,0 +1,128 @@
+package resume
+
+import (
+	"errors"
+	"os"
+	"syscall"
+	"time"
+)
+
+// idleBeforeShared is how long a link's reader waits for its next frame
+// in a goroutine of its own before it moves to the shared poller: a busy
+// link (requests and answers, pings) goes on without the dispatcher's
+// extra hop per frame, an idle one gives its goroutine back.
+var idleBeforeShared = 100 * time.Millisecond
+
+// errParked is what the frame reader's idle wait returns when the reader
+// parked in the shared poller: the goroutine returns, and a new one goes
+// on from the same frame boundary once the socket is readable.
+var errParked = errors.New("resume: reader parked in the shared poller")
+
+// idleWait is the frame reader's idle wait on a TCP link: it waits in the
+// runtime's poller for up to idleBeforeShared (the link's read deadline,
+// which nobody else uses while the link is attached), then registers the
+// socket with the shared poller and returns errParked. Whoever takes the
+// read deadline over (retire, finish) or closes the link first calls
+// ownDeadline, which turns this off and wakes a parked reader, so every
+// wake-up a blocked read would have seen still reaches the reader.
+func (l *link) idleWait(rc syscall.RawConn) error {
+	rp := &l.rp
+	rp.mu.Lock()
+	if !rp.off && !rp.sawData {
+		// Only a PING, PONG or ACK came since the last wait: no
+		// application traffic to wait for in a goroutine.
+		defer rp.mu.Unlock()
+		if readableNow(rc) {
+			return nil
+		}
+		return l.parkLocked(rc)
+	}
+	staged := !rp.off
+	if staged {
+		l.conn.SetReadDeadline(time.Now().Add(idleBeforeShared))
+	}
+	rp.mu.Unlock()
+	err := waitReadable(rc)
+	if !staged {
+		return err
+	}
+	rp.mu.Lock()
+	defer rp.mu.Unlock()
+	if rp.off {
+		// The deadline is someone else's now, set after ours: a
+		// timeout may have been ours, so wait again under theirs.
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			rp.mu.Unlock()
+			err = waitReadable(rc)
+			rp.mu.Lock()
+		}
+		return err
+	}
+	// Ours: the frame that follows must be read without a deadline.
+	l.conn.SetReadDeadline(time.Time{})
+	if !errors.Is(err, os.ErrDeadlineExceeded) {
+		return err
+	}
+	return l.parkLocked(rc)
+}
+
+// parkLocked registers the reader with the shared poller and returns
+// errParked, or waits the ordinary way if it cannot. Caller holds rp.mu.
+func (l *link) parkLocked(rc syscall.RawConn) error {
+	rp := &l.rp
+	// The registration holds the reader's place in the session's wait
+	// group until fired or ownDeadline hands it to a new goroutine.
+	l.s.track(1)
+	id, err := readPoller.register(l, rc)
+	if err != nil {
+		l.s.track(-1)
+		rp.off = true // do not try again; wait the ordinary way
+		rp.mu.Unlock()
+		err = waitReadable(rc)
+		rp.mu.Lock()
+		return err
+	}
+	rp.id = id
+	return errParked
+}
+
+// fired continues the reader parked under registration id: its socket is
+// readable (data, EOF or an error). Called by the dispatcher.
+func (l *link) fired(id uint64) {
+	rp := &l.rp
+	rp.mu.Lock()
+	defer rp.mu.Unlock()
+	if rp.id != id {
+		return // woken already by ownDeadline
+	}
+	rp.id = 0
+	l.resumeReader()
+}
+
+// ownDeadline takes the link's read deadline over from the idle wait, for
+// set (if not nil) or for closing the link: the reader waits the ordinary
+// way from now on, and one parked in the shared poller is unregistered and
+// continued in a goroutine, which sees the deadline or the closed socket
+// as a blocked read would have.
+func (l *link) ownDeadline(set func()) {
+	rp := &l.rp
+	rp.mu.Lock()
+	defer rp.mu.Unlock()
+	rp.off = true
+	if set != nil {
+		set()
+	}
+	if rp.id != 0 {
+		readPoller.unregister(rp.id)
+		rp.id = 0
+		l.resumeReader()
+	}
+}
+
+// resumeReader starts a goroutine that continues a parked reader, and
+// lets go of the registration's place in the wait group (after: the count
+// must not touch zero in between). Caller holds rp.mu.
+func (l *link) resumeReader() {
+	l.s.spawn(l.readOn)
+	l.s.track(-1)
+}
