@@ -100,9 +100,16 @@ func (c *core) untrack(x *tracked) {
 // splice joins x's session and its TCP connection conn until both
 // directions have ended (see join); then it counts the end in the metrics
 // and logs it with the bytes each way.
+//
+// The splice runs in a goroutine of its own, which the caller's (done
+// once this returns) hands over to: an idle session's splice waits in it
+// for as long as the session lives, and a fresh goroutine's stack is the
+// splice's own size, not the one the session's open grew (a handshake's
+// crypto, an upstream dial), which the runtime would keep: measured 8 KB
+// against 4 KB per idle session and end.
 func (c *core) splice(conn *net.TCPConn, x *tracked, log *slog.Logger) {
 	c.metrics.SessionStarted(c.side, x.route)
-	c.runSplice(conn, x, log, spliceFrom{})
+	c.goSession(func() { c.runSplice(conn, x, log, spliceFrom{}) })
 }
 
 // runSplice is splice from a given point: a session thawed after a
