@@ -5,7 +5,6 @@ package resume
 import (
 	"bytes"
 	"io"
-	"os"
 	"runtime"
 	"strings"
 	"testing"
@@ -23,15 +22,6 @@ func readerGoroutines() int {
 		}
 	}
 	return n
-}
-
-func openFDs(t *testing.T) int {
-	t.Helper()
-	ents, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		t.Fatal(err)
-	}
-	return len(ents)
 }
 
 // parked reports whether the session's current link has its reader in the
