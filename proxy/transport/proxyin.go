@@ -386,7 +386,21 @@ func (c *proxyConn) Read(b []byte) (int, error) {
 		}
 		c.br = nil
 	}
-	return c.Conn.Read(b)
+	n, err := c.Conn.Read(b)
+	return n, c.masked(err)
+}
+
+// masked names the client the header named, not the balancer, in a
+// socket error: the gateway logs a link's errors, and the balancer's
+// address in them would read as a client's.
+func (c *proxyConn) masked(err error) error {
+	oe, ok := err.(*net.OpError)
+	if !ok || !c.trusted || oe.Addr == nil {
+		return err
+	}
+	m := *oe
+	m.Addr = c.RemoteAddr()
+	return &m
 }
 
 // Write does not wait for the header (the gateway writes only after it
@@ -395,7 +409,8 @@ func (c *proxyConn) Write(b []byte) (int, error) {
 	if err := c.err(); err != nil {
 		return 0, err
 	}
-	return c.Conn.Write(b)
+	n, err := c.Conn.Write(b)
+	return n, c.masked(err)
 }
 
 func (c *proxyConn) SetDeadline(t time.Time) error {
