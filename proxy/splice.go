@@ -9,7 +9,6 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/lifeline-proxy/lifeline/frame"
@@ -36,17 +35,20 @@ type deliverer interface {
 // tell an application failure from a session failure after ReadFrom.
 type countingReader struct {
 	r   io.Reader
+	tc  *net.TCPConn // r
 	n   *atomic.Int64
 	err error
 }
 
-// SyscallConn lets the session wait for the socket to be readable before
-// it sets a buffer aside (see resume.Conn.ReadFrom).
-func (c *countingReader) SyscallConn() (syscall.RawConn, error) {
-	if sc, ok := c.r.(syscall.Conn); ok {
-		return sc.SyscallConn()
+// TCPConn and Consumed make it a resume.SocketSource: the session reads
+// the socket around Read (no poll(2) before each read; bulk by splice).
+func (c *countingReader) TCPConn() *net.TCPConn { return c.tc }
+
+func (c *countingReader) Consumed(n int, err error) {
+	c.n.Add(int64(n))
+	if err != nil && err != io.EOF {
+		c.err = err
 	}
-	return nil, errors.ErrUnsupported
 }
 
 func (c *countingReader) Read(p []byte) (int, error) {
@@ -189,7 +191,7 @@ func join(app *net.TCPConn, sess session, abort context.Context, from spliceFrom
 		if upEnded {
 			return // before a hand-over
 		}
-		src := &countingReader{r: app, n: &up}
+		src := &countingReader{r: app, tc: app, n: &up}
 		_, err := sess.ReadFrom(src)
 		switch {
 		case err == nil: // the application's FIN

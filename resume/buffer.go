@@ -79,6 +79,19 @@ func (b *ReplayBuffer) Tail() []byte {
 // Commit marks n bytes of the last Tail as held (n may be 0) and ends
 // the loan.
 func (b *ReplayBuffer) Commit(n int) {
+	if n == 0 && b.lent && len(b.chunks) > 0 && int(b.end-b.base) == (len(b.chunks)-1)*chunkSize {
+		// The loan took a chunk of its own and put nothing in it (a
+		// read that found nothing): an idle session keeps no chunk.
+		last := len(b.chunks) - 1
+		chunkPool.Put(b.chunks[last])
+		b.chunks[last] = nil
+		b.chunks = b.chunks[:last]
+		b.acct.charge(-chunkSize)
+		if last == 0 {
+			b.chunks = nil
+			b.base = b.end
+		}
+	}
 	b.end += uint64(n)
 	b.lent = false
 }

@@ -334,19 +334,52 @@ func (c *Conn) Kill() {
 	}
 }
 
+// A SocketSource is a reader of a TCP socket that Conn.ReadFrom may read
+// around its Read method: with a read(2) that does not wait for the socket
+// to be readable first, and on Linux, for bulk over a TCP link, with
+// splice(2), which sends the bytes to the peer without a second copy. What
+// ReadFrom reads that way it reports to Consumed, as Read would have
+// returned it. A *net.TCPConn itself gets the same.
+type SocketSource interface {
+	io.Reader
+	// TCPConn is the socket Read reads.
+	TCPConn() *net.TCPConn
+	// Consumed reports a read that ReadFrom made without Read.
+	Consumed(n int, err error)
+}
+
 // ReadFrom fills the replay buffer straight from r until r's EOF (which it
 // does not pass on: call CloseWrite). It saves the copy through a user
-// buffer that io.Copy(conn, src) would make.
+// buffer that io.Copy(conn, src) would make, and from a TCP socket (or a
+// SocketSource) over a TCP link, for bulk, the copy from the buffer to the
+// link as well (txSplice).
 func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
 	s := c.s
 	s.wmu.Lock()
 	defer s.wmu.Unlock()
 	var total int64
 	var rc syscall.RawConn
-	if sc, ok := r.(syscall.Conn); ok {
+	var sock *net.TCPConn
+	consumed := func(int, error) {}
+	switch src := r.(type) {
+	case *net.TCPConn:
+		sock = src
+	case SocketSource:
+		sock, consumed = src.TCPConn(), src.Consumed
+	}
+	if sock != nil {
+		rc, _ = sock.SyscallConn()
+	} else if sc, ok := r.(syscall.Conn); ok {
 		rc, _ = sc.SyscallConn()
 	}
+	if rc == nil {
+		sock = nil
+	}
 	readable := false
+	// bulk: the last read filled at least txBulkMin, so the next may go
+	// through the splice path. A request stream stays on plain reads,
+	// two syscalls per message where splicing would take five.
+	bulk := false
 	s.mu.Lock()
 	for {
 		if err := s.writeErr(); err != nil {
@@ -361,7 +394,33 @@ func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
 			}
 			continue
 		}
-		if rc != nil && !readable {
+		if bulk && sock != nil {
+			max, busy := s.txSpliceRoom(room)
+			if busy != nil {
+				if err := s.await(busy, s.wdl.wait(), nil); err != nil {
+					s.unlock()
+					return total, err
+				}
+				continue
+			}
+			if max > 0 {
+				s.unlock()
+				n, err, werr := s.spliceSend(rc, max)
+				consumed(n, err)
+				total += int64(n)
+				bulk = n >= txBulkMin
+				s.mu.Lock()
+				switch {
+				case werr != nil:
+					s.unlock()
+					return total, werr
+				case err != nil:
+					return total, s.readFromEnd(err)
+				}
+				continue
+			}
+		}
+		if sock == nil && rc != nil && !readable {
 			// Wait for data before lending out the buffer's tail: an idle
 			// session (the request sent, acked, the next one not yet
 			// written) must not keep a chunk for bytes that may never
@@ -381,7 +440,28 @@ func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
 			tail = tail[:room]
 		}
 		s.unlock()
-		n, err := r.Read(tail)
+		var n int
+		var err error
+		if sock != nil {
+			// Read without waiting; wait (then lending no buffer) only
+			// when the socket had nothing.
+			var ready bool
+			n, ready, err = readNow(sock, rc, tail)
+			if !ready {
+				s.mu.Lock()
+				s.send.Commit(0) // gives back a chunk taken for this read
+				s.unlock()
+				if err = waitReadable(rc); err != nil {
+					sock = nil // cannot wait on it: read the ordinary way
+				}
+				s.mu.Lock()
+				continue
+			}
+			consumed(n, err)
+		} else {
+			n, err = r.Read(tail)
+		}
+		bulk = n >= txBulkMin
 		s.mu.Lock()
 		if n > 0 {
 			if werr := s.writeErr(); werr != nil && werr != ErrFrozen {
@@ -393,32 +473,48 @@ func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
 			}
 			s.send.Commit(n)
 			total += int64(n)
-			if l := s.claimWriter(); l != nil && err == nil {
-				// Send it from here: one hand-off less per message.
-				s.unlock()
-				l.sendInline()
-				s.mu.Lock()
-			} else {
-				if l != nil {
-					l.writerExit(false) // not ours to send after all
-				}
-				s.kick()
-			}
+			s.sendCommitted(err == nil)
 		} else {
 			s.send.Commit(0)
 		}
 		if err != nil {
-			frozen := s.frozen
-			s.unlock()
-			switch {
-			case err == io.EOF:
-				return total, nil
-			case frozen: // the caller interrupted the read for a hand-over
-				return total, ErrFrozen
-			}
-			return total, err
+			return total, s.readFromEnd(err)
 		}
 	}
+}
+
+// txBulkMin is the read that makes ReadFrom take the splice path for the
+// next (a request of a request stream is smaller; spliceSend).
+const txBulkMin = 16 << 10
+
+// sendCommitted sends bytes just put into the replay buffer: from here if
+// inline (and no writer runs), else by kicking the writer. Caller holds
+// mu, which this releases and takes again.
+func (s *session) sendCommitted(inline bool) {
+	if l := s.claimWriter(); l != nil && inline {
+		// Send it from here: one hand-off less per message.
+		s.unlock()
+		l.sendInline()
+		s.mu.Lock()
+		return
+	} else if l != nil {
+		l.writerExit(false) // not ours to send after all
+	}
+	s.kick()
+}
+
+// readFromEnd is what ReadFrom returns after its source failed with err
+// (not nil): nil for EOF. Caller holds mu, which this releases.
+func (s *session) readFromEnd(err error) error {
+	frozen := s.frozen
+	s.unlock()
+	switch {
+	case err == io.EOF:
+		return nil
+	case frozen: // the caller interrupted the read for a hand-over
+		return ErrFrozen
+	}
+	return err
 }
 
 // writeErr is why Write cannot proceed, or nil. Caller holds mu.

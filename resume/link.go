@@ -49,7 +49,10 @@ type link struct {
 
 	// Writer state, under wmu (taken after s.mu, never before it). A
 	// writer runs from kick to the first time it finds nothing to send.
-	wmu      sync.Mutex
+	wmu sync.Mutex
+	// idle, if not nil, is closed when the running writer returns (a
+	// bulk ReadFrom waits for it: txSpliceRoom).
+	idle     chan struct{}
 	wStarted bool  // start ran: kick may start writers
 	writing  bool  // a writer goroutine runs
 	wDone    bool  // writerDone is closed
@@ -171,6 +174,10 @@ func (l *link) kick() {
 // may run again. Caller holds wmu.
 func (l *link) writerExitLocked(terminal bool) {
 	l.writing = false
+	if l.idle != nil {
+		close(l.idle)
+		l.idle = nil
+	}
 	if (terminal || isClosed(l.closed)) && !l.wDone {
 		l.wDone = true
 		close(l.writerDone)

@@ -159,8 +159,11 @@ type Stats struct {
 	LastOutage    time.Duration // from the last link failure to its resume
 	BytesReplayed uint64        // bytes sent again after resumes
 	BytesSpliced  uint64        // of BytesReceived, moved from the link to the application with splice(2), not copied
-	RTT           time.Duration // from the last PONG
-	Buffered      int           // bytes held in both buffers
+	// BytesSplicedOut: of what the application wrote, sent to the link
+	// with splice(2) (one copy, into the replay buffer, instead of two).
+	BytesSplicedOut uint64
+	RTT             time.Duration // from the last PONG
+	Buffered        int           // bytes held in both buffers
 	// DownSince is when the link was lost, while the session has none
 	// (DISCONNECTED or RECONNECTING); zero otherwise.
 	DownSince time.Time

@@ -47,7 +47,7 @@ func (l *link) spliceData(n int) (int, bool, error) {
 	if !ok {
 		return 0, false, nil
 	}
-	p, k, err := spliceIn(l.spliceRC, n)
+	p, k, err := spliceIn(l.spliceRC, n, "link")
 	if k == 0 {
 		if errors.Is(err, errNoPipe) { // out of descriptors, say: copy
 			return 0, false, nil

@@ -83,13 +83,13 @@ func closeIdlePipes() int {
 	return pipePool.open
 }
 
-// spliceIn moves up to n bytes from the socket into a pipe, waiting in
+// spliceIn moves up to n bytes from the socket (what, for errors) into a pipe, waiting in
 // the poller (with the socket's read deadline) until some are there, and
 // returns the pipe holding them. 0 bytes and no error is the peer's FIN
 // (and no pipe). The pipe is taken only once there are bytes to move: a
 // link stalled in the middle of a frame (a blackholed path, until its
 // liveness timeout) holds no descriptors for it.
-func spliceIn(rc syscall.RawConn, n int) (*rxPipe, int, error) {
+func spliceIn(rc syscall.RawConn, n int, what string) (*rxPipe, int, error) {
 	var p *rxPipe
 	var k int64
 	var err error
@@ -116,7 +116,7 @@ func spliceIn(rc syscall.RawConn, n int) (*rxPipe, int, error) {
 	}); rerr != nil {
 		err = rerr
 	} else if err != nil && p != nil {
-		err = fmt.Errorf("resume: splice from link: %w", err)
+		err = fmt.Errorf("resume: splice from %s: %w", what, err)
 	}
 	if err != nil || k == 0 {
 		if p != nil {

@@ -15,11 +15,19 @@ type rxPipe struct{}
 
 var errNoSplice = errors.New("resume: splice is not supported here")
 
-func getPipe() (*rxPipe, error)                           { return nil, errNoSplice }
-func putPipe(*rxPipe)                                     {}
-func (*rxPipe) close()                                    {}
-func closeIdlePipes() int                                 { return 0 }
-func spliceIn(syscall.RawConn, int) (*rxPipe, int, error) { return nil, 0, errNoPipe }
-func spliceOut(syscall.RawConn, *rxPipe, int) int         { return 0 }
-func readPipe(*rxPipe, []byte) error                      { return errNoSplice }
-func spliceConn(any) syscall.RawConn                      { return nil }
+func getPipe() (*rxPipe, error)                                   { return nil, errNoSplice }
+func putPipe(*rxPipe)                                             {}
+func (*rxPipe) close()                                            {}
+func closeIdlePipes() int                                         { return 0 }
+func spliceIn(syscall.RawConn, int, string) (*rxPipe, int, error) { return nil, 0, errNoPipe }
+func spliceOut(syscall.RawConn, *rxPipe, int) int                 { return 0 }
+func readPipe(*rxPipe, []byte) error                              { return errNoSplice }
+func spliceConn(any) syscall.RawConn                              { return nil }
+
+// spliceTx: elsewhere ReadFrom always copies through the replay buffer.
+const spliceTx = false
+
+func (s *session) txSpliceRoom(int) (int, chan struct{}) { return 0, nil }
+func (s *session) spliceSend(syscall.RawConn, int) (int, error, error) {
+	return 0, errNoSplice, nil
+}

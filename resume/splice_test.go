@@ -451,3 +451,185 @@ func TestSpliceStalledLinkHoldsNoPipe(t *testing.T) {
 	e.stop()
 	checkNoPipes(t, before)
 }
+
+// socketSource returns a TCP socket that delivers data and then a FIN,
+// written in random pieces: what a proxy's ReadFrom reads an application
+// from. The caller closes it.
+func socketSource(t testing.TB, data []byte, seed uint64) *net.TCPConn {
+	src, app := tcpPair(t)
+	go func() {
+		defer app.Close()
+		if writeRandomly(app, data, rand.New(rand.NewPCG(seed, 7))) == nil {
+			app.CloseWrite()
+		}
+	}()
+	return src
+}
+
+// TestSpliceSendLinkFaults: a gateway's ReadFrom from a TCP socket sends
+// bulk over its tcp links by splice (tee into a second pipe, one copy into
+// the replay buffer) while the links break mid-payload and the gateway
+// migrates them: every stream arrives byte for byte, and most bytes went
+// the splice path.
+func TestSpliceSendLinkFaults(t *testing.T) {
+	closeIdlePipes()
+	before := openFDs(t)
+	const sessions = 4
+	size := 8 << 20
+	if testing.Short() {
+		size = 2 << 20
+	}
+	cfg := spliceConfig()
+	cfg.BufferSize = 1 << 20
+	cfg.DisconnectedBufferSize = 2 << 20
+	e := tcpEnv(t, serverConfig(cfg), func(c net.Conn) net.Conn {
+		m := faultClose
+		if rand.IntN(2) == 0 {
+			m = faultReset
+		}
+		return newFaultConn(c, 4<<10+rand.Int64N(2<<20), m)
+	})
+	acc := startAcceptor(e.srv)
+	var wg sync.WaitGroup
+	errs := make(chan error, sessions)
+	var splicedOut, failures uint64
+	var mu sync.Mutex
+	for i := range sessions {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs <- func() error {
+				c, err := Dial(t.Context(), e.dial, "test", cfg)
+				if err != nil {
+					return err
+				}
+				defer c.Close()
+				s, err := acc.get(c.SessionID())
+				if err != nil {
+					return err
+				}
+				defer s.Close()
+				data := stream(uint64(20+i), size)
+				src := socketSource(t, data, uint64(i))
+				stop := make(chan struct{})
+				defer close(stop)
+				go func() { // migrations racing the faults
+					for {
+						select {
+						case <-stop:
+							return
+						case <-time.After(time.Duration(50+rand.IntN(100)) * time.Millisecond):
+							s.GoAway("test")
+						}
+					}
+				}()
+				werr := make(chan error, 1)
+				go func() {
+					defer src.Close()
+					n, err := s.ReadFrom(src)
+					if err == nil && n != int64(size) {
+						err = fmt.Errorf("ReadFrom read %d bytes, want %d", n, size)
+					}
+					if err == nil {
+						err = s.CloseWrite()
+					}
+					werr <- err
+				}()
+				c.SetReadDeadline(time.Now().Add(60 * time.Second))
+				got, err := io.ReadAll(c)
+				if err != nil {
+					return fmt.Errorf("session %d: read: %w", i, err)
+				}
+				if err := <-werr; err != nil {
+					return fmt.Errorf("session %d: write: %w", i, err)
+				}
+				if !bytes.Equal(got, data) {
+					return fmt.Errorf("session %d: received %d bytes, want %d, first difference at %d", i, len(got), len(data), firstDiff(got, data))
+				}
+				st := s.Stats()
+				mu.Lock()
+				splicedOut += st.BytesSplicedOut
+				failures += uint64(st.LinkFailures + st.Resumes)
+				mu.Unlock()
+				return nil
+			}()
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Error(err)
+		}
+	}
+	t.Logf("sent %d of %d bytes by splice; link failures and resumes: %d", splicedOut, sessions*size, failures)
+	if splicedOut == 0 {
+		t.Error("nothing sent by splice")
+	}
+	if failures < sessions*2 {
+		t.Errorf("only %d link failures and resumes", failures)
+	}
+	e.stop()
+	checkNoPipes(t, before)
+}
+
+// TestSpliceSendBothWays: bulk both ways between two ReadFroms from TCP
+// sockets and two DeliverTos to TCP sockets, no faults: byte for byte, the
+// gateway's bulk mostly by splice, and a request stream after it (small
+// writes) is echoed as it comes.
+func TestSpliceSendBothWays(t *testing.T) {
+	closeIdlePipes()
+	before := openFDs(t)
+	cfg := spliceConfig()
+	e := tcpEnv(t, serverConfig(cfg), nil)
+	c, s := e.pair(cfg)
+	const size = 16 << 20
+	up, down := stream(31, size), stream(32, size)
+	cPeer, cDone := deliver(t, c)
+	sPeer, sDone := deliver(t, s)
+	werr := make(chan error, 2)
+	for _, w := range []struct {
+		conn *Conn
+		data []byte
+	}{{c, up}, {s, down}} {
+		src := socketSource(t, w.data, uint64(len(w.data)))
+		go func() {
+			defer src.Close()
+			_, err := w.conn.ReadFrom(src)
+			if err == nil {
+				err = w.conn.CloseWrite()
+			}
+			werr <- err
+		}()
+	}
+	gotUp, gotDown := make(chan []byte, 1), make(chan []byte, 1)
+	go func() { b, _ := io.ReadAll(sPeer); gotUp <- b }()
+	go func() { b, _ := io.ReadAll(cPeer); gotDown <- b }()
+	for range 2 {
+		if err := <-werr; err != nil {
+			t.Fatal(err)
+		}
+	}
+	if b := <-gotUp; !bytes.Equal(b, up) {
+		t.Fatalf("up: received %d bytes, want %d, first difference at %d", len(b), size, firstDiff(b, up))
+	}
+	if b := <-gotDown; !bytes.Equal(b, down) {
+		t.Fatalf("down: received %d bytes, want %d, first difference at %d", len(b), size, firstDiff(b, down))
+	}
+	for _, d := range []chan delivered{cDone, sDone} {
+		if r := <-d; r.err != nil || r.n != size {
+			t.Fatalf("DeliverTo ended with %d, %v", r.n, r.err)
+		}
+	}
+	cs, ss := c.Stats(), s.Stats()
+	t.Logf("sent by splice: client %d, gateway %d of %d each", cs.BytesSplicedOut, ss.BytesSplicedOut, size)
+	if cs.BytesSplicedOut < size/4 || ss.BytesSplicedOut < size/4 {
+		t.Errorf("sent by splice: client %d, gateway %d of %d each; want most", cs.BytesSplicedOut, ss.BytesSplicedOut, size)
+	}
+	c.Close()
+	s.Close()
+	cPeer.Close()
+	sPeer.Close()
+	e.stop()
+	checkNoPipes(t, before)
+}
