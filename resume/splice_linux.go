@@ -100,7 +100,7 @@ func spliceIn(rc syscall.RawConn, n int, what string) (*rxPipe, int, error) {
 			}
 		}
 		for {
-			k, err = unix.Splice(int(fd), nil, p.w, nil, n, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+			k, err = splice(int(fd), p.w, n)
 			if err != unix.EINTR {
 				break
 			}
@@ -136,7 +136,7 @@ func spliceOut(rc syscall.RawConn, p *rxPipe, n int) int {
 	var err error
 	if rerr := rc.Write(func(fd uintptr) bool {
 		for {
-			m, err = unix.Splice(p.r, nil, int(fd), nil, n, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+			m, err = splice(p.r, int(fd), n)
 			if err != unix.EINTR {
 				return true // done either way: we never wait here
 			}
@@ -176,4 +176,11 @@ func spliceConn(c any) syscall.RawConn {
 		return nil
 	}
 	return rc
+}
+
+// splice moves up to n bytes from rfd to wfd without waiting (the count is
+// an int or an int64, depending on the architecture).
+func splice(rfd, wfd, n int) (int64, error) {
+	m, err := unix.Splice(rfd, nil, wfd, nil, n, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+	return int64(m), err
 }

@@ -235,7 +235,7 @@ func spliceToLink(rc syscall.RawConn, b *rxPipe, k int) error {
 	if rerr := rc.Write(func(fd uintptr) bool {
 		for k > 0 {
 			var m int64
-			m, err = unix.Splice(b.r, nil, int(fd), nil, k, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+			m, err = splice(b.r, int(fd), k)
 			switch {
 			case err == unix.EINTR:
 				continue
