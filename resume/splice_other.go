@@ -24,9 +24,7 @@ func spliceOut(syscall.RawConn, *rxPipe, int) int                 { return 0 }
 func readPipe(*rxPipe, []byte) error                              { return errNoSplice }
 func spliceConn(any) syscall.RawConn                              { return nil }
 
-// spliceTx: elsewhere ReadFrom always copies through the replay buffer.
-const spliceTx = false
-
+// Elsewhere ReadFrom always copies through the replay buffer.
 func (s *session) txSpliceRoom(int) (int, chan struct{}) { return 0, nil }
 func (s *session) spliceSend(syscall.RawConn, int) (int, error, error) {
 	return 0, errNoSplice, nil

@@ -13,10 +13,6 @@ import (
 	"github.com/lifeline-proxy/lifeline/frame"
 )
 
-// spliceTx: ReadFrom may send bulk from a TCP source over a tcp link with
-// splice(2) (session.spliceSend).
-const spliceTx = true
-
 // spliceSend is one step of ReadFrom for bulk from a TCP socket over a
 // tcp link: the bytes go into the replay buffer with one copy, and to the
 // link without a second one.
