@@ -43,6 +43,11 @@ const (
 	CodeUpstream Code = 12
 	// CodeLimit: a configured limit (sessions, memory budget) is reached.
 	CodeLimit Code = 13
+	// CodeNotStarted: the gateway ended a new session before its client
+	// confirmed it (no frame arrived within the handshake timeout): no
+	// upstream was dialed and no byte went either way, so the client may
+	// open the session again (HELLO) and send what it holds from byte 0.
+	CodeNotStarted Code = 14
 )
 
 var codeNames = [...]string{
@@ -50,7 +55,7 @@ var codeNames = [...]string{
 	CodeConflict: "CONFLICT", CodeThrottled: "THROTTLED", CodeValidation: "VALIDATION",
 	CodeInternal: "INTERNAL", CodeBufferLost: "BUFFER_LOST", CodeVersion: "VERSION",
 	CodeShuttingDown: "SHUTTING_DOWN", CodeTimeout: "TIMEOUT", CodeAppReset: "APP_RESET",
-	CodeUpstream: "UPSTREAM", CodeLimit: "LIMIT",
+	CodeUpstream: "UPSTREAM", CodeLimit: "LIMIT", CodeNotStarted: "NOT_STARTED",
 }
 
 func (c Code) String() string {

@@ -923,7 +923,8 @@ func TestCodeString(t *testing.T) {
 		{frame.CodeAppReset, 11, "APP_RESET", false},
 		{frame.CodeUpstream, 12, "UPSTREAM", false},
 		{frame.CodeLimit, 13, "LIMIT", false},
-		{14, 14, "Code(14)", false},
+		{frame.CodeNotStarted, 14, "NOT_STARTED", false},
+		{15, 15, "Code(15)", false},
 		{1000, 1000, "Code(1000)", false},
 		{0xffff, 0xffff, "Code(65535)", false},
 	} {

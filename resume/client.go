@@ -47,19 +47,61 @@ func DialWith(ctx context.Context, dial DialFunc, route string, opts DialOptions
 	}
 	ctx, cancel := context.WithTimeout(ctx, cfg.HandshakeTimeout)
 	defer cancel()
+	h, err := hello(ctx, dial, route, app, cfg)
+	if err != nil {
+		return nil, err
+	}
+
+	s := newSession(cfg)
+	s.cl = newClientPart(dial)
+	s.id = h.welcome.SessionID
+	s.route = route
+	s.appAddr = app
+	s.setLog(cfg.logger().With("session", s.id.String(), "side", "client"))
+	s.cl.cred = h.cred
+	s.budget = cfg.Budget
+	s.send.acct, s.recv.acct = cfg.Budget, cfg.Budget
+	s.reconnectTimeout = time.Duration(h.welcome.ReconnectTimeout) * time.Millisecond
+	s.recv.window = uint64(cfg.BufferSize)
+	l := newLink(s, h.conn, h.fr, 0)
+	s.mu.Lock()
+	s.attach(l, 0, uint64(h.welcome.Buffer), 0, s.recv.window, false)
+	// A first PING tells the gateway we have the session (it parks only
+	// confirmed sessions) and measures the RTT.
+	l.pingDue = true
+	l.start()
+	s.unlock()
+	return &Conn{s: s}, nil
+}
+
+// welcomed is a link on which HELLO got WELCOME: a new session.
+type welcomed struct {
+	conn    net.Conn
+	fr      *frame.Reader
+	welcome *frame.Welcome
+	cred    credential
+}
+
+// hello dials a link and runs HELLO/WELCOME on it within ctx: a new
+// session, for Dial and for a session the gateway never started.
+func hello(ctx context.Context, dial DialFunc, route, app string, cfg *Config) (*welcomed, error) {
 	conn, err := dial(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("resume: dial: %w", err)
 	}
 	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Unix(1, 0)) })
 	defer stop()
-
+	ok := false
+	defer func() {
+		if !ok {
+			conn.Close()
+		}
+	}()
 	priv, pub, err := newKey()
 	if err != nil {
-		conn.Close()
 		return nil, err
 	}
-	hello := &frame.Hello{
+	msg := &frame.Hello{
 		Key:              pub,
 		ReconnectTimeout: uint32(cfg.ReconnectTimeout / time.Millisecond),
 		Buffer:           uint32(cfg.BufferSize),
@@ -67,68 +109,42 @@ func DialWith(ctx context.Context, dial DialFunc, route string, opts DialOptions
 		App:              app,
 	}
 	b := frame.AppendPreamble(nil)
-	b, _ = frame.AppendHello(b, hello)
+	b, _ = frame.AppendHello(b, msg)
 	if _, err := conn.Write(b); err != nil {
-		conn.Close()
 		return nil, fmt.Errorf("resume: send HELLO: %w", err)
 	}
 	fr := frame.NewReader(conn, linkReadBuffer)
 	h, p, err := readHandshake(fr)
 	if err != nil {
-		conn.Close()
 		return nil, fmt.Errorf("resume: await WELCOME: %w", ctxErr(ctx, err))
 	}
 	switch h.Type {
 	case frame.TypeReject:
-		conn.Close()
 		return nil, rejectError(p, SessionID{})
 	case frame.TypeWelcome:
 	default:
-		conn.Close()
 		return nil, fmt.Errorf("resume: %w: %v instead of WELCOME", ErrValidation, h.Type)
 	}
 	w, err := frame.ParseWelcome(p)
 	if err != nil {
-		conn.Close()
 		return nil, err
 	}
 	if w.Buffer < frame.MaxPayload {
-		conn.Close()
 		return nil, fmt.Errorf("resume: %w: WELCOME buffer %d below the minimum of %d", ErrValidation, w.Buffer, frame.MaxPayload)
 	}
 	secret, err := shared(priv, w.Key)
 	if err != nil {
-		conn.Close()
 		return nil, fmt.Errorf("resume: bad gateway key: %w", err)
 	}
 	binding, err := linkBinding(ctx, conn)
 	if err != nil {
-		conn.Close()
 		return nil, fmt.Errorf("resume: %w", err)
 	}
 	stop()
 	conn.SetDeadline(time.Time{})
-
-	s := newSession(cfg)
-	s.cl = newClientPart(dial)
-	s.id = w.SessionID
-	s.route = route
-	s.appAddr = app
-	s.log = cfg.logger().With("session", s.id.String(), "side", "client")
-	s.cl.cred = initialCredential(secret, s.id, pub, w.Key, binding)
-	s.budget = cfg.Budget
-	s.send.acct, s.recv.acct = cfg.Budget, cfg.Budget
-	s.reconnectTimeout = time.Duration(w.ReconnectTimeout) * time.Millisecond
-	s.recv.window = uint64(cfg.BufferSize)
-	l := newLink(s, conn, fr, 0)
-	s.mu.Lock()
-	s.attach(l, 0, uint64(w.Buffer), 0, s.recv.window, false)
-	// A first PING tells the gateway we have the session (it parks only
-	// confirmed sessions) and measures the RTT.
-	l.pingDue = true
-	l.start()
-	s.unlock()
-	return &Conn{s: s}, nil
+	ok = true
+	return &welcomed{conn: conn, fr: fr, welcome: w,
+		cred: initialCredential(secret, SessionID(w.SessionID), pub, w.Key, binding)}, nil
 }
 
 func ctxErr(ctx context.Context, err error) error {
@@ -232,8 +248,14 @@ func (s *session) redialLoop(migrate bool) {
 		if s.link == nil {
 			s.setStateAt(level(attempt), StateReconnecting, "dialing", "attempt", attempt)
 		}
+		restart := s.cl.restart
 		s.unlock()
-		err := s.resumeOnce()
+		var err error
+		if restart {
+			err = s.restartOnce()
+		} else {
+			err = s.resumeOnce()
+		}
 		if err == nil {
 			return
 		}
@@ -246,6 +268,14 @@ func (s *session) redialLoop(migrate bool) {
 		s.mu.Lock()
 		switch {
 		case s.state == StateClosed:
+		case fatal && re.Code == frame.CodeNotStarted && !restart && s.restartable():
+			// The gateway dropped the session before it started (our
+			// confirming PING was lost to the outage): open it anew.
+			s.cl.restart = true
+			s.lg().Info("gateway never started the session; opening it again", "reason", re.Reason)
+			if s.link == nil {
+				s.setStateAt(level(attempt), StateDisconnected, "resume failed", "err", err)
+			}
 		case fatal && re.Code == frame.CodeNone:
 			// The gateway ended the session in order while we were away:
 			// it had our CLOSE_WRITE or closed both ways after its own.
@@ -260,12 +290,55 @@ func (s *session) redialLoop(migrate bool) {
 		if closed {
 			return
 		}
-		s.log.Debug("resume attempt failed", "attempt", attempt, "err", err)
+		s.lg().Debug("resume attempt failed", "attempt", attempt, "err", err)
 		if time.Since(lastSummary) >= redialSummaryEvery {
 			lastSummary = time.Now()
-			s.log.Info("still reconnecting", "attempts", attempt+1, "for", time.Since(start).Round(time.Second), "last_err", err)
+			s.lg().Info("still reconnecting", "attempts", attempt+1, "for", time.Since(start).Round(time.Second), "last_err", err)
 		}
 	}
+}
+
+// restartable reports whether the session can be opened anew on a
+// gateway that never started it: nothing came from the gateway and none
+// of our bytes was ever acknowledged (the replay buffer still holds the
+// stream from byte 0). Caller holds mu.
+func (s *session) restartable() bool {
+	return s.cl != nil && s.recv.End() == 0 && !s.recv.fin && s.send.acked == 0 && s.send.Start() == 0
+}
+
+// restartOnce opens the session again with HELLO on a new link, for a
+// session that the gateway ended before its client confirmed it
+// (NOT_STARTED): no upstream was dialed and no byte went either way, so
+// the new gateway session gets the whole stream from the replay buffer
+// and the application sees only a pause. The session takes the new ID.
+func (s *session) restartOnce() error {
+	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.HandshakeTimeout)
+	defer cancel()
+	s.mu.Lock()
+	dial, route, app := s.cl.dial, s.route, s.appAddr
+	s.unlock()
+	h, err := hello(ctx, dial, route, app, s.cfg)
+	if err != nil {
+		return err
+	}
+	s.mu.Lock()
+	defer s.unlock()
+	if s.state == StateClosed || s.frozen || !s.restartable() {
+		// The gateway's new session ends unconfirmed, as NOT_STARTED.
+		closeRaw(h.conn)
+		return ErrConnClosed
+	}
+	prev := s.id
+	s.id = h.welcome.SessionID
+	s.setLog(s.cfg.logger().With("session", s.id.String(), "side", "client"))
+	s.cl.cred, s.cl.counter, s.cl.restart = h.cred, 0, false
+	s.reconnectTimeout = time.Duration(h.welcome.ReconnectTimeout) * time.Millisecond
+	s.lg().Info("session restarted", "previous", prev.String(), "replay", s.send.End())
+	l := newLink(s, h.conn, h.fr, 0)
+	s.attach(l, 0, uint64(h.welcome.Buffer), 0, s.recv.window, true)
+	l.pingDue = true
+	l.start()
+	return nil
 }
 
 // sendResetOnNewLink tells the gateway that a session aborted while it had
@@ -285,7 +358,7 @@ func (s *session) sendResetOnNewLink(reset frame.CodeReason) {
 		}
 	}
 	if err != nil {
-		s.log.Info("could not deliver RESET to the gateway; it ends the session at its reconnect timeout", "err", err)
+		s.lg().Info("could not deliver RESET to the gateway; it ends the session at its reconnect timeout", "err", err)
 		return
 	}
 	s.lingerReset(conn, reset)
@@ -439,6 +512,6 @@ func (s *session) attachResumed(conn net.Conn, fr *frame.Reader, r *frame.Resume
 	s.cl.redial = false
 	s.attach(l, d.Received, d.Window, d.Flags, r.Window, true)
 	l.start()
-	s.log.Info("session resumed", "outage", s.stats.LastOutage, "replayed", s.stats.BytesReplayed)
+	s.lg().Info("session resumed", "outage", s.stats.LastOutage, "replayed", s.stats.BytesReplayed)
 	return nil
 }

@@ -252,7 +252,11 @@ func (a sessionAddr) Network() string { return "lifeline" }
 func (a sessionAddr) String() string  { return a.id.String() }
 
 // SessionID identifies the session on both ends.
-func (c *Conn) SessionID() SessionID { return c.s.id }
+func (c *Conn) SessionID() SessionID {
+	c.s.mu.Lock()
+	defer c.s.mu.Unlock()
+	return c.s.id
+}
 
 // Route is the route name the client asked for in HELLO.
 func (c *Conn) Route() string { return c.s.route }

@@ -69,6 +69,7 @@ var (
 	ErrAppReset      = &Error{Code: frame.CodeAppReset}
 	ErrUpstream      = &Error{Code: frame.CodeUpstream}
 	ErrLimit         = &Error{Code: frame.CodeLimit}
+	ErrNotStarted    = &Error{Code: frame.CodeNotStarted}
 	ErrServerClosed  = errors.New("resume: server closed")
 	ErrWriteClosed   = errors.New("resume: write after CloseWrite")
 	ErrConnClosed    = errors.New("resume: use of closed connection")

@@ -458,7 +458,7 @@ func (l *link) readFrames() (parked bool) {
 			if reset := l.awaitingClose(); reset != nil {
 				l.close()
 				if !peerClosed(err) {
-					s.log.Debug("RESET not confirmed, sending it on a new link", "err", err)
+					s.lg().Debug("RESET not confirmed, sending it on a new link", "err", err)
 					s.spawn(func() { s.sendResetOnNewLink(*reset) })
 				}
 				return false
@@ -663,7 +663,7 @@ func (l *link) readControl(h frame.Header) error {
 		if g.Addr != "" {
 			if s.cfg.DialAddr == nil {
 				s.after(func() {
-					s.log.Warn("gateway asked to move the session to another address; this client cannot dial one, it moves to a new link at the same address",
+					s.lg().Warn("gateway asked to move the session to another address; this client cannot dial one, it moves to a new link at the same address",
 						"to", g.Addr, "reason", g.Reason)
 				})
 			} else {
@@ -671,7 +671,7 @@ func (l *link) readControl(h frame.Header) error {
 			}
 		}
 		s.after(func() {
-			s.log.Info("gateway asked to move the session", "code", g.Code, "to", g.Addr, "reason", g.Reason)
+			s.lg().Info("gateway asked to move the session", "code", g.Code, "to", g.Addr, "reason", g.Reason)
 		})
 		s.startMigration()
 	default:

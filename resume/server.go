@@ -151,6 +151,9 @@ func (c *ServerConfig) Validate() error {
 const (
 	maxSources = 16384
 	maxTombs   = 65536
+	// maxNotStartedTombs caps the tombstones of sessions that were never
+	// confirmed, so that a flood of HELLOs leaves the others alone.
+	maxNotStartedTombs = 4096
 )
 
 // Server is the gateway side: it accepts links from any source, opens a
@@ -162,7 +165,9 @@ type Server struct {
 	mu       sync.Mutex
 	sessions map[SessionID]*session
 	tombs    map[SessionID]*tomb
-	sources  map[string]*rate.Limiter
+	// notStarted counts the tombs with CodeNotStarted (capped apart).
+	notStarted int
+	sources    map[string]*rate.Limiter
 	// listeners maps each listener Serve runs on to its accept health.
 	listeners map[net.Listener]*acceptloop.State
 	draining  bool
@@ -642,7 +647,7 @@ func (srv *Server) hello(ctx context.Context, c net.Conn, fr *frame.Reader, p []
 	}
 	s.route = hello.Route
 	s.appAddr = app
-	s.log = cfg.logger().With("session", s.id.String(), "side", "gateway", "route", hello.Route)
+	s.setLog(cfg.logger().With("session", s.id.String(), "side", "gateway", "route", hello.Route))
 	s.gw.credCur = initialCredential(secret, s.id, hello.Key, pub, binding)
 	s.reconnectTimeout = min(cfg.ReconnectTimeout, time.Duration(hello.ReconnectTimeout)*time.Millisecond)
 	s.recv.window = uint64(cfg.BufferSize)
@@ -685,7 +690,7 @@ func (srv *Server) hello(ctx context.Context, c net.Conn, fr *frame.Reader, p []
 	release()
 	endHandshake()
 	c.SetDeadline(time.Time{})
-	s.log.Info("session start", "remote", remote, "reconnect_timeout", s.reconnectTimeout)
+	s.lg().Info("session start", "remote", remote, "reconnect_timeout", s.reconnectTimeout)
 	s.startLink(l)
 
 	srv.deliver(s, time.Time{})
@@ -723,10 +728,14 @@ func (srv *Server) deliver(s *session, until time.Time) {
 		case isClosed(s.gw.confirmed): // confirmed at the deadline
 			s.unlock()
 		default:
-			s.gw.noTomb = true
-			s.abort(frame.CodeTimeout, "session not confirmed within the handshake timeout")
+			// Its client may still come back: the PING that confirms
+			// it can be lost to an outage that began right after
+			// WELCOME. Nothing went either way yet, so the tombstone
+			// (NOT_STARTED) tells that client to open the session
+			// again rather than reset its application.
+			s.abort(frame.CodeNotStarted, "session not confirmed within the handshake timeout; nothing reached the upstream")
 			s.unlock()
-			srv.refused(RefuseUnconfirmedTimer, frame.CodeTimeout, nil, "session ended: not confirmed within the handshake timeout",
+			srv.refused(RefuseUnconfirmedTimer, frame.CodeNotStarted, nil, "session ended: not confirmed within the handshake timeout",
 				"session", s.id.String(), "source", s.gw.source)
 			return
 		}
@@ -963,7 +972,7 @@ func (srv *Server) resume(c net.Conn, fr *frame.Reader, p []byte, binding []byte
 	endHandshake()
 	c.SetDeadline(time.Time{})
 	s.startLink(l)
-	s.log.Info("session resumed", "remote", remote, "outage", stats.LastOutage,
+	s.lg().Info("session resumed", "remote", remote, "outage", stats.LastOutage,
 		"replayed", stats.BytesReplayed, "resumes", stats.Resumes)
 }
 
@@ -1000,11 +1009,17 @@ func (srv *Server) ended(s *session, code Code, reason string, remember bool) {
 		default:
 		}
 	}
+	if code == frame.CodeNotStarted && srv.notStarted >= maxNotStartedTombs {
+		// A flood of HELLOs that never confirm must not push out the
+		// tombstones of real sessions; past the cap such a client gets
+		// NOT_FOUND, as it would from a gateway that never saw it.
+		remember = false
+	}
 	if remember && !srv.isClosed {
 		if len(srv.tombs) >= maxTombs {
 			for id, t := range srv.tombs { // evict one at random
 				t.timer.Stop()
-				delete(srv.tombs, id)
+				srv.forgetTombLocked(id, t)
 				break
 			}
 		}
@@ -1013,11 +1028,22 @@ func (srv *Server) ended(s *session, code Code, reason string, remember bool) {
 		t.timer = time.AfterFunc(s.reconnectTimeout, func() {
 			srv.mu.Lock()
 			if srv.tombs[id] == t {
-				delete(srv.tombs, id)
+				srv.forgetTombLocked(id, t)
 			}
 			srv.mu.Unlock()
 		})
 		srv.tombs[id] = t
+		if code == frame.CodeNotStarted {
+			srv.notStarted++
+		}
+	}
+}
+
+// forgetTombLocked drops the tombstone t of id. Caller holds srv.mu.
+func (srv *Server) forgetTombLocked(id SessionID, t *tomb) {
+	delete(srv.tombs, id)
+	if t.code == frame.CodeNotStarted {
+		srv.notStarted--
 	}
 }
 
@@ -1062,6 +1088,7 @@ func (srv *Server) Close() error {
 		t.timer.Stop()
 	}
 	srv.tombs = map[SessionID]*tomb{}
+	srv.notStarted = 0
 	srv.mu.Unlock()
 	for _, s := range live {
 		s.mu.Lock()

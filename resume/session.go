@@ -17,8 +17,11 @@ import (
 // buffers, and at most one link at a time. Everything under mu; the link
 // goroutines take mu for bookkeeping and never hold it across I/O.
 type session struct {
-	cfg   *Config
-	log   *slog.Logger
+	cfg *Config
+	// log is atomic: a client session that restarts (NOT_STARTED) takes
+	// the new session ID into its logger while callbacks that run after
+	// mu is released may be logging.
+	log   atomic.Pointer[slog.Logger]
 	id    SessionID
 	route string
 	// appAddr is the application's address ("ip:port") as the client
@@ -112,6 +115,9 @@ type clientPart struct {
 	ctx     context.Context // cancelled at CLOSED, stops dials
 	cancel  context.CancelFunc
 	redial  bool // a reconnect loop is running
+	// restart: the gateway never started the session (NOT_STARTED); the
+	// reconnect loop opens it again with HELLO instead of RESUME.
+	restart bool
 }
 
 func newClientPart(dial DialFunc) *clientPart {
@@ -194,7 +200,7 @@ func (s *session) setStateAt(level slog.Level, to State, cause string, args ...a
 	}
 	s.state = to
 	s.after(func() {
-		s.log.Log(context.Background(), level, "session state", append([]any{"from", from.String(), "to", to.String(), "cause", cause}, args...)...)
+		s.lg().Log(context.Background(), level, "session state", append([]any{"from", from.String(), "to", to.String(), "cause", cause}, args...)...)
 	})
 }
 
@@ -366,7 +372,7 @@ func (s *session) releaseSent() {
 	if s.send.elevated && s.link != nil && s.send.Len() <= s.cfg.BufferSize*8/10 {
 		s.send.elevated = false
 		n := s.send.Len()
-		s.after(func() { s.log.Debug("replay limit back to normal", "buffered", n) })
+		s.after(func() { s.lg().Debug("replay limit back to normal", "buffered", n) })
 	}
 }
 
@@ -444,7 +450,7 @@ func (s *session) end(err error, reset *frame.CodeReason, cause string) {
 	}
 	sent, received, resumes := s.send.End(), s.recv.End(), s.stats.Resumes
 	s.after(func() {
-		s.log.Info("session end", "cause", cause, "err", err, "sent", sent, "received", received, "resumes", resumes)
+		s.lg().Info("session end", "cause", cause, "err", err, "sent", sent, "received", received, "resumes", resumes)
 	})
 }
 
@@ -466,6 +472,13 @@ func (s *session) linkFailed(l *link, err error) {
 		return
 	}
 	var pe *Error
+	if errors.As(err, &pe) && pe.Remote && pe.Code == frame.CodeNotStarted && s.restartable() && s.reconnectTimeout > 0 {
+		// The gateway ended the session before any frame of ours
+		// reached it; nothing went either way: open it again.
+		s.cl.restart = true
+		s.detach(err)
+		return
+	}
 	if errors.As(err, &pe) {
 		// Protocol violation or a peer's RESET: not a link failure.
 		if pe.Remote {
@@ -579,6 +592,9 @@ func (s *session) attach(l *link, peerReceived, peerWindow uint64, peerFlags uin
 		"replay", s.send.End()-peerReceived, "outage", s.stats.LastOutage)
 	s.maybeFinish()
 }
+
+func (s *session) lg() *slog.Logger      { return s.log.Load() }
+func (s *session) setLog(l *slog.Logger) { s.log.Store(l) }
 
 func (s *session) String() string { return fmt.Sprintf("session %v", s.id) }
 

@@ -484,8 +484,8 @@ func Restore(snap []byte, dial DialFunc, cfg *Config) (*Conn, error) {
 	if err := d.build(s, cfg.Budget); err != nil {
 		return nil, err
 	}
-	s.log = cfg.logger().With("session", s.id.String(), "side", "client")
-	s.log.Info("session restored", "sent", s.send.End(), "received", s.recv.End(), "buffered", s.send.Len()+s.recv.Len())
+	s.setLog(cfg.logger().With("session", s.id.String(), "side", "client"))
+	s.lg().Info("session restored", "sent", s.send.End(), "received", s.recv.End(), "buffered", s.send.Len()+s.recv.Len())
 	return &Conn{s: s}, nil
 }
 
@@ -522,7 +522,7 @@ func (srv *Server) Restore(snap []byte) (*Conn, error) {
 	if err := d.build(s, srv.budget); err != nil {
 		return nil, err
 	}
-	s.log = cfg.logger().With("session", s.id.String(), "side", "gateway", "route", s.route)
+	s.setLog(cfg.logger().With("session", s.id.String(), "side", "gateway", "route", s.route))
 
 	srv.mu.Lock()
 	switch {
@@ -545,7 +545,7 @@ func (srv *Server) Restore(snap []byte) (*Conn, error) {
 		srv.unconfirmedBy[s.gw.source]++
 	}
 	srv.mu.Unlock()
-	s.log.Info("session restored", "sent", s.send.End(), "received", s.recv.End(),
+	s.lg().Info("session restored", "sent", s.send.End(), "received", s.recv.End(),
 		"buffered", s.send.Len()+s.recv.Len(), "confirmed", confirmed, "accepted", s.gw.delivered)
 	return &Conn{s: s}, nil
 }

@@ -1,0 +1,137 @@
+package resume
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"net"
+	"sync/atomic"
+	"testing"
+	"testing/synctest"
+	"time"
+
+	"github.com/lifeline-proxy/lifeline/frame"
+)
+
+// afterHello lets HELLO and WELCOME through, then blackholes the link:
+// the path fails right after the gateway answered, so the client's
+// confirming PING (and its first DATA) never arrive.
+type afterHello struct {
+	*holeConn
+	writes atomic.Int32
+}
+
+func (a *afterHello) Write(p []byte) (int, error) {
+	if a.writes.Add(1) > 1 {
+		a.silent.Store(true)
+	}
+	return a.holeConn.Write(p)
+}
+
+// A path that fails right after WELCOME, for longer than the gateway's
+// handshake timeout: the gateway ends the unconfirmed session
+// (NOT_STARTED, no upstream dialed), and the client, which comes back
+// with RESUME, opens the session again with HELLO and sends its bytes
+// from byte 0. Both applications see one stream and nothing else; before
+// NOT_STARTED this client got NOT_FOUND and reset its application.
+func TestNotStartedSessionOpensAgain(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		cfg := DefaultConfig()
+		cfg.ReconnectTimeout = time.Minute
+		var first atomic.Bool
+		var hole *afterHello
+		e := memEnv(t, serverConfig(cfg), func(c net.Conn) net.Conn {
+			if first.CompareAndSwap(false, true) {
+				hole = &afterHello{holeConn: newHole(c)}
+				return hole
+			}
+			return c
+		})
+		defer e.stop()
+		g := &gate{dial: e.dial}
+		c, err := Dial(context.Background(), g.Dial, "r", cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		g.set(true) // the outage outlasts the gateway's handshake timeout
+		first1 := c.SessionID()
+		if _, err := c.Write([]byte("before the outage;")); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(cfg.HandshakeTimeout + time.Millisecond)
+		synctest.Wait()
+		if n := e.srv.NumSessions(); n != 0 {
+			t.Fatalf("gateway holds %d sessions after the unconfirmed one's deadline", n)
+		}
+		time.Sleep(cfg.LivenessTimeout + time.Second) // it has unacknowledged data: liveness applies
+		synctest.Wait()
+		if st := c.State(); st == StateClosed || st == StateActive {
+			t.Fatalf("client %v during the outage (%v)", st, c.Err())
+		}
+		if _, err := c.Write([]byte("during it;")); err != nil {
+			t.Fatal(err)
+		}
+		g.set(false)
+		time.Sleep(2 * time.Second) // backoff tops out at 1 s
+		synctest.Wait()
+		if st := c.State(); st != StateActive {
+			t.Fatalf("client %v after the path came back: %v", st, c.Err())
+		}
+		if c.SessionID() == first1 {
+			t.Fatal("the session kept the ID of the session the gateway ended")
+		}
+		s, err := e.srv.Accept()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer s.Close()
+		if s.SessionID() != c.SessionID() {
+			t.Fatalf("gateway session %v, client %v", s.SessionID(), c.SessionID())
+		}
+		want := []byte("before the outage;during it;")
+		got := make([]byte, len(want))
+		if _, err := io.ReadFull(s, got); err != nil || !bytes.Equal(got, want) {
+			t.Fatalf("gateway read %q, %v; want %q", got, err, want)
+		}
+		if _, err := s.Write([]byte("pong")); err != nil {
+			t.Fatal(err)
+		}
+		got = make([]byte, 4)
+		if _, err := io.ReadFull(c, got); err != nil || string(got) != "pong" {
+			t.Fatalf("client read %q, %v", got, err)
+		}
+		c.Reset(CodeAppReset, "done")
+		hole.Close()
+	})
+}
+
+// A session that has exchanged bytes is never opened again: a gateway
+// (or a forged REJECT) that says NOT_STARTED for it ends it with that
+// code, because the new session could not pick up where the old one was.
+func TestNotStartedAfterTrafficIsFinal(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		cfg := DefaultConfig()
+		srv, g, c, s := gatedPair(t, cfg, DefaultConfig())
+		defer srv.Close()
+		c.Write([]byte("x"))
+		io.ReadFull(s, make([]byte, 1))
+		time.Sleep(10 * cfg.AckDelay)
+		synctest.Wait()
+		c.s.mu.Lock()
+		ok := c.s.restartable()
+		c.s.mu.Unlock()
+		if ok {
+			t.Fatal("a session with acknowledged bytes counts as restartable")
+		}
+		g.set(true)
+		s.Reset(frame.CodeNotStarted, "forged")
+		synctest.Wait()
+		if c.State() != StateClosed || !errors.Is(c.Err(), ErrNotStarted) {
+			t.Fatalf("client %v, %v after RESET NOT_STARTED on a session with traffic", c.State(), c.Err())
+		}
+		c.Close()
+		s.Close()
+	})
+}
