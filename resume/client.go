@@ -187,7 +187,8 @@ func (s *session) startRedial() {
 		return
 	}
 	s.cl.redial = true
-	s.spawn(func() { s.redialLoop(false) })
+	now := time.Now()
+	s.scheduleRedial(&redialer{start: now, lastSummary: now})
 }
 
 // startMigration dials a new link while the current one still works
@@ -197,105 +198,140 @@ func (s *session) startMigration() {
 		return
 	}
 	s.cl.redial = true
-	s.spawn(func() { s.redialLoop(true) })
+	now := time.Now()
+	s.scheduleRedial(&redialer{migrate: true, start: now, lastSummary: now})
 }
 
-// redialLoop dials and resumes until it succeeds, the session ends, or the
-// reconnect timeout fires (the expiry timer ends the session, which cancels
-// s.cl.ctx).
-func (s *session) redialLoop(migrate bool) {
-	defer func() {
-		// The success path cleared redial under the lock that attached the
-		// link, so a failure right after can start a new loop; clear it
-		// here only when the session is over.
+// redialer is a reconnect loop between its attempts: it dials and resumes
+// until it succeeds, the session ends, or the reconnect timeout fires
+// (the expiry timer ends the session, which stops the loop). Between
+// attempts it is only a timer, so a parked client session holds no
+// goroutine and no stack; one runs for each attempt's dial and handshake.
+type redialer struct {
+	migrate    bool
+	attempt    int
+	retryAfter time.Duration // a THROTTLED gateway's own suggestion
+	// A mass outage must not turn into a flood of log lines: the first
+	// attempt's transitions and failure are logged at info, later ones
+	// at debug, with a summary every redialSummaryEvery.
+	start, lastSummary time.Time
+	timer              *time.Timer
+}
+
+// scheduleRedial runs r's next attempt after the strategy's delay. The
+// pending attempt counts in the session's wait group like a goroutine.
+// Caller holds mu.
+func (s *session) scheduleRedial(r *redialer) {
+	d := max(s.cfg.Strategy.Delay(r.attempt), r.retryAfter)
+	s.track(1)
+	if d <= 0 && !(r.migrate && r.attempt > 0) {
+		go func() {
+			defer s.track(-1)
+			s.redialAttempt(r)
+		}()
+		return
+	}
+	r.timer = time.AfterFunc(max(d, time.Millisecond), func() {
+		defer s.track(-1)
+		s.redialAttempt(r)
+	})
+	s.cl.waiting = r
+}
+
+// stopRedialWait cancels the reconnect loop's pending attempt: the
+// session ended or is frozen (Thaw starts a new loop). An attempt whose
+// timer already fired sees that for itself. Caller holds mu.
+func (s *session) stopRedialWait() {
+	r := s.cl.waiting
+	if r == nil {
+		return
+	}
+	s.cl.waiting = nil
+	if r.timer.Stop() {
+		s.cl.redial = false
+		s.track(-1)
+	}
+}
+
+// redialAttempt makes one attempt of r and schedules the next one if it
+// failed and the session goes on.
+func (s *session) redialAttempt(r *redialer) {
+	level := slog.LevelDebug
+	if r.attempt == 0 {
+		level = slog.LevelInfo
+	}
+	s.mu.Lock()
+	if s.cl.waiting == r {
+		s.cl.waiting = nil
+	}
+	// Frozen: Thaw starts a new loop (it sees redial cleared, under the
+	// same lock as this decision).
+	if s.state == StateClosed || s.frozen || (!r.migrate && s.link != nil) {
+		s.cl.redial = false
+		s.unlock()
+		return
+	}
+	if s.link == nil {
+		s.setStateAt(level, StateReconnecting, "dialing", "attempt", r.attempt)
+	}
+	restart := s.cl.restart
+	s.unlock()
+	var err error
+	if restart {
+		err = s.restartOnce()
+	} else {
+		err = s.resumeOnce()
+	}
+	if err == nil {
+		// The success path cleared redial under the lock that attached
+		// the link, so a failure right after can start a new loop; clear
+		// it here only when the session is over.
 		s.mu.Lock()
 		if s.state == StateClosed {
 			s.cl.redial = false
 		}
 		s.unlock()
-	}()
-	var retryAfter time.Duration // a THROTTLED gateway's own suggestion
-	// A mass outage must not turn into a flood of log lines: the first
-	// attempt's transitions and failure are logged at info, later ones at
-	// debug, with a summary every redialSummaryEvery.
-	start, lastSummary := time.Now(), time.Now()
-	level := func(attempt int) slog.Level {
-		if attempt == 0 {
-			return slog.LevelInfo
-		}
-		return slog.LevelDebug
+		return
 	}
-	for attempt := 0; ; attempt++ {
-		s.mu.Lock()
-		ctx := s.cl.ctx // a new one after a Freeze and Thaw
-		s.unlock()
-		if d := max(s.cfg.Strategy.Delay(attempt), retryAfter); d > 0 || migrate && attempt > 0 {
-			t := time.NewTimer(max(d, time.Millisecond))
-			select {
-			case <-t.C:
-			case <-ctx.Done():
-				t.Stop()
-			}
-		}
-		s.mu.Lock()
-		// Frozen: Thaw starts a new loop (it sees redial cleared, under
-		// the same lock as this decision).
-		if s.state == StateClosed || s.frozen || (!migrate && s.link != nil) {
-			s.cl.redial = false
-			s.unlock()
-			return
-		}
+	var re *Error
+	fatal := errors.As(err, &re) && re.Remote && !re.Code.Retryable()
+	r.retryAfter = 0
+	if errors.As(err, &re) && re.Remote && re.Code == frame.CodeThrottled {
+		r.retryAfter = re.RetryAfter
+	}
+	s.mu.Lock()
+	switch {
+	case s.state == StateClosed:
+	case fatal && re.Code == frame.CodeNotStarted && !restart && s.restartable():
+		// The gateway dropped the session before it started (our
+		// confirming PING was lost to the outage): open it anew.
+		s.cl.restart = true
+		s.lg().Info("gateway never started the session; opening it again", "reason", re.Reason)
 		if s.link == nil {
-			s.setStateAt(level(attempt), StateReconnecting, "dialing", "attempt", attempt)
+			s.setStateAt(level, StateDisconnected, "resume failed", "err", err)
 		}
-		restart := s.cl.restart
-		s.unlock()
-		var err error
-		if restart {
-			err = s.restartOnce()
-		} else {
-			err = s.resumeOnce()
-		}
-		if err == nil {
-			return
-		}
-		var re *Error
-		fatal := errors.As(err, &re) && re.Remote && !re.Code.Retryable()
-		retryAfter = 0
-		if errors.As(err, &re) && re.Remote && re.Code == frame.CodeThrottled {
-			retryAfter = re.RetryAfter
-		}
-		s.mu.Lock()
-		switch {
-		case s.state == StateClosed:
-		case fatal && re.Code == frame.CodeNotStarted && !restart && s.restartable():
-			// The gateway dropped the session before it started (our
-			// confirming PING was lost to the outage): open it anew.
-			s.cl.restart = true
-			s.lg().Info("gateway never started the session; opening it again", "reason", re.Reason)
-			if s.link == nil {
-				s.setStateAt(level(attempt), StateDisconnected, "resume failed", "err", err)
-			}
-		case fatal && re.Code == frame.CodeNone:
-			// The gateway ended the session in order while we were away:
-			// it had our CLOSE_WRITE or closed both ways after its own.
-			s.end(nil, nil, "peer closed while disconnected")
-		case fatal:
-			s.end(re, nil, "resume rejected")
-		case s.link == nil:
-			s.setStateAt(level(attempt), StateDisconnected, "resume failed", "err", err)
-		}
-		closed := s.state == StateClosed
-		s.unlock()
-		if closed {
-			return
-		}
-		s.lg().Debug("resume attempt failed", "attempt", attempt, "err", err)
-		if time.Since(lastSummary) >= redialSummaryEvery {
-			lastSummary = time.Now()
-			s.lg().Info("still reconnecting", "attempts", attempt+1, "for", time.Since(start).Round(time.Second), "last_err", err)
-		}
+	case fatal && re.Code == frame.CodeNone:
+		// The gateway ended the session in order while we were away:
+		// it had our CLOSE_WRITE or closed both ways after its own.
+		s.end(nil, nil, "peer closed while disconnected")
+	case fatal:
+		s.end(re, nil, "resume rejected")
+	case s.link == nil:
+		s.setStateAt(level, StateDisconnected, "resume failed", "err", err)
 	}
+	if s.state == StateClosed {
+		s.cl.redial = false
+		s.unlock()
+		return
+	}
+	s.lg().Debug("resume attempt failed", "attempt", r.attempt, "err", err)
+	if time.Since(r.lastSummary) >= redialSummaryEvery {
+		r.lastSummary = time.Now()
+		s.lg().Info("still reconnecting", "attempts", r.attempt+1, "for", time.Since(r.start).Round(time.Second), "last_err", err)
+	}
+	r.attempt++
+	s.scheduleRedial(r)
+	s.unlock()
 }
 
 // restartable reports whether the session can be opened anew on a
@@ -332,6 +368,7 @@ func (s *session) restartOnce() error {
 	s.id = h.welcome.SessionID
 	s.setLog(s.cfg.logger().With("session", s.id.String(), "side", "client"))
 	s.cl.cred, s.cl.counter, s.cl.restart = h.cred, 0, false
+	s.cl.redial = false // as after a resume: a later failure starts a new loop
 	s.reconnectTimeout = time.Duration(h.welcome.ReconnectTimeout) * time.Millisecond
 	s.lg().Info("session restarted", "previous", prev.String(), "replay", s.send.End())
 	l := newLink(s, h.conn, h.fr, 0)
@@ -380,7 +417,7 @@ func (s *session) lingerReset(conn net.Conn, reset frame.CodeReason) {
 
 // resumeOnce dials one link and runs the RESUME handshake on it.
 func (s *session) resumeOnce() error {
-	// Not derived from s.cl.ctx: a handshake that the gateway may already
+	// Not tied to the session's end: a handshake that the gateway may already
 	// have accepted must finish even if the session aborts meanwhile, so
 	// that attachResumed can deliver the RESET on it.
 	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.HandshakeTimeout)

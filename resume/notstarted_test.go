@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"runtime"
 	"sync/atomic"
 	"testing"
 	"testing/synctest"
@@ -133,5 +134,77 @@ func TestNotStartedAfterTrafficIsFinal(t *testing.T) {
 		}
 		c.Close()
 		s.Close()
+	})
+}
+
+// A parked client waits for its next resume attempt as a timer: between
+// attempts its reconnect loop holds no goroutine (and no stack), so
+// thousands of parked sessions cost their buffers and little else.
+func TestRedialWaitsWithoutGoroutine(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		cfg := DefaultConfig()
+		cfg.Strategy = Backoff{Initial: time.Second, Max: time.Second}
+		srv, err := NewServer(serverConfig(cfg))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer srv.Close()
+		g := &gate{dial: func(ctx context.Context) (net.Conn, error) {
+			a, b := net.Pipe()
+			go srv.ServeLink(b)
+			return a, nil
+		}}
+		synctest.Wait()
+		base := runtime.NumGoroutine() // the server's own
+		const n = 20
+		var cs, ss []*Conn
+		for range n {
+			c, err := Dial(context.Background(), g.Dial, "r", cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			s, err := srv.Accept()
+			if err != nil {
+				t.Fatal(err)
+			}
+			cs, ss = append(cs, c), append(ss, s)
+		}
+		synctest.Wait()
+		g.set(true)
+		for _, s := range ss {
+			s.Kill() // the gateway ends drop their links; they park
+		}
+		synctest.Wait()
+		time.Sleep(1500 * time.Millisecond) // one failed attempt each, then waiting
+		synctest.Wait()
+		if got := g.attempts(); len(got) < n {
+			t.Fatalf("%d resume attempts, want at least %d", len(got), n)
+		}
+		for i, c := range cs {
+			if st := c.State(); st != StateDisconnected {
+				t.Fatalf("session %d %v while the path is down", i, st)
+			}
+		}
+		// Both ends park in this process; neither may hold a goroutine.
+		if waiting := runtime.NumGoroutine() - base; waiting >= n {
+			t.Fatalf("%d goroutines for %d parked sessions: the wait holds one", waiting, n)
+		}
+		g.set(false)
+		time.Sleep(1500 * time.Millisecond)
+		synctest.Wait()
+		for i, c := range cs {
+			if st := c.State(); st != StateActive {
+				t.Fatalf("session %d %v after the path came back", i, st)
+			}
+			if _, err := c.Write([]byte{byte(i)}); err != nil {
+				t.Fatal(err)
+			}
+			b := make([]byte, 1)
+			if _, err := io.ReadFull(ss[i], b); err != nil || b[0] != byte(i) {
+				t.Fatalf("session %d after resume: %x %v", i, b, err)
+			}
+			c.Reset(CodeAppReset, "done")
+			ss[i].Close()
+		}
 	})
 }

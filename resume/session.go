@@ -112,17 +112,16 @@ type clientPart struct {
 	dial    DialFunc
 	cred    credential
 	counter uint64
-	ctx     context.Context // cancelled at CLOSED, stops dials
-	cancel  context.CancelFunc
 	redial  bool // a reconnect loop is running
 	// restart: the gateway never started the session (NOT_STARTED); the
 	// reconnect loop opens it again with HELLO instead of RESUME.
 	restart bool
+	// waiting: the reconnect loop's pending attempt, if it waits.
+	waiting *redialer
 }
 
 func newClientPart(dial DialFunc) *clientPart {
-	ctx, cancel := context.WithCancel(context.Background())
-	return &clientPart{dial: dial, ctx: ctx, cancel: cancel}
+	return &clientPart{dial: dial}
 }
 
 // gatewayPart is what only the gateway end has: its server, the client's
@@ -416,7 +415,7 @@ func (s *session) end(err error, reset *frame.CodeReason, cause string) {
 	s.send.Drop()
 	s.setState(StateClosed, cause, "err", err)
 	if s.cl != nil {
-		s.cl.cancel()
+		s.stopRedialWait()
 	}
 	if s.expiry != nil {
 		s.expiry.Stop()

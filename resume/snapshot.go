@@ -1,7 +1,6 @@
 package resume
 
 import (
-	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -119,7 +118,7 @@ func (s *session) freeze() error {
 		s.recv.ackArmed = false
 	}
 	if s.cl != nil {
-		s.cl.cancel() // the reconnect loop stops
+		s.stopRedialWait() // the reconnect loop stops
 	}
 	s.setState(StateDisconnected, "frozen for hand-over")
 	s.wakeReaders()
@@ -157,7 +156,6 @@ func (s *session) thaw() {
 	}
 	s.setState(StateDisconnected, "thawed")
 	if s.cl != nil {
-		s.cl.ctx, s.cl.cancel = context.WithCancel(context.Background())
 		s.startRedial()
 	}
 	if s.gw != nil && !s.gw.delivered {
@@ -479,7 +477,6 @@ func Restore(snap []byte, dial DialFunc, cfg *Config) (*Conn, error) {
 	}
 	s := newSession(cfg)
 	s.cl = newClientPart(dial)
-	s.cl.cancel() // frozen: Thaw makes a live context
 	s.cl.cred, s.cl.counter = d.cred, d.counter
 	if err := d.build(s, cfg.Budget); err != nil {
 		return nil, err

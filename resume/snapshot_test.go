@@ -492,7 +492,6 @@ func FuzzRestore(f *testing.F) {
 	defer srv.Close()
 	s := newSession(cfg)
 	s.cl = newClientPart(nil)
-	s.cl.cancel()
 	s.id = SessionID{1}
 	s.route = "r"
 	s.reconnectTimeout = time.Minute
