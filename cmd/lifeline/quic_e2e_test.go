@@ -1,11 +1,15 @@
 package main
 
 import (
-	"github.com/lifeline-proxy/lifeline/internal/testnet"
+	"bytes"
+	"fmt"
+	"io"
 	"net"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/lifeline-proxy/lifeline/internal/testnet"
 
 	"github.com/lifeline-proxy/lifeline/internal/faultnet"
 )
@@ -75,8 +79,18 @@ func TestBinaryQUICFaults(t *testing.T) {
 	cl.waitLog("client listening", 30*time.Second)
 
 	const sessions = 6
-	errs := make(chan error, sessions)
+	errs := make(chan error, sessions+1)
 	start := time.Now()
+	// One session lives across all the faults, so that the blackout
+	// always meets a busy link (the rounds below may all be between
+	// sessions then, waiting in the client's open retry).
+	steadyUp := make(chan struct{})
+	go func() { errs <- steadyEcho(app, 3500*time.Millisecond, steadyUp) }()
+	select {
+	case <-steadyUp:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the steady session did not start")
+	}
 	for i := range sessions {
 		go func() {
 			// Rounds until the faults are over, so sessions live across them.
@@ -95,12 +109,54 @@ func TestBinaryQUICFaults(t *testing.T) {
 	}
 	time.Sleep(400 * time.Millisecond)
 	relay.Drop(1500 * time.Millisecond) // > the 800 ms liveness timeout
-	for range sessions {
+	for range sessions + 1 {
 		if err := <-errs; err != nil {
 			t.Error(err)
 		}
 	}
 	if n := cl.count("session resumed"); n == 0 {
 		t.Errorf("no session resumed after a %v blackout (liveness 800ms)", 1500*time.Millisecond)
+	}
+}
+
+// steadyEcho holds one connection through addr for d, sending 4 KB of
+// counted bytes every 20 ms and checking each echo; up is closed after the
+// first echo.
+func steadyEcho(addr string, d time.Duration, up chan<- struct{}) error {
+	signalled := false
+	defer func() {
+		if !signalled {
+			close(up)
+		}
+	}()
+	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(d + 60*time.Second))
+	out, in := make([]byte, 4096), make([]byte, 4096)
+	end := time.Now().Add(d)
+	for i := 0; ; i++ {
+		for j := range out {
+			out[j] = byte(i*7 + j)
+		}
+		if _, err := c.Write(out); err != nil {
+			return fmt.Errorf("steady session, chunk %d: write: %w", i, err)
+		}
+		if _, err := io.ReadFull(c, in); err != nil {
+			return fmt.Errorf("steady session, chunk %d: read: %w", i, err)
+		}
+		if !bytes.Equal(in, out) {
+			return fmt.Errorf("steady session, chunk %d: echo differs at %d", i, faultnet.FirstDiff(in, out))
+		}
+		if i == 0 {
+			close(up)
+			signalled = true
+		}
+		if time.Now().After(end) {
+			return nil
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }
