@@ -216,6 +216,9 @@ type redialer struct {
 	// at debug, with a summary every redialSummaryEvery.
 	start, lastSummary time.Time
 	timer              *time.Timer
+	// now: the next attempt goes at once (the gateway just answered, and
+	// said to open the session again).
+	now bool
 }
 
 // scheduleRedial runs r's next attempt after the strategy's delay. The
@@ -223,8 +226,10 @@ type redialer struct {
 // Caller holds mu.
 func (s *session) scheduleRedial(r *redialer) {
 	d := max(s.cfg.Strategy.Delay(r.attempt), r.retryAfter)
+	now := r.now
+	r.now = false
 	s.track(1)
-	if d <= 0 && !(r.migrate && r.attempt > 0) {
+	if now || d <= 0 && !(r.migrate && r.attempt > 0) {
 		go func() {
 			defer s.track(-1)
 			s.redialAttempt(r)
@@ -306,6 +311,7 @@ func (s *session) redialAttempt(r *redialer) {
 		// The gateway dropped the session before it started (our
 		// confirming PING was lost to the outage): open it anew.
 		s.cl.restart = true
+		r.now = true
 		s.lg().Info("gateway never started the session; opening it again", "reason", re.Reason)
 		if s.link == nil {
 			s.setStateAt(level, StateDisconnected, "resume failed", "err", err)

@@ -208,3 +208,75 @@ func TestRedialWaitsWithoutGoroutine(t *testing.T) {
 		}
 	})
 }
+
+// A flood of HELLOs that never confirm (each link closed after WELCOME)
+// leaves at most maxNotStartedTombs tombstones, and the tombstone of a
+// real session that ended stays: its client still gets the end code, not
+// NOT_FOUND. A flooded-out one answers NOT_FOUND, one within the cap
+// NOT_STARTED.
+func TestUnconfirmedFloodTombstonesAreCapped(t *testing.T) {
+	defer func(n int) { maxNotStartedTombs = n }(maxNotStartedTombs)
+	maxNotStartedTombs = 8
+	cfg := testConfig()
+	cfg.HandshakeTimeout = 300 * time.Millisecond
+	sc := serverConfig(cfg)
+	sc.MaxUnconfirmedPerSource = 64
+	g := startHGW(t, sc)
+
+	// A real session, confirmed, then reset by its gateway application.
+	real := hdial(t, g.addr, hopts{})
+	rs := mustHello(t, real, "hold", 1<<20)
+	g.conn(t, rs.id).Reset(CodeAppReset, "application gone")
+	real.close()
+
+	const flood = 20
+	var flooded []*hsess
+	for range flood {
+		l := hdial(t, g.addr, hopts{})
+		s, cr, err := l.hello("hold", 1<<20, 5*time.Second)
+		if err != nil || cr != nil {
+			t.Fatalf("flood HELLO: %v %v", err, cr)
+		}
+		flooded = append(flooded, s)
+		l.close() // never confirmed
+	}
+	waitFor(t, 5*time.Second, "every unconfirmed session ended", func() bool { return g.srv.NumSessions() == 0 })
+	g.srv.mu.Lock()
+	notStarted, tombs := g.srv.notStarted, len(g.srv.tombs)
+	g.srv.mu.Unlock()
+	if notStarted != maxNotStartedTombs || tombs != maxNotStartedTombs+1 {
+		t.Fatalf("%d NOT_STARTED tombstones of %d in all after %d unconfirmed HELLOs, want %d and %d",
+			notStarted, tombs, flood, maxNotStartedTombs, maxNotStartedTombs+1)
+	}
+
+	answer := func(s *hsess) frame.Code {
+		l := hdial(t, g.addr, hopts{})
+		defer l.close()
+		_, cr, err := l.resume(s, 0, 1<<20, 0)
+		if err != nil || cr == nil {
+			t.Fatalf("RESUME of %v: %v, %v (want a REJECT)", s.id, err, cr)
+		}
+		return cr.Code
+	}
+	if c := answer(rs); c != frame.CodeAppReset {
+		t.Fatalf("the real session's client got %v, want APP_RESET", c)
+	}
+	// One of each kind: more failed RESUMEs from this source would get
+	// THROTTLED (the failure budget), which is not what is tested here.
+	var kept, dropped *hsess
+	g.srv.mu.Lock()
+	for _, s := range flooded {
+		if g.srv.tombs[s.id] != nil {
+			kept = s
+		} else {
+			dropped = s
+		}
+	}
+	g.srv.mu.Unlock()
+	if c := answer(kept); c != frame.CodeNotStarted {
+		t.Fatalf("a flooded session with a tombstone: %v, want NOT_STARTED", c)
+	}
+	if c := answer(dropped); c != frame.CodeNotFound {
+		t.Fatalf("a flooded session past the cap: %v, want NOT_FOUND", c)
+	}
+}

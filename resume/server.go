@@ -151,10 +151,12 @@ func (c *ServerConfig) Validate() error {
 const (
 	maxSources = 16384
 	maxTombs   = 65536
-	// maxNotStartedTombs caps the tombstones of sessions that were never
-	// confirmed, so that a flood of HELLOs leaves the others alone.
-	maxNotStartedTombs = 4096
 )
+
+// maxNotStartedTombs caps the tombstones of sessions that were never
+// confirmed, so that a flood of HELLOs leaves the others alone. A
+// variable for tests.
+var maxNotStartedTombs = 4096
 
 // Server is the gateway side: it accepts links from any source, opens a
 // session for each HELLO and splices resumed links into their sessions.
