@@ -199,6 +199,13 @@ func (c *Client) open(app *net.TCPConn, r ClientRoute, cfg *resume.Config, dial 
 		if time.Now().Add(d).After(deadline) {
 			return nil, err
 		}
+		if appGone(app) {
+			// The application gave up (closed or reset without sending
+			// anything): retrying for it would only hold its descriptor,
+			// which, when descriptors ran out, is what every new session
+			// waits for.
+			return nil, fmt.Errorf("%w (the application closed its connection meanwhile)", err)
+		}
 		c.log.Debug("session open attempt failed", "side", "client", "route", r.Route, "attempt", attempt, "err", err, "retry_in", d)
 		t := time.NewTimer(d)
 		select {
