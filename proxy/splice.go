@@ -72,45 +72,63 @@ type spliceResult struct {
 }
 
 // join joins a TCP connection (an application's, or an upstream's) and a
-// session until both directions have ended, then closes both. A FIN from
-// either side becomes a FIN on the other after all data (half-close); an
-// application RST becomes a session RESET with APP_RESET, and a session
-// abort (any code) resets the application socket. abort, when cancelled,
-// aborts the splice with the code and cause of its *endCause
-// (SHUTTING_DOWN after a drain timeout, APP_RESET for an operator's end;
-// SHUTTING_DOWN without one).
+// session until both directions have ended, then closes both and calls
+// finish with how it ended. A FIN from either side becomes a FIN on the
+// other after all data (half-close); an application RST becomes a session
+// RESET with APP_RESET, and a session abort (any code) resets the
+// application socket. abort, when cancelled, aborts the splice with the
+// code and cause of its *endCause (SHUTTING_DOWN after a drain timeout,
+// APP_RESET for an operator's end; SHUTTING_DOWN without one).
 //
-// An idle session's memory is mostly goroutine stacks, so join keeps only
-// the caller's while idle: the caller runs the application -> session
-// direction, the session runs the other one itself (resume.Conn.DeliverTo)
-// in a goroutine that exists only while it has bytes to write, and the
-// abort is a context.AfterFunc, not a watcher.
-func join(app *net.TCPConn, sess session, abort context.Context, from spliceFrom, ctl *spliceCtl) spliceResult {
+// An idle session's memory is mostly goroutine stacks, so join keeps none
+// while idle: the application -> session direction is a resume.Feed,
+// whose reads park in the shared poller while the socket is quiet; the
+// session runs the other direction itself (resume.Conn.DeliverTo) in a
+// goroutine that exists only while it has bytes to write; the abort is a
+// context.AfterFunc, not a watcher; and finish runs in whichever
+// goroutine ended the last direction. join returns once both directions
+// are started.
+//
+// A feed parked in the poller does not see its socket closed or its
+// deadline set, so everything here that does either (fail, handover)
+// unparks it first.
+func join(app *net.TCPConn, sess session, abort context.Context, from spliceFrom, ctl *spliceCtl, finish func(spliceResult)) {
 	var (
 		up, down  atomic.Int64
 		once      sync.Once
 		res       spliceResult
-		downDone  = make(chan struct{})
 		abortedMu sync.Mutex
 		// handedOver is set once the session is frozen for a hand-over:
 		// both directions then stop where they are, nothing is closed
 		// or reset, and the new process goes on from there.
 		handedOver       atomic.Bool
 		upEnded, downEnd = from.UpDone, from.DownDone
+		// pending is the number of directions still running; the one
+		// that takes it to zero finishes the splice.
+		pending atomic.Int32
+		src     = &countingReader{r: app, tc: app, n: &up}
+		unpark  = func() {}
+		upDone  func(n int64, err error) // set below
+		feed    *resume.Feed
 	)
-	handover := func() {
-		if handedOver.CompareAndSwap(false, true) {
-			// The direction still blocked in the socket returns now.
-			app.SetDeadline(time.Unix(1, 0))
+	if !upEnded {
+		pending.Add(1)
+		if f, ok := sess.(feeder); ok {
+			// Made before anything can close app (fail, handover), so
+			// that whatever does can unpark it first.
+			feed = f.NewFeed(src, func(n int64, err error) { upDone(n, err) })
+			unpark = feed.Unpark
 		}
 	}
-	// A hand-over stops this splice through ctl once it has frozen the
-	// session: with one direction ended, nothing else would wake the
-	// other from its socket read. Frozen before we got here: stop now.
-	ctl.set(handover)
-	defer ctl.set(nil)
-	if sess.Frozen() {
-		handover()
+	if !downEnd {
+		pending.Add(1)
+	}
+	handover := func() {
+		if handedOver.CompareAndSwap(false, true) {
+			// The direction still waiting on the socket returns now.
+			unpark()
+			app.SetDeadline(time.Unix(1, 0))
+		}
 	}
 	// stopped reports whether err means the hand-over stopped a
 	// direction: the session said so, or our own past deadline did.
@@ -133,6 +151,7 @@ func join(app *net.TCPConn, sess session, abort context.Context, from spliceFrom
 			}
 			res.Err = err
 			abortedMu.Unlock()
+			unpark()
 			resetTCP(app)
 			sess.Reset(code, reason)
 		})
@@ -145,6 +164,68 @@ func join(app *net.TCPConn, sess session, abort context.Context, from spliceFrom
 		errors.As(context.Cause(abort), &ec)
 		fail(ec.code, ec.reason, ec)
 	})
+	// end runs once both directions have ended.
+	end := func() {
+		ctl.set(nil)
+		if !stop() {
+			<-abortDone // the abort ran (or runs): let it finish with res
+		}
+		abortedMu.Lock()
+		aborted := res.Cause != ""
+		abortedMu.Unlock()
+		res.Up, res.Down = up.Load(), down.Load()
+		res.UpDone, res.DownDone = upEnded, downEnd
+		if !aborted && handedOver.Load() {
+			res.Cause = causeHandover
+			finish(res)
+			return
+		}
+		if !aborted {
+			// Both directions ended in order: Close waits until the peer
+			// has acknowledged what we sent (bounded by the linger
+			// timeout).
+			err := sess.Close()
+			if isFrozen(err) {
+				// Frozen while it waited: the new process closes it.
+				app.SetDeadline(time.Unix(1, 0))
+				res.Cause = causeHandover
+				finish(res)
+				return
+			}
+			res.Cause = "closed"
+			if err != nil && !errors.Is(err, resume.ErrConnClosed) {
+				res.Err = err
+			}
+			app.Close()
+		}
+		finish(res)
+	}
+	// ended is called by each direction as it ends; inline says the
+	// caller's goroutine may run end (it is none of the session's own,
+	// which end's Close may wait for).
+	ended := func(inline bool) {
+		if pending.Add(-1) != 0 {
+			return
+		}
+		if inline {
+			end()
+		} else {
+			go end()
+		}
+	}
+	// A hand-over stops this splice through ctl once it has frozen the
+	// session: with one direction ended, nothing else would wake the
+	// other from its socket. Frozen before we got here: stop now.
+	ctl.set(handover)
+	if sess.Frozen() {
+		handover()
+	}
+	if pending.Load() == 0 {
+		// Both directions ended before a hand-over: nothing to start.
+		go end()
+		return
+	}
+
 	// session -> application: the session writes from its receive buffer
 	// straight to the socket (one writev per batch).
 	downResult := func(n int64, err error) {
@@ -171,28 +252,9 @@ func join(app *net.TCPConn, sess session, abort context.Context, from spliceFrom
 			fail(frame.CodeAppReset, "application connection: "+err.Error(), &resume.Error{Code: frame.CodeAppReset, Reason: err.Error()})
 		}
 	}
-	switch d, ok := sess.(deliverer); {
-	case downEnd: // before a hand-over
-		close(downDone)
-	case ok:
-		d.DeliverTo(app, func(n int64, err error) {
-			defer close(downDone)
-			downResult(n, err)
-		})
-	default:
-		go func() {
-			defer close(downDone)
-			downResult(sess.WriteTo(app))
-		}()
-	}
-	// application -> session: ReadFrom reads the socket straight into the
-	// replay buffer (no intermediate copy).
-	func() {
-		if upEnded {
-			return // before a hand-over
-		}
-		src := &countingReader{r: app, tc: app, n: &up}
-		_, err := sess.ReadFrom(src)
+	// application -> session: the reads go straight into the replay
+	// buffer (no intermediate copy).
+	upResult := func(_ int64, err error) {
 		switch {
 		case err == nil: // the application's FIN
 			if err := sess.CloseWrite(); err != nil {
@@ -216,38 +278,38 @@ func join(app *net.TCPConn, sess session, abort context.Context, from spliceFrom
 			code, reason := sessionCode(err)
 			fail(code, reason, err)
 		}
-	}()
-	<-downDone
-	if !stop() {
-		<-abortDone // the abort ran (or runs): let it finish with res
+	}
+	upDone = func(n int64, err error) {
+		upResult(n, err)
+		ended(true)
 	}
 
-	abortedMu.Lock()
-	aborted := res.Cause != ""
-	abortedMu.Unlock()
-	res.Up, res.Down = up.Load(), down.Load()
-	res.UpDone, res.DownDone = upEnded, downEnd
-	if !aborted && handedOver.Load() {
-		res.Cause = causeHandover
-		return res
-	}
-	if !aborted {
-		// Both directions ended in order: Close waits until the peer has
-		// acknowledged what we sent (bounded by the linger timeout).
-		err := sess.Close()
-		if isFrozen(err) {
-			// Frozen while it waited: the new process closes it.
-			app.SetDeadline(time.Unix(1, 0))
-			res.Cause = causeHandover
-			return res
+	if !downEnd {
+		if d, ok := sess.(deliverer); ok {
+			d.DeliverTo(app, func(n int64, err error) {
+				downResult(n, err)
+				ended(false)
+			})
+		} else {
+			go func() {
+				downResult(sess.WriteTo(app))
+				ended(true)
+			}()
 		}
-		res.Cause = "closed"
-		if err != nil && !errors.Is(err, resume.ErrConnClosed) {
-			res.Err = err
-		}
-		app.Close()
 	}
-	return res
+	switch {
+	case upEnded:
+	case feed != nil:
+		feed.Start()
+	default:
+		go func() { upDone(sess.ReadFrom(src)) }()
+	}
+}
+
+// feeder is a session whose application -> session reads can wait
+// without a goroutine of ours (resume.Conn.NewFeed).
+type feeder interface {
+	NewFeed(src resume.SocketSource, done func(n int64, err error)) *resume.Feed
 }
 
 // causeHandover is spliceResult.Cause for a splice stopped by a

@@ -4,6 +4,8 @@ import (
 	"errors"
 	"io"
 	"net"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -358,87 +360,232 @@ type SocketSource interface {
 // SocketSource) over a TCP link, for bulk, the copy from the buffer to the
 // link as well (txSplice).
 func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
-	s := c.s
-	s.wmu.Lock()
-	defer s.wmu.Unlock()
-	var total int64
-	var rc syscall.RawConn
-	var sock *net.TCPConn
-	consumed := func(int, error) {}
-	switch src := r.(type) {
-	case *net.TCPConn:
-		sock = src
-	case SocketSource:
-		sock, consumed = src.TCPConn(), src.Consumed
+	c.s.wmu.Lock()
+	defer c.s.wmu.Unlock()
+	f := newFeed(c.s, r)
+	f.off.Store(true) // wait in this goroutine
+	_, err := f.run()
+	return f.total, err
+}
+
+// NewFeed prepares ReadFrom from a socket without a goroutine of ours
+// waiting while the socket is idle. Once started, the Feed reads in the
+// calling goroutine until the socket has nothing, then (on Linux)
+// registers the socket with the process's shared poller and returns; a
+// goroutine continues the reads once the socket is readable. done is
+// called once, with what ReadFrom would return, when the reads end:
+// possibly before Start returns, in whichever goroutine read last.
+//
+// While the reads are parked in the poller nothing but the socket's
+// readiness wakes them: not its deadline, not its close (epoll forgets a
+// closed descriptor without an event). So before closing src's socket or
+// setting its read deadline, whoever does it calls Unpark (before Start
+// too), which moves the reads to a goroutine that waits the ordinary way
+// from then on and sees the close or the deadline as ReadFrom would.
+func (c *Conn) NewFeed(src SocketSource, done func(n int64, err error)) *Feed {
+	f := newFeed(c.s, src)
+	f.done = done
+	return f
+}
+
+// Start starts the reads (once).
+func (f *Feed) Start() {
+	f.s.wmu.Lock() // until done: another goroutine may unlock it
+	if !sharedPollerOK {
+		// No shared poller here: the reads need a goroutine.
+		f.off.Store(true)
+		go f.goOn()
+		return
 	}
-	if sock != nil {
-		rc, _ = sock.SyscallConn()
-	} else if sc, ok := r.(syscall.Conn); ok {
-		rc, _ = sc.SyscallConn()
+	f.startup = true
+	f.goOn()
+}
+
+// Unpark makes the reads wait in a goroutine from now on; reads parked in
+// the shared poller continue in one at once. See NewFeed.
+func (f *Feed) Unpark() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.off.Store(true)
+	if f.id != 0 && readPoller.unregister(f.id) {
+		f.id = 0
+		go f.goOn()
 	}
-	if rc == nil {
-		sock = nil
-	}
-	readable := false
+}
+
+// A Feed is one ReadFrom from a socket whose reads may park in the
+// shared poller (Conn.NewFeed); its state is kept between the turns.
+type Feed struct {
+	s        *session
+	r        io.Reader
+	rc       syscall.RawConn
+	sock     *net.TCPConn
+	consumed func(int, error)
+	total    int64
+	readable bool
 	// bulk: the last read filled at least txBulkMin, so the next may go
 	// through the splice path. A request stream stays on plain reads,
 	// two syscalls per message where splicing would take five.
-	bulk := false
+	bulk bool
+	done func(int64, error) // Feed's
+
+	mu sync.Mutex
+	// off: the reads wait in a goroutine from now on (ReadFrom, Unpark,
+	// no shared poller).
+	off atomic.Bool
+	// id is the registration in the shared poller while parked; 0
+	// otherwise.
+	id uint64
+	// startup: the caller's goroutine runs the first turn (its stack may
+	// be large: it does not wait in the socket).
+	startup bool
+}
+
+func newFeed(s *session, r io.Reader) *Feed {
+	f := &Feed{s: s, r: r, consumed: func(int, error) {}}
+	switch src := r.(type) {
+	case *net.TCPConn:
+		f.sock = src
+	case SocketSource:
+		f.sock, f.consumed = src.TCPConn(), src.Consumed
+	}
+	if f.sock != nil {
+		f.rc, _ = f.sock.SyscallConn()
+	} else if sc, ok := r.(syscall.Conn); ok {
+		f.rc, _ = sc.SyscallConn()
+	}
+	if f.rc == nil {
+		f.sock = nil
+	}
+	return f
+}
+
+// goOn runs the reads until they park or end; at the end it lets go of
+// the write lock and calls done.
+func (f *Feed) goOn() {
+	parked, err := f.run()
+	if parked {
+		return
+	}
+	f.s.wmu.Unlock()
+	f.done(f.total, err)
+}
+
+// park registers the socket with the shared poller: the caller returns
+// and fired continues. False: wait the ordinary way.
+func (f *Feed) park() bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.off.Load() {
+		return false
+	}
+	id, err := readPoller.register(f, f.rc)
+	if err != nil {
+		f.off.Store(true)
+		return false
+	}
+	f.id = id
+	return true
+}
+
+// fired continues reads parked under registration id (the dispatcher
+// calls it once the socket is readable).
+func (f *Feed) fired(id uint64) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.id != id {
+		return // Unpark took it
+	}
+	f.id = 0
+	go f.goOn()
+}
+
+// waitSource waits until the socket is readable: in this goroutine, or
+// parked in the shared poller (parked true: return at once, without
+// touching f). Called without s.mu.
+func (f *Feed) waitSource() (parked bool, err error) {
+	if f.startup {
+		// The first turn runs in the caller's goroutine, whose stack a
+		// long wait would keep: continue in a fresh one if we cannot park.
+		f.startup = false
+		if f.park() {
+			return true, nil
+		}
+		go f.goOn()
+		return true, nil
+	}
+	if f.park() {
+		return true, nil
+	}
+	return false, waitReadable(f.rc)
+}
+
+// run reads until the source ends or fails (parked false; err as ReadFrom
+// returns it, f.total the bytes read) or until the reads parked in the
+// shared poller (parked true: f now belongs to fired or unpark).
+func (f *Feed) run() (parked bool, err error) {
+	s := f.s
 	s.mu.Lock()
 	for {
 		if err := s.writeErr(); err != nil {
 			s.unlock()
-			return total, err
+			return false, err
 		}
 		room, full := s.sendRoom()
 		if room <= 0 {
 			if err := s.await(s.writeWaiter(), s.wdl.wait(), full); err != nil {
 				s.unlock()
-				return total, err
+				return false, err
 			}
 			continue
 		}
-		if bulk && sock != nil {
+		if f.bulk && f.sock != nil {
 			max, busy := s.txSpliceRoom(room)
 			if busy != nil {
 				if err := s.await(busy, s.wdl.wait(), nil); err != nil {
 					s.unlock()
-					return total, err
+					return false, err
 				}
 				continue
 			}
 			if max > 0 {
 				s.unlock()
-				n, err, werr := s.spliceSend(rc, max)
-				consumed(n, err)
-				total += int64(n)
-				bulk = n >= txBulkMin
+				n, err, werr := s.spliceSend(f.rc, max, !f.off.Load())
+				if err == errSourceEmpty {
+					// Nothing now: wait as a request stream does (where
+					// the reads may park).
+					err, f.bulk = nil, false
+				} else {
+					f.bulk = n >= txBulkMin
+				}
+				f.consumed(n, err)
+				f.total += int64(n)
 				s.mu.Lock()
 				switch {
 				case werr != nil:
 					s.unlock()
-					return total, werr
+					return false, werr
 				case err != nil:
-					return total, s.readFromEnd(err)
+					return false, s.readFromEnd(err)
 				}
 				continue
 			}
 		}
-		if sock == nil && rc != nil && !readable {
+		if f.sock == nil && f.rc != nil && !f.readable {
 			// Wait for data before lending out the buffer's tail: an idle
 			// session (the request sent, acked, the next one not yet
 			// written) must not keep a chunk for bytes that may never
 			// come. One poll(2) per read: cheap next to the copy.
 			s.unlock()
-			err := waitReadable(rc)
+			err := waitReadable(f.rc)
 			s.mu.Lock()
 			if err != nil {
-				rc = nil // not a socket we can wait on: just read
+				f.rc = nil // not a socket we can wait on: just read
 			}
-			readable = true
+			f.readable = true
 			continue
 		}
-		readable = false
+		f.readable = false
 		tail := s.send.Tail()
 		if len(tail) > room {
 			tail = tail[:room]
@@ -446,26 +593,30 @@ func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
 		s.unlock()
 		var n int
 		var err error
-		if sock != nil {
+		if f.sock != nil {
 			// Read without waiting; wait (then lending no buffer) only
 			// when the socket had nothing.
 			var ready bool
-			n, ready, err = readNow(sock, rc, tail)
+			n, ready, err = readNow(f.sock, f.rc, tail)
 			if !ready {
 				s.mu.Lock()
 				s.send.Commit(0) // gives back a chunk taken for this read
 				s.unlock()
-				if err = waitReadable(rc); err != nil {
-					sock = nil // cannot wait on it: read the ordinary way
+				parked, err := f.waitSource()
+				if parked {
+					return true, nil
+				}
+				if err != nil {
+					f.sock = nil // cannot wait on it: read the ordinary way
 				}
 				s.mu.Lock()
 				continue
 			}
-			consumed(n, err)
+			f.consumed(n, err)
 		} else {
-			n, err = r.Read(tail)
+			n, err = f.r.Read(tail)
 		}
-		bulk = n >= txBulkMin
+		f.bulk = n >= txBulkMin
 		s.mu.Lock()
 		if n > 0 {
 			if werr := s.writeErr(); werr != nil && werr != ErrFrozen {
@@ -473,16 +624,16 @@ func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
 				// ones are kept: they go to the next process.)
 				s.send.Commit(0)
 				s.unlock()
-				return total, werr
+				return false, werr
 			}
 			s.send.Commit(n)
-			total += int64(n)
+			f.total += int64(n)
 			s.sendCommitted(err == nil)
 		} else {
 			s.send.Commit(0)
 		}
 		if err != nil {
-			return total, s.readFromEnd(err)
+			return false, s.readFromEnd(err)
 		}
 	}
 }

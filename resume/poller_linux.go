@@ -41,8 +41,12 @@ type poller struct {
 	linger *time.Timer // closes ep once regs stays empty
 }
 
+// pollTarget is what a registration wakes: a parked link reader, or a
+// parked Feed.
+type pollTarget interface{ fired(id uint64) }
+
 type pollReg struct {
-	l  *link
+	l  pollTarget
 	rc syscall.RawConn
 	ep *epollInst
 }
@@ -56,8 +60,8 @@ type epollInst struct {
 var readPoller = &poller{regs: map[uint64]pollReg{}}
 
 // register adds rc's socket for one readiness report to l (l.fired). The
-// caller holds l.rp.mu.
-func (p *poller) register(l *link, rc syscall.RawConn) (uint64, error) {
+// caller holds the lock that l.fired takes (l.rp.mu, feed.mu).
+func (p *poller) register(l pollTarget, rc syscall.RawConn) (uint64, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.ep == nil {

@@ -15,7 +15,7 @@ type poller struct{}
 
 var readPoller = &poller{}
 
-func (p *poller) register(*link, syscall.RawConn) (uint64, error) { return 0, errors.ErrUnsupported }
+func (p *poller) register(any, syscall.RawConn) (uint64, error) { return 0, errors.ErrUnsupported }
 func (p *poller) unregister(uint64) bool                          { return false }
 func (p *poller) registered() int                                 { return 0 }
 

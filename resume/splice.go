@@ -11,6 +11,9 @@ import (
 // the reader copies instead.
 var errNoPipe = errors.New("resume: no pipe for splice")
 
+// errSourceEmpty: a splice that was not to wait found the source empty.
+var errSourceEmpty = errors.New("resume: source not readable")
+
 // spliceData moves one step of a DATA payload (what the pipe takes, at
 // most n bytes) from a tcp link's socket to the sink's TCP socket with
 // splice(2), so the bytes never pass through user space. handled false:
@@ -47,7 +50,7 @@ func (l *link) spliceData(n int) (int, bool, error) {
 	if !ok {
 		return 0, false, nil
 	}
-	p, k, err := spliceIn(l.spliceRC, n, "link")
+	p, k, err := spliceIn(l.spliceRC, n, "link", false)
 	if k == 0 {
 		if errors.Is(err, errNoPipe) { // out of descriptors, say: copy
 			return 0, false, nil

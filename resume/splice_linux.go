@@ -89,7 +89,7 @@ func closeIdlePipes() int {
 // (and no pipe). The pipe is taken only once there are bytes to move: a
 // link stalled in the middle of a frame (a blackholed path, until its
 // liveness timeout) holds no descriptors for it.
-func spliceIn(rc syscall.RawConn, n int, what string) (*rxPipe, int, error) {
+func spliceIn(rc syscall.RawConn, n int, what string, nowait bool) (*rxPipe, int, error) {
 	var p *rxPipe
 	var k int64
 	var err error
@@ -105,6 +105,12 @@ func spliceIn(rc syscall.RawConn, n int, what string) (*rxPipe, int, error) {
 				break
 			}
 		}
+		if err == unix.EAGAIN && nowait {
+			putPipe(p)
+			p = nil
+			err = errSourceEmpty
+			return true
+		}
 		if err == unix.EAGAIN {
 			// Nothing to read yet (the pipe is empty, so it is not
 			// full): wait in the poller, without the pipe.
@@ -115,7 +121,7 @@ func spliceIn(rc syscall.RawConn, n int, what string) (*rxPipe, int, error) {
 		return true
 	}); rerr != nil {
 		err = rerr
-	} else if err != nil && p != nil {
+	} else if err != nil && p != nil && err != errSourceEmpty {
 		err = fmt.Errorf("resume: splice from %s: %w", what, err)
 	}
 	if err != nil || k == 0 {

@@ -19,13 +19,13 @@ func getPipe() (*rxPipe, error)                                   { return nil, 
 func putPipe(*rxPipe)                                             {}
 func (*rxPipe) close()                                            {}
 func closeIdlePipes() int                                         { return 0 }
-func spliceIn(syscall.RawConn, int, string) (*rxPipe, int, error) { return nil, 0, errNoPipe }
+func spliceIn(syscall.RawConn, int, string, bool) (*rxPipe, int, error) { return nil, 0, errNoPipe }
 func spliceOut(syscall.RawConn, *rxPipe, int) int                 { return 0 }
 func readPipe(*rxPipe, []byte) error                              { return errNoSplice }
 func spliceConn(any) syscall.RawConn                              { return nil }
 
 // Elsewhere ReadFrom always copies through the replay buffer.
 func (s *session) txSpliceRoom(int) (int, chan struct{}) { return 0, nil }
-func (s *session) spliceSend(syscall.RawConn, int) (int, error, error) {
+func (s *session) spliceSend(syscall.RawConn, int, bool) (int, error, error) {
 	return 0, errNoSplice, nil
 }

@@ -31,11 +31,12 @@ import (
 //  5. otherwise B is dropped and the bytes go as written bytes do.
 //
 // n is what was read from the source, err the source's error (io.EOF at
-// its FIN), werr the session's (closed meanwhile: the bytes were dropped).
+// its FIN; errSourceEmpty, nothing read, if nowait and it had nothing),
+// werr the session's (closed meanwhile: the bytes were dropped).
 // A link that fails in step 4 fails as in a writer goroutine: the bytes
 // are in the replay buffer.
-func (s *session) spliceSend(src syscall.RawConn, max int) (n int, err, werr error) {
-	a, k, err := spliceIn(src, max, "source")
+func (s *session) spliceSend(src syscall.RawConn, max int, nowait bool) (n int, err, werr error) {
+	a, k, err := spliceIn(src, max, "source", nowait)
 	if k == 0 {
 		if err == nil {
 			err = io.EOF
