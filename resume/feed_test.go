@@ -21,7 +21,7 @@ type feedSource struct {
 	n atomic.Int64
 }
 
-func (f *feedSource) TCPConn() *net.TCPConn { return f.c }
+func (f *feedSource) TCPConn() *net.TCPConn   { return f.c }
 func (f *feedSource) Consumed(n int, _ error) { f.n.Add(int64(n)) }
 func (f *feedSource) Read(p []byte) (int, error) {
 	n, err := f.c.Read(p)

@@ -16,7 +16,7 @@ type poller struct{}
 var readPoller = &poller{}
 
 func (p *poller) register(any, syscall.RawConn) (uint64, error) { return 0, errors.ErrUnsupported }
-func (p *poller) unregister(uint64) bool                          { return false }
-func (p *poller) registered() int                                 { return 0 }
+func (p *poller) unregister(uint64) bool                        { return false }
+func (p *poller) registered() int                               { return 0 }
 
 func readableNow(syscall.RawConn) bool { return true }

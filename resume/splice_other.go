@@ -15,14 +15,14 @@ type rxPipe struct{}
 
 var errNoSplice = errors.New("resume: splice is not supported here")
 
-func getPipe() (*rxPipe, error)                                   { return nil, errNoSplice }
-func putPipe(*rxPipe)                                             {}
-func (*rxPipe) close()                                            {}
-func closeIdlePipes() int                                         { return 0 }
+func getPipe() (*rxPipe, error)                                         { return nil, errNoSplice }
+func putPipe(*rxPipe)                                                   {}
+func (*rxPipe) close()                                                  {}
+func closeIdlePipes() int                                               { return 0 }
 func spliceIn(syscall.RawConn, int, string, bool) (*rxPipe, int, error) { return nil, 0, errNoPipe }
-func spliceOut(syscall.RawConn, *rxPipe, int) int                 { return 0 }
-func readPipe(*rxPipe, []byte) error                              { return errNoSplice }
-func spliceConn(any) syscall.RawConn                              { return nil }
+func spliceOut(syscall.RawConn, *rxPipe, int) int                       { return 0 }
+func readPipe(*rxPipe, []byte) error                                    { return errNoSplice }
+func spliceConn(any) syscall.RawConn                                    { return nil }
 
 // Elsewhere ReadFrom always copies through the replay buffer.
 func (s *session) txSpliceRoom(int) (int, chan struct{}) { return 0, nil }
