@@ -7,7 +7,6 @@ import (
 	"errors"
 	"io"
 	"net"
-	"runtime"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -30,17 +29,7 @@ func (f *feedSource) Read(p []byte) (int, error) {
 }
 
 // feedGoroutines counts goroutines running a Feed's reads.
-func feedGoroutines() int {
-	buf := make([]byte, 1<<20)
-	buf = buf[:runtime.Stack(buf, true)]
-	n := 0
-	for _, g := range strings.Split(string(buf), "\n\n") {
-		if strings.Contains(g, "resume.(*Feed)") {
-			n++
-		}
-	}
-	return n
-}
+func feedGoroutines() int { return goroutinesIn("resume.(*Feed)") }
 
 func feedParked(f *Feed) bool {
 	f.mu.Lock()

@@ -12,12 +12,15 @@ import (
 )
 
 // readerGoroutines counts goroutines running a link's reader.
-func readerGoroutines() int {
+func readerGoroutines() int { return goroutinesIn("resume.(*link).readFrames") }
+
+// goroutinesIn counts goroutines whose stack holds fn.
+func goroutinesIn(fn string) int {
 	buf := make([]byte, 1<<20)
 	buf = buf[:runtime.Stack(buf, true)]
 	n := 0
 	for _, g := range strings.Split(string(buf), "\n\n") {
-		if strings.Contains(g, "resume.(*link).readFrames") {
+		if strings.Contains(g, fn) {
 			n++
 		}
 	}
