@@ -4,6 +4,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"os"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -370,9 +371,10 @@ func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
 
 // NewFeed prepares ReadFrom from a socket without a goroutine of ours
 // waiting while the socket is idle. Once started, the Feed reads in the
-// calling goroutine until the socket has nothing, then (on Linux)
-// registers the socket with the process's shared poller and returns; a
-// goroutine continues the reads once the socket is readable. done is
+// calling goroutine until the socket has nothing and returns; a goroutine
+// waits for more for a moment (idleBeforeShared, as a link's reader), then
+// (on Linux) registers the socket with the process's shared poller and
+// ends, and another continues the reads once the socket is readable. done is
 // called once, with what ReadFrom would return, when the reads end:
 // possibly before Start returns, in whichever goroutine read last.
 //
@@ -436,8 +438,8 @@ type Feed struct {
 	// id is the registration in the shared poller while parked; 0
 	// otherwise.
 	id uint64
-	// startup: the caller's goroutine runs the first turn (its stack may
-	// be large: it does not wait in the socket).
+	// startup: the caller's goroutine runs the first turn (it does not
+	// wait for the socket: a goroutine of ours does).
 	startup bool
 }
 
@@ -500,19 +502,43 @@ func (f *Feed) fired(id uint64) {
 	go f.goOn()
 }
 
-// waitSource waits until the socket is readable: in this goroutine, or
-// parked in the shared poller (parked true: return at once, without
-// touching f). Called without s.mu.
+// waitSource waits until the socket is readable: in this goroutine for
+// up to idleBeforeShared, as a link's reader does (a request stream's next
+// message, or bulk's next segment, comes without the shared poller's extra
+// hop), then parked in the shared poller (parked true: return at once,
+// without touching f). Called without s.mu.
 func (f *Feed) waitSource() (parked bool, err error) {
 	if f.startup {
-		// The first turn runs in the caller's goroutine, whose stack a
-		// long wait would keep: continue in a fresh one if we cannot park.
+		// The first turn runs in the caller's goroutine, which must not
+		// wait here: go on in a fresh one.
 		f.startup = false
-		if f.park() {
-			return true, nil
-		}
 		go f.goOn()
 		return true, nil
+	}
+	f.mu.Lock()
+	staged := !f.off.Load()
+	if staged {
+		f.sock.SetReadDeadline(time.Now().Add(idleBeforeShared))
+	}
+	f.mu.Unlock()
+	err = waitReadable(f.rc)
+	if !staged {
+		return false, err
+	}
+	f.mu.Lock()
+	if f.off.Load() {
+		f.mu.Unlock()
+		// Unparked meanwhile: the deadline is the unparker's now, set
+		// after ours, so a timeout may have been ours: wait again.
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			err = waitReadable(f.rc)
+		}
+		return false, err
+	}
+	f.sock.SetReadDeadline(time.Time{})
+	f.mu.Unlock()
+	if !errors.Is(err, os.ErrDeadlineExceeded) {
+		return false, err
 	}
 	if f.park() {
 		return true, nil

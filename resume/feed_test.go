@@ -151,44 +151,42 @@ func TestFeedUnparkBeforeClose(t *testing.T) {
 	e := tcpEnv(t, serverConfig(cfg), nil)
 	c, s := e.pair(cfg)
 
+	closed := func(app *net.TCPConn) { app.Close() }
+	pastDeadline := func(app *net.TCPConn) { app.SetReadDeadline(time.Unix(1, 0)) }
+	closedErr := func(err error) bool { return errors.Is(err, net.ErrClosed) }
+	parkedThere := func(f *Feed) { waitFeedParked(t, f) }
+
+	// Parked in the shared poller: a close, or a deadline, after Unpark.
+	unparkCase(t, c, false, parkedThere, closed, closedErr)
+	unparkCase(t, c, false, parkedThere, pastDeadline, isTimeout)
+	// Unparked before it started: the first wait is a goroutine's.
+	unparkCase(t, c, true, func(f *Feed) {
+		waitFor(t, 5*time.Second, "a goroutine waiting", func() bool { return feedGoroutines() == 1 })
+		if feedParked(f) {
+			t.Fatal("an unparked feed registered")
+		}
+	}, closed, closedErr)
+
+	// Unparked during the wait before parking, under the feed's own
+	// deadline: the unparker's deadline or close is the one seen.
+	defer func(d time.Duration) { idleBeforeShared = d }(idleBeforeShared)
+	idleBeforeShared = time.Hour
+	staged := func(f *Feed) {
+		waitFor(t, 5*time.Second, "a goroutine waiting", func() bool { return feedGoroutines() == 1 })
+	}
+	unparkCase(t, c, false, staged, closed, closedErr)
+	unparkCase(t, c, false, staged, pastDeadline, isTimeout)
+	// ... and a deadline in the future, after which the feed's own
+	// (cleared once the wait is over) must not end it early.
 	app, peer := tcpPair(t)
 	f, _, ended := startFeed(t, c, app)
 	f.Start()
-	waitFeedParked(t, f)
+	staged(f)
 	f.Unpark()
-	if feedParked(f) {
-		t.Fatal("still registered after Unpark")
-	}
-	app.Close()
-	if end := waitFeedEnd(t, ended); !errors.Is(end.err, net.ErrClosed) {
-		t.Fatalf("feed ended with %v, want net.ErrClosed", end.err)
-	}
-	peer.Close()
-
-	// Unparked before it started: the first wait is a goroutine's.
-	app, peer = tcpPair(t)
-	f, _, ended = startFeed(t, c, app)
-	f.Unpark()
-	f.Start()
-	waitFor(t, 5*time.Second, "a goroutine waiting", func() bool { return feedGoroutines() == 1 })
-	if feedParked(f) {
-		t.Fatal("an unparked feed registered")
-	}
-	app.Close()
-	if end := waitFeedEnd(t, ended); !errors.Is(end.err, net.ErrClosed) {
-		t.Fatalf("feed ended with %v, want net.ErrClosed", end.err)
-	}
-	peer.Close()
-
-	// A deadline set after Unpark reaches the reads.
-	app, peer = tcpPair(t)
-	f, _, ended = startFeed(t, c, app)
-	f.Start()
-	waitFeedParked(t, f)
-	f.Unpark()
-	app.SetReadDeadline(time.Unix(1, 0))
-	if end := waitFeedEnd(t, ended); !isTimeout(end.err) {
-		t.Fatalf("feed ended with %v, want a timeout", end.err)
+	app.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+	t0 := time.Now()
+	if end := waitFeedEnd(t, ended); !isTimeout(end.err) || time.Since(t0) < 150*time.Millisecond {
+		t.Fatalf("feed ended with %v after %v, want a timeout after 200ms", end.err, time.Since(t0))
 	}
 	app.Close()
 	peer.Close()
@@ -196,6 +194,31 @@ func TestFeedUnparkBeforeClose(t *testing.T) {
 	closeBoth(c, s)
 	e.stop()
 	waitNoLeaks(t, fds)
+}
+
+// unparkCase starts a feed on a fresh socket pair (after an Unpark if
+// early), waits for the state ready checks, Unparks it, applies end to the
+// application's socket and checks that the feed ends with an error for
+// which want is true.
+func unparkCase(t *testing.T, c *Conn, early bool, ready func(*Feed), end func(*net.TCPConn), want func(error) bool) {
+	t.Helper()
+	app, peer := tcpPair(t)
+	defer peer.Close()
+	defer app.Close()
+	f, _, ended := startFeed(t, c, app)
+	if early {
+		f.Unpark()
+	}
+	f.Start()
+	ready(f)
+	f.Unpark()
+	if feedParked(f) {
+		t.Fatal("still registered after Unpark")
+	}
+	end(app)
+	if e := waitFeedEnd(t, ended); !want(e.err) {
+		t.Fatalf("feed ended with %v", e.err)
+	}
 }
 
 func isTimeout(err error) bool {
