@@ -23,6 +23,11 @@ type Reader struct {
 	// idle, if set, blocks until src has something to read (see
 	// SetIdleWait).
 	idle func() error
+	// probe, if set, is src's switch for reads that do not wait, and
+	// empty says that an error from such a read means "nothing now"
+	// (SetIdleProbe).
+	probe func(nowait bool)
+	empty func(error) bool
 }
 
 // NewReader returns a Reader with a read-ahead buffer of size bytes.
@@ -40,6 +45,18 @@ var readAheads sync.Pool
 // this off.
 func (r *Reader) SetIdleWait(wait func() error) { r.idle = wait }
 
+// SetIdleProbe is for a source that holds bytes of its own which the
+// readiness of its socket does not show, as a *tls.Conn holds decrypted
+// records and the start of the next one: waiting for the socket could
+// then wait for bytes that are already here. Before the idle wait the
+// Reader reads once with nowait(true) in effect. A source with nothing
+// to give then fails that read with an error for which empty is true
+// (and stays usable: for a *tls.Conn, a temporary net.Error), and the
+// Reader waits; bytes or any other error it takes as a read returns them.
+func (r *Reader) SetIdleProbe(nowait func(on bool), empty func(error) bool) {
+	r.probe, r.empty = nowait, empty
+}
+
 // Release gives the read-ahead buffer back; the Reader must not be used
 // after.
 func (r *Reader) Release() {
@@ -52,6 +69,25 @@ func (r *Reader) park() {
 	r.br.Reset(nil)
 	readAheads.Put(r.br)
 	r.br = nil
+}
+
+// probed reads once without waiting if the source has a probe: ready if
+// that read returned bytes; an error other than "nothing now" is the
+// read's, as a waiting read would have returned it.
+func (r *Reader) probed() (ready bool, err error) {
+	if r.probe == nil {
+		return false, nil
+	}
+	r.probe(true)
+	_, err = r.br.Peek(1)
+	r.probe(false)
+	switch {
+	case err == nil:
+		return true, nil
+	case r.empty(err):
+		return false, nil
+	}
+	return false, err
 }
 
 // wake takes a read-ahead buffer for src.
@@ -72,9 +108,15 @@ func (r *Reader) Next() (Header, error) {
 		return Header{}, fmt.Errorf("frame: Next with %d DATA bytes unread", r.pending)
 	}
 	if r.idle != nil && r.br != nil && r.br.Buffered() == 0 {
-		r.park()
-		if err := r.idle(); err != nil {
+		ready, err := r.probed()
+		if err != nil {
 			return Header{}, err
+		}
+		if !ready {
+			r.park()
+			if err := r.idle(); err != nil {
+				return Header{}, err
+			}
 		}
 	}
 	if r.br == nil {

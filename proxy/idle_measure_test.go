@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"crypto/tls"
 	"fmt"
 	"io"
 	"log/slog"
@@ -13,6 +14,7 @@ import (
 	"time"
 
 	"github.com/lifeline-proxy/lifeline/internal/testnet"
+	"github.com/lifeline-proxy/lifeline/proxy/transport"
 	"github.com/lifeline-proxy/lifeline/resume"
 )
 
@@ -21,7 +23,8 @@ import (
 // process that holds both its client sidecar and its gateway: heap and
 // stack bytes and goroutines per session, net of the same number of
 // direct connections to the same echo service (the application's and the
-// upstream's sockets and the echo goroutines). LIFELINE_IDLE_HEAP=FILE
+// upstream's sockets and the echo goroutines); LIFELINE_IDLE_TLS=1 over
+// the tls transport. LIFELINE_IDLE_HEAP=FILE
 // writes a heap profile (inuse) with the sessions held. It is a
 // measurement for docs/bench.md, not a check.
 func TestIdleMeasure(t *testing.T) {
@@ -42,8 +45,14 @@ func TestIdleMeasure(t *testing.T) {
 	// reset and refuses new links, and what is measured is the parked
 	// sessions (the relay's own goroutines are gone by then).
 	park := os.Getenv("LIFELINE_IDLE_PARK") != ""
-	s := newStack(t, stackOpts{upstream: echo, server: sc, cfg: resume.DefaultConfig(), noRelay: !park,
-		log: slog.New(slog.DiscardHandler)})
+	o := stackOpts{upstream: echo, server: sc, cfg: resume.DefaultConfig(), noRelay: !park,
+		log: slog.New(slog.DiscardHandler)}
+	if os.Getenv("LIFELINE_IDLE_TLS") != "" {
+		// LIFELINE_IDLE_TLS=1: over the tls transport.
+		o.transport = "tls"
+		o.serverTLS, o.clientTLS = idleTLS(t)
+	}
+	s := newStack(t, o)
 
 	open := func(addr string) []net.Conn {
 		cs := make([]net.Conn, 0, n)
@@ -142,4 +151,24 @@ func TestIdleMeasure(t *testing.T) {
 	s.relay.SetDown(false)
 	closeAll(held)
 	waitFor(t, "sessions to end", 20*time.Second, func() bool { return len(s.gw.Sessions()) == 0 })
+}
+
+// idleTLS is a gateway and a client TLS configuration from a throwaway CA.
+func idleTLS(t *testing.T) (server, client *tls.Config) {
+	dir := t.TempDir()
+	ca, caKey, caPath := testnet.WriteCA(t, dir, "ca")
+	gc, gk := testnet.WriteLeaf(t, dir, "gateway", ca, caKey, 2)
+	gs, err := transport.NewCertStore(transport.TLSFiles{Cert: gc, Key: gk})
+	if err != nil {
+		t.Fatal(err)
+	}
+	server, err = gs.ServerConfig()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cs, err := transport.NewCertStore(transport.TLSFiles{CA: caPath})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return server, cs.ClientConfig()
 }

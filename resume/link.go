@@ -136,8 +136,9 @@ func newLink(s *session, conn net.Conn, fr *frame.Reader, rxStart uint64) *link 
 		l.vectored = true
 	}
 	// An idle link waits for its next frame in the poller, without a
-	// read-ahead buffer (TLS keeps its own record buffers, so only plain
-	// sockets gain from it).
+	// read-ahead buffer: a TCP link, and a TLS link over a TLSSocket
+	// (tlsIdle; its records are decrypted in crypto/tls's own buffers).
+	l.tlsIdle(conn)
 	if sc, ok := conn.(syscall.Conn); ok {
 		if rc, err := sc.SyscallConn(); err == nil {
 			if l.vectored && sharedPollerOK {

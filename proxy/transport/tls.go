@@ -5,6 +5,8 @@ import (
 	"crypto/tls"
 	"fmt"
 	"net"
+
+	"github.com/lifeline-proxy/lifeline/resume"
 )
 
 // The tls transport: a link is a *tls.Conn over TCP, TLS 1.2 or 1.3 (see
@@ -37,7 +39,7 @@ func (l *tlsListener) Accept() (net.Conn, error) {
 		return nil, err
 	}
 	tuneTCP(c)
-	return tls.Server(c, l.tc), nil
+	return tls.Server(resume.TLSSocket(c), l.tc), nil
 }
 
 type tlsDialer struct {
@@ -64,7 +66,7 @@ func (d *tlsDialer) Dial(ctx context.Context) (net.Conn, error) {
 		return nil, err
 	}
 	tuneTCP(raw)
-	c := tls.Client(raw, d.tc)
+	c := tls.Client(resume.TLSSocket(raw), d.tc)
 	if err := c.HandshakeContext(ctx); err != nil {
 		raw.Close()
 		return nil, fmt.Errorf("tls handshake with %s: %w", d.addr, err)

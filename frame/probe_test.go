@@ -1,0 +1,84 @@
+package frame
+
+import (
+	"bytes"
+	"errors"
+	"io"
+	"testing"
+)
+
+var errEmptyNow = errors.New("nothing now")
+
+// probeSource gives its chunks one per Read; with nowait on, an empty
+// source fails with errEmptyNow, as a TLSSocket under a *tls.Conn does.
+type probeSource struct {
+	chunks [][]byte
+	nowait bool
+	end    error // after the chunks, for waiting reads
+}
+
+func (p *probeSource) Read(b []byte) (int, error) {
+	if len(p.chunks) == 0 {
+		if p.nowait {
+			return 0, errEmptyNow
+		}
+		return 0, p.end
+	}
+	n := copy(b, p.chunks[0])
+	if p.chunks[0] = p.chunks[0][n:]; len(p.chunks[0]) == 0 {
+		p.chunks = p.chunks[1:]
+	}
+	return n, nil
+}
+
+func dataFrame(s string) []byte { return append(AppendDataHeader(nil, len(s)), s...) }
+
+// With a probe the idle wait runs only when the source has nothing; bytes
+// the probe finds are read in order, and an error other than "nothing
+// now" is Next's.
+func TestReaderIdleProbe(t *testing.T) {
+	src := &probeSource{chunks: [][]byte{dataFrame("one")}, end: io.EOF}
+	r := NewReader(src, 64)
+	waits := 0
+	r.SetIdleProbe(func(on bool) { src.nowait = on }, func(err error) bool { return err == errEmptyNow })
+	r.SetIdleWait(func() error {
+		waits++
+		if src.nowait {
+			t.Fatal("idle wait with nowait still on")
+		}
+		if waits == 1 {
+			src.chunks = append(src.chunks, dataFrame("two"))
+		}
+		return nil
+	})
+	read := func(want string) {
+		t.Helper()
+		h, err := r.Next()
+		if err != nil || h.Type != TypeData || h.Len != len(want) {
+			t.Fatalf("Next: %v %v, want DATA %q", h, err, want)
+		}
+		got := make([]byte, h.Len)
+		if _, err := r.ReadData(got); err != nil || !bytes.Equal(got, []byte(want)) {
+			t.Fatalf("ReadData: %q %v, want %q", got, err, want)
+		}
+	}
+	read("one")
+	if waits != 0 {
+		t.Fatalf("%d waits with a frame at hand, want 0", waits)
+	}
+	read("two") // the probe finds nothing: one wait, which brings "two"
+	if waits != 1 {
+		t.Fatalf("%d waits, want 1", waits)
+	}
+	// A real error from the probe is returned, with no wait.
+	boom := errors.New("boom")
+	src.chunks = nil
+	r.SetIdleProbe(func(bool) {}, func(err error) bool { return err == errEmptyNow })
+	src.end = boom
+	if _, err := r.Next(); err != boom {
+		t.Fatalf("Next: %v, want %v", err, boom)
+	}
+	if waits != 1 {
+		t.Fatalf("%d waits, want 1 (an error is not a wait)", waits)
+	}
+}
