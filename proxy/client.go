@@ -20,14 +20,22 @@ import (
 type ClientConfig struct {
 	Logger  *slog.Logger // nil: discard
 	Metrics Metrics      // nil: NopMetrics
+	// MaxRedials caps the reconnect attempts (dial and handshake) of all
+	// the client's sessions in flight at once, so that a gateway's
+	// outage does not end in every session dialing it in the same
+	// instant (resume.RedialGate). 0: resume.DefaultRedialGateLimit;
+	// negative: no cap. A route's session settings with Redials set
+	// keep theirs.
+	MaxRedials int
 }
 
 // Client is the sidecar next to unmodified applications. It owns the
 // application listeners given to Serve and their routes' dialers.
 type Client struct {
 	core
-	certLog certLog       // certificate failures, logged per listener
-	stop    chan struct{} // closed by Shutdown or Close: ends accept backoffs
+	certLog certLog            // certificate failures, logged per listener
+	stop    chan struct{}      // closed by Shutdown or Close: ends accept backoffs
+	redials *resume.RedialGate // nil: no cap
 	accepts sync.WaitGroup
 	opening atomic.Int64 // sessions in open: CONNECTING
 
@@ -52,6 +60,12 @@ func NewClient(cfg ClientConfig) *Client {
 		moved:     map[movedKey]transport.Dialer{},
 		served:    map[string]*atomic.Pointer[servedRoute]{},
 		stop:      make(chan struct{}),
+	}
+	switch {
+	case cfg.MaxRedials == 0:
+		c.redials = resume.NewRedialGate(resume.DefaultRedialGateLimit)
+	case cfg.MaxRedials > 0:
+		c.redials = resume.NewRedialGate(cfg.MaxRedials)
 	}
 	c.init("client", "bytes_to_gateway", "bytes_from_gateway", cfg.Logger, cfg.Metrics)
 	c.tracker.opening = func() int { return int(c.opening.Load()) }

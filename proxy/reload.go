@@ -91,6 +91,9 @@ func (c *Client) serve(addr string, r ClientRoute) *atomic.Pointer[servedRoute] 
 // servedFor is r with its session settings ready for sessions.
 func (c *Client) servedFor(r ClientRoute) *servedRoute {
 	cfg := c.withHooks(r.session())
+	if cfg.Redials == nil {
+		cfg.Redials = c.redials
+	}
 	if r.NewDialer != nil {
 		cfg.DialAddr = c.dialAddr(r)
 	}

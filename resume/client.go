@@ -216,6 +216,9 @@ type redialer struct {
 	// at debug, with a summary every redialSummaryEvery.
 	start, lastSummary time.Time
 	timer              *time.Timer
+	// ticket: the attempt waits for a place at the RedialGate (under
+	// mu; nil otherwise).
+	ticket *redialTicket
 	// now: the next attempt goes at once (the gateway just answered, and
 	// said to open the session again).
 	now bool
@@ -229,30 +232,59 @@ func (s *session) scheduleRedial(r *redialer) {
 	now := r.now
 	r.now = false
 	s.track(1)
+	s.cl.waiting = r
 	if now || d <= 0 && !(r.migrate && r.attempt > 0) {
-		go func() {
-			defer s.track(-1)
-			s.redialAttempt(r)
-		}()
+		r.timer = nil
+		go s.redialDue(r)
 		return
 	}
-	r.timer = time.AfterFunc(max(d, time.Millisecond), func() {
-		defer s.track(-1)
-		s.redialAttempt(r)
-	})
-	s.cl.waiting = r
+	r.timer = time.AfterFunc(max(d, time.Millisecond), func() { s.redialDue(r) })
 }
 
-// stopRedialWait cancels the reconnect loop's pending attempt: the
-// session ended or is frozen (Thaw starts a new loop). An attempt whose
-// timer already fired sees that for itself. Caller holds mu.
+// redialDue runs r's attempt, which is due: here, or once the session's
+// RedialGate has a place for it. It holds scheduleRedial's place in the
+// wait group until the attempt returns (or the wait is cancelled).
+func (s *session) redialDue(r *redialer) {
+	g := s.cfg.Redials
+	if g == nil {
+		defer s.track(-1)
+		s.redialAttempt(r)
+		return
+	}
+	run := func() {
+		defer s.track(-1)
+		defer g.leave()
+		s.redialAttempt(r)
+	}
+	s.mu.Lock()
+	if s.cl.waiting != r {
+		// Cancelled as it fired: the attempt sees why and returns at
+		// once, without a place at the gate.
+		s.unlock()
+		defer s.track(-1)
+		s.redialAttempt(r)
+		return
+	}
+	in, t := g.enter(run)
+	r.ticket = t
+	s.unlock()
+	if in {
+		run()
+	}
+}
+
+// stopRedialWait cancels the reconnect loop's pending attempt, waiting
+// for its delay or for a place at the gate: the session ended or is
+// frozen (Thaw starts a new loop). An attempt that already runs sees that
+// for itself. Caller holds mu.
 func (s *session) stopRedialWait() {
 	r := s.cl.waiting
 	if r == nil {
 		return
 	}
 	s.cl.waiting = nil
-	if r.timer.Stop() {
+	if (r.timer != nil && r.timer.Stop()) || (r.ticket != nil && s.cfg.Redials.cancel(r.ticket)) {
+		r.ticket = nil
 		s.cl.redial = false
 		s.track(-1)
 	}
@@ -269,6 +301,7 @@ func (s *session) redialAttempt(r *redialer) {
 	if s.cl.waiting == r {
 		s.cl.waiting = nil
 	}
+	r.ticket = nil
 	// Frozen: Thaw starts a new loop (it sees redial cleared, under the
 	// same lock as this decision).
 	if s.state == StateClosed || s.frozen || (!r.migrate && s.link != nil) {

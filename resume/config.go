@@ -79,6 +79,11 @@ type Config struct {
 	// ServerConfig.MemoryBudget instead.
 	Budget *Budget
 
+	// Redials, if set, caps the reconnect attempts in flight at once of
+	// the sessions that share it (a client sidecar's); see RedialGate.
+	// nil: no cap.
+	Redials *RedialGate
+
 	// Hooks, if set, report session events for metrics.
 	Hooks *Hooks
 

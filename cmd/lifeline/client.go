@@ -16,7 +16,7 @@ import (
 // the certificate stores that SIGHUP reloads.
 // addrs gets each listener's address by its configured one (for reloads).
 func startClient(c *clientFile, log *slog.Logger, metrics proxy.Metrics, failed chan<- error, addrs map[string]string) (*proxy.Client, []*transport.CertStore, error) {
-	cl := proxy.NewClient(proxy.ClientConfig{Logger: log, Metrics: metrics})
+	cl := proxy.NewClient(proxy.ClientConfig{Logger: log, Metrics: metrics, MaxRedials: c.MaxRedials})
 	var stores []*transport.CertStore
 	type pending struct {
 		ln net.Listener

@@ -180,6 +180,9 @@ type listenerFile struct {
 
 type clientFile struct {
 	Listeners []listenerFile `yaml:"listeners"`
+	// MaxRedials caps reconnect attempts in flight (proxy.ClientConfig);
+	// 0: the default, negative: no cap.
+	MaxRedials int `yaml:"max_redials"`
 }
 
 type logFile struct {
@@ -419,7 +422,8 @@ func (fc *fileConfig) withDefaults() *fileConfig {
 		out.Gateway = &g
 	}
 	if fc.Client != nil {
-		c := clientFile{Listeners: slices.Clone(fc.Client.Listeners)}
+		c := *fc.Client
+		c.Listeners = slices.Clone(fc.Client.Listeners)
 		for i := range c.Listeners {
 			l := &c.Listeners[i]
 			if l.Route == "" {

@@ -36,6 +36,7 @@ type options struct {
 	maxSessions    autoInt
 	memoryBudget   autoSize
 	connectTimeout duration
+	maxRedials     int
 	proxyProtocol  int
 	proxyFrom      string // gateway: --proxy-protocol-from
 	trustApp       bool   // gateway: --trust-client-app-addr
@@ -106,6 +107,7 @@ func newFlagSet(cmd string, o *options, stdout io.Writer) *flag.FlagSet {
 	if cmd == "gateway" {
 		o.tls.Pin = ""
 	} else {
+		fs.IntVar(&o.maxRedials, "max-redials", 0, fmt.Sprintf("reconnect attempts of all sessions in flight at once; the rest wait their turn (0: %d; negative: no cap)", resume.DefaultRedialGateLimit))
 		fs.StringVar(&o.tls.Pin, "tls-pin", "", "SHA-256 `fingerprint` of the gateway's certificate (for a self-signed gateway; instead of --tls-ca)")
 	}
 	fs.StringVar(&o.logFormat, "log-format", "text", "log format: text or json")

@@ -278,6 +278,9 @@ func (rl *reloader) needsRestart(start, next *settings) []string {
 		out = append(out, fieldDiffs("gateway ", *sg, *ng, "routes", "session", "connect_timeout", "max_sessions", "memory_budget")...)
 	}
 	if sc, nc := start.fc.Client, next.fc.Client; sc != nil && nc != nil {
+		if sc.MaxRedials != nc.MaxRedials {
+			out = append(out, fmt.Sprintf("client max_redials %d -> %d", sc.MaxRedials, nc.MaxRedials))
+		}
 		for _, n := range nc.Listeners {
 			i := slices.IndexFunc(sc.Listeners, func(s listenerFile) bool { return s.Listen == n.Listen })
 			if i < 0 {

@@ -373,7 +373,7 @@ func TestReloadClientConfig(t *testing.T) {
 	if tag != "A" {
 		t.Fatalf("first session reached %q, want A", tag)
 	}
-	more := fmt.Sprintf("    - {listen: %s, gateway: %s, transport: tcp}\n", extra, gwAddr)
+	more := fmt.Sprintf("    - {listen: %s, gateway: %s, transport: tcp}\n  max_redials: 64\n", extra, gwAddr)
 	if err := os.WriteFile(cfgPath, []byte(conf("second", "9s", more)), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -385,6 +385,9 @@ func TestReloadClientConfig(t *testing.T) {
 	w := cl.lastLog("config reload: these changes need an upgrade in place (SIGUSR2) or a restart to take effect; until then the old values stay")
 	if w == nil || !strings.Contains(fmt.Sprint(w["settings"]), "listener "+extra+" added") {
 		t.Errorf("no warning naming the added listener: %v", w)
+	}
+	if w == nil || !strings.Contains(fmt.Sprint(w["settings"]), "client max_redials 0 -> 64") {
+		t.Errorf("no warning naming max_redials: %v", w)
 	}
 	fresh, tag := openTag(t, app)
 	if tag != "B" {

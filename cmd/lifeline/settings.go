@@ -144,6 +144,7 @@ func settingsFromFlags(cmd string, o *options, set map[string]bool) (*settings, 
 		st.fc = &fileConfig{Client: &clientFile{Listeners: []listenerFile{{Listen: o.listen, Gateway: o.gateway,
 			Route: o.route, Transport: o.transport, TLS: o.tls, sessionFile: sess}}}}
 		st.fc.Client.Listeners[0].SendAppAddr = o.sendApp
+		st.fc.Client.MaxRedials = o.maxRedials
 	}
 	return st, nil
 }
