@@ -5,9 +5,11 @@ import (
 	"io"
 	"net"
 	"testing"
+	"time"
 
 	"github.com/lifeline-proxy/lifeline/internal/faultnet"
 	"github.com/lifeline-proxy/lifeline/internal/testnet"
+	"github.com/lifeline-proxy/lifeline/proxy/transport"
 	"github.com/lifeline-proxy/lifeline/resume"
 )
 
@@ -40,7 +42,15 @@ func benchTargets(b *testing.B, upstream string) map[string]string {
 	sc := resume.DefaultServerConfig()
 	cfg := resume.DefaultConfig()
 	s := newStack(b, stackOpts{upstream: upstream, server: sc, cfg: cfg, noRelay: true})
-	return map[string]string{"Direct": upstream, "Relay": r1.Addr(), "Lifeline": s.appAddr}
+	// A gateway behind a balancer: its listener reads PROXY headers (from
+	// other sources than this client, which sends none).
+	from, err := transport.ParseProxyFrom("192.0.2.0/24")
+	if err != nil {
+		b.Fatal(err)
+	}
+	sp := newStack(b, stackOpts{upstream: upstream, server: resume.DefaultServerConfig(), cfg: resume.DefaultConfig(), noRelay: true,
+		proxyIn: &transport.ProxyIn{From: from, ReadHeaderTimeout: 5 * time.Second}})
+	return map[string]string{"Direct": upstream, "Relay": r1.Addr(), "Lifeline": s.appAddr, "LifelineProxyIn": sp.appAddr}
 }
 
 func benchThroughput(b *testing.B, which string) {
@@ -73,6 +83,9 @@ func benchThroughput(b *testing.B, which string) {
 func BenchmarkThroughputDirect(b *testing.B)   { benchThroughput(b, "Direct") }
 func BenchmarkThroughputRelay(b *testing.B)    { benchThroughput(b, "Relay") }
 func BenchmarkThroughputLifeline(b *testing.B) { benchThroughput(b, "Lifeline") }
+func BenchmarkThroughputLifelineProxyIn(b *testing.B) {
+	benchThroughput(b, "LifelineProxyIn")
+}
 
 // 1-byte ping-pong: ns/op is one round trip.
 func benchLatency(b *testing.B, which string) {
@@ -98,3 +111,6 @@ func benchLatency(b *testing.B, which string) {
 func BenchmarkLatencyDirect(b *testing.B)   { benchLatency(b, "Direct") }
 func BenchmarkLatencyRelay(b *testing.B)    { benchLatency(b, "Relay") }
 func BenchmarkLatencyLifeline(b *testing.B) { benchLatency(b, "Lifeline") }
+func BenchmarkLatencyLifelineProxyIn(b *testing.B) {
+	benchLatency(b, "LifelineProxyIn")
+}

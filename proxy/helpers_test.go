@@ -77,6 +77,9 @@ type stackOpts struct {
 	// movable: the client can follow a GOAWAY to another address
 	// (ClientRoute.NewDialer).
 	movable bool
+	// proxyIn: the gateway's listener reads PROXY protocol headers
+	// from these sources.
+	proxyIn *transport.ProxyIn
 }
 
 func newStack(t testing.TB, o stackOpts) *stack {
@@ -108,7 +111,7 @@ func newStack(t testing.TB, o stackOpts) *stack {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ll, err := transport.Listen(transport.Config{Name: o.transport, Addr: "127.0.0.1:0", TLS: o.serverTLS, Logger: log})
+	ll, err := transport.Listen(transport.Config{Name: o.transport, Addr: "127.0.0.1:0", TLS: o.serverTLS, Logger: log, ProxyIn: o.proxyIn})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -24,7 +24,8 @@ import (
 // stack bytes and goroutines per session, net of the same number of
 // direct connections to the same echo service (the application's and the
 // upstream's sockets and the echo goroutines); LIFELINE_IDLE_TLS=1 over
-// the tls transport. LIFELINE_IDLE_HEAP=FILE
+// the tls transport; LIFELINE_IDLE_PROXY=1 with the gateway's listener
+// reading PROXY protocol headers. LIFELINE_IDLE_HEAP=FILE
 // writes a heap profile (inuse) with the sessions held. It is a
 // measurement for docs/bench.md, not a check.
 func TestIdleMeasure(t *testing.T) {
@@ -51,6 +52,15 @@ func TestIdleMeasure(t *testing.T) {
 		// LIFELINE_IDLE_TLS=1: over the tls transport.
 		o.transport = "tls"
 		o.serverTLS, o.clientTLS = idleTLS(t)
+	}
+	if os.Getenv("LIFELINE_IDLE_PROXY") != "" {
+		// LIFELINE_IDLE_PROXY=1: the gateway's listener reads PROXY
+		// headers (from sources other than the client, which sends none).
+		from, err := transport.ParseProxyFrom("192.0.2.0/24")
+		if err != nil {
+			t.Fatal(err)
+		}
+		o.proxyIn = &transport.ProxyIn{From: from, ReadHeaderTimeout: 5 * time.Second}
 	}
 	s := newStack(t, o)
 

@@ -90,6 +90,9 @@ type link struct {
 	scratch  []byte
 	segs     [][]byte
 	vectored bool
+	// sock is what flush writes: conn, or the TCP socket under a
+	// LinkSocket.
+	sock net.Conn
 	// rc is the socket under a vectored link, for the non-blocking
 	// writes of sendInline (nil: it is not used).
 	rc syscall.RawConn
@@ -131,7 +134,16 @@ func newLink(s *session, conn net.Conn, fr *frame.Reader, rxStart uint64) *link 
 		readerDone: make(chan struct{}),
 		writerDone: make(chan struct{}),
 	}
-	switch conn.(type) {
+	// sock is what the writer writes and the poller waits on: the socket
+	// itself under a layer that has given up all it read ahead.
+	sock := conn
+	if ls, ok := conn.(LinkSocket); ok {
+		if tc := ls.Socket(); tc != nil {
+			sock = tc
+		}
+	}
+	l.sock = sock
+	switch sock.(type) {
 	case *net.TCPConn, *net.UnixConn:
 		l.vectored = true
 	}
@@ -139,7 +151,7 @@ func newLink(s *session, conn net.Conn, fr *frame.Reader, rxStart uint64) *link 
 	// read-ahead buffer: a TCP link, and a TLS link over a TLSSocket
 	// (tlsIdle; its records are decrypted in crypto/tls's own buffers).
 	l.tlsIdle(conn)
-	if sc, ok := conn.(syscall.Conn); ok {
+	if sc, ok := sock.(syscall.Conn); ok {
 		if rc, err := sc.SyscallConn(); err == nil {
 			if l.vectored && sharedPollerOK {
 				fr.SetIdleWait(func() error { return l.idleWait(rc) })
@@ -150,7 +162,7 @@ func newLink(s *session, conn net.Conn, fr *frame.Reader, rxStart uint64) *link 
 				l.rc = rc
 			}
 			if spliceRx {
-				l.spliceRC = spliceConn(conn)
+				l.spliceRC = spliceConn(sock)
 			}
 		}
 	}
@@ -908,7 +920,7 @@ func (l *link) collect() int {
 func (l *link) flush() (int, error) {
 	if l.vectored {
 		bufs := net.Buffers(l.segs)
-		n, err := bufs.WriteTo(l.conn)
+		n, err := bufs.WriteTo(l.sock)
 		return int(n), err
 	}
 	// Coalesce into one pooled buffer per write (a TLS record or a QUIC
@@ -952,6 +964,24 @@ var writeBufPool = sync.Pool{New: func() any { return new([writeBufSize]byte) }}
 // smaller than a chunk, so that bufio reads DATA payloads straight into
 // the receive buffer. (64 KiB measured no faster on loopback.)
 const linkReadBuffer = 8 << 10
+
+// A LinkSocket is a link's connection that reads its TCP socket through a
+// layer of its own which may read ahead, such as a reader of a PROXY
+// protocol header. Once that layer holds nothing more, Socket returns the
+// socket and the link reads and writes it directly, as a plain TCP link:
+// its reader parks in the shared poller while idle, writes are vectored
+// and non-blocking, DATA is spliced. Deadlines and Close still go through
+// the layer. Errors of the direct reads and writes name the socket's own
+// peer. While Socket returns nil (before the layer's first Read, or while
+// it holds bytes), the link goes through Read and Write, in a goroutine.
+// Pass a LinkSocket to TLSSocket for the same under TLS.
+type LinkSocket interface {
+	net.Conn
+	// Socket is the TCP socket once every byte the layer read from it
+	// has been returned by Read, else nil. Called from the goroutine
+	// that reads the connection.
+	Socket() *net.TCPConn
+}
 
 // closeRaw closes a link without ceremony. A *tls.Conn's Close would first
 // write a close_notify alert, which on a blackholed link blocks for up to

@@ -12,9 +12,9 @@ import (
 // link is idle, as a TCP link's reader does: no goroutine and no
 // read-ahead buffer per idle link. Pass the result to tls.Client or
 // tls.Server in place of c; the link finds it through
-// (*tls.Conn).NetConn. A c that is not a *net.TCPConn (a PROXY protocol
-// connection, which buffers bytes of its own) is returned as it is, and
-// its link's reader waits in a goroutine.
+// (*tls.Conn).NetConn. c is a *net.TCPConn or a LinkSocket (a PROXY
+// protocol connection); any other c is returned as it is, and its link's
+// reader waits in a goroutine.
 //
 // Why a wrapper: a *tls.Conn may hold a decrypted record or the start of
 // the next one, which the socket's readiness does not show, so the reader
@@ -24,30 +24,64 @@ import (
 // reader park. That read then fails with a temporary net.Error, which
 // leaves the *tls.Conn usable with any partial record kept.
 func TLSSocket(c net.Conn) net.Conn {
-	tc, ok := c.(*net.TCPConn)
-	if !ok || !sharedPollerOK {
+	if !sharedPollerOK {
 		return c
 	}
-	rc, err := tc.SyscallConn()
-	if err != nil {
-		return c
+	switch sc := c.(type) {
+	case *net.TCPConn:
+		ts := &tlsSocket{Conn: c}
+		if !ts.use(sc) {
+			return c
+		}
+		return ts
+	case LinkSocket:
+		// Its socket is known once the layer has given up what it read
+		// ahead, after the handshake (socket).
+		return &tlsSocket{Conn: c, ls: sc}
 	}
-	return &tlsSocket{TCPConn: tc, rc: rc}
+	return c
 }
 
 type tlsSocket struct {
-	*net.TCPConn
+	// Conn is what crypto/tls reads and writes: the socket, or a
+	// LinkSocket over it.
+	net.Conn
+	ls LinkSocket // nil for a bare socket
+	// tc and rc are the socket, once known (set before the link's
+	// reader starts, read only by it).
+	tc *net.TCPConn
 	rc syscall.RawConn
 	// nowait: reads return errNoData rather than wait (the link's
 	// reader sets it around one read, SetIdleProbe).
 	nowait atomic.Bool
 }
 
+func (c *tlsSocket) use(tc *net.TCPConn) bool {
+	rc, err := tc.SyscallConn()
+	if err != nil {
+		return false
+	}
+	c.tc, c.rc = tc, rc
+	return true
+}
+
+// socket reports whether the socket is known, asking a LinkSocket for it.
+func (c *tlsSocket) socket() bool {
+	if c.rc != nil {
+		return true
+	}
+	if c.ls == nil {
+		return false
+	}
+	tc := c.ls.Socket()
+	return tc != nil && c.use(tc)
+}
+
 func (c *tlsSocket) Read(p []byte) (int, error) {
 	if !c.nowait.Load() {
-		return c.TCPConn.Read(p)
+		return c.Conn.Read(p)
 	}
-	n, ready, err := readNow(c.TCPConn, c.rc, p)
+	n, ready, err := readNow(c.tc, c.rc, p)
 	if !ready {
 		return 0, errNoData
 	}
@@ -73,7 +107,7 @@ func (l *link) tlsIdle(conn net.Conn) {
 		return
 	}
 	ts, ok := tc.NetConn().(*tlsSocket)
-	if !ok {
+	if !ok || !ts.socket() {
 		return
 	}
 	l.fr.SetIdleProbe(ts.nowait.Store, func(err error) bool { return err == errNoData })

@@ -15,6 +15,8 @@ import (
 	"time"
 
 	proxyproto "github.com/pires/go-proxyproto"
+
+	"github.com/lifeline-proxy/lifeline/resume"
 )
 
 // PROXY protocol in: a gateway behind an L4 load balancer (HAProxy, Envoy,
@@ -224,6 +226,8 @@ func (l *proxyListener) refused(c *proxyConn, reason string, err error) {
 		"listen", l.Addr(), "err", err, "not_logged_before", quiet)
 }
 
+var _ resume.LinkSocket = (*proxyConn)(nil)
+
 // proxyConn is a link accepted by a proxyListener. Its header is read
 // once, by the first of RemoteAddr (trusted sources only) and Read.
 type proxyConn struct {
@@ -234,7 +238,10 @@ type proxyConn struct {
 	once   sync.Once
 	remote net.Addr      // the header's source, else the socket's peer
 	br     *bufio.Reader // bytes read past the header; nil once drained (reader's)
-	failed atomic.Pointer[error]
+	// drained: br was emptied, so the socket may be read directly
+	// (Socket).
+	drained atomic.Bool
+	failed  atomic.Pointer[error]
 
 	dl       sync.Mutex
 	userRead time.Time // the read deadline the link's user set
@@ -381,13 +388,28 @@ func (c *proxyConn) Read(b []byte) (int, error) {
 			n, err := c.br.Read(b)
 			if c.br.Buffered() == 0 {
 				c.br = nil
+				c.drained.Store(true)
 			}
 			return n, err
 		}
 		c.br = nil
+		c.drained.Store(true)
 	}
 	n, err := c.Conn.Read(b)
 	return n, c.masked(err)
+}
+
+// Socket gives the session engine the TCP socket once the header and
+// every byte read past it have been returned by Read (resume.LinkSocket):
+// from then on the link reads and writes the socket itself, with the
+// fast paths of a plain TCP link (errors of those direct reads and writes
+// name the balancer's address, not the client's).
+func (c *proxyConn) Socket() *net.TCPConn {
+	if !c.drained.Load() || c.err() != nil {
+		return nil
+	}
+	tc, _ := c.Conn.(*net.TCPConn)
+	return tc
 }
 
 // masked names the client the header named, not the balancer, in a

@@ -426,3 +426,55 @@ func fmtPrefixes(p []netip.Prefix) string {
 	b.WriteByte(']')
 	return b.String()
 }
+
+// The session engine reads and writes a PROXY link's socket directly
+// (resume.LinkSocket) only once the header and every byte buffered past it
+// were returned by Read: before that, Socket is nil, and the socket it
+// then returns holds exactly the bytes that follow.
+func TestProxyInSocketAfterDrain(t *testing.T) {
+	for _, trusted := range []bool{true, false} {
+		name := "trusted"
+		if !trusted {
+			name = "untrusted"
+		}
+		t.Run(name, func(t *testing.T) {
+			from := "127.0.0.0/8"
+			if !trusted {
+				from = "192.0.2.0/24"
+			}
+			ln, _ := proxyListen(t, "tcp", from, 2*time.Second, nil)
+			c := dialRaw(t, ln.Addr().String())
+			first := []byte("first bytes, read ahead with the header")
+			msg := first
+			if trusted {
+				msg = append(headerBytes(t, 2, realClient, gwAddr), first...)
+			}
+			if _, err := c.Write(msg); err != nil {
+				t.Fatal(err)
+			}
+			s := acceptOne(t, ln)
+			ls, ok := s.(interface{ Socket() *net.TCPConn })
+			if !ok {
+				t.Fatalf("%T is not a resume.LinkSocket", s)
+			}
+			if ls.Socket() != nil {
+				t.Fatal("Socket before the first Read: the header is still on the socket")
+			}
+			got := make([]byte, 5)
+			s.SetReadDeadline(time.Now().Add(5 * time.Second))
+			if _, err := io.ReadFull(s, got); err != nil || string(got) != "first" {
+				t.Fatalf("read %q, %v", got, err)
+			}
+			if ls.Socket() != nil {
+				t.Fatal("Socket while bytes past the header are still buffered")
+			}
+			readExactly(t, s, first[5:])
+			tc := ls.Socket()
+			if tc == nil {
+				t.Fatal("no Socket once the buffer drained")
+			}
+			c.Write([]byte("straight from the socket"))
+			readExactly(t, tc, []byte("straight from the socket"))
+		})
+	}
+}
