@@ -390,7 +390,10 @@ func (c *Conn) NewFeed(src SocketSource, done func(n int64, err error)) *Feed {
 	return f
 }
 
-// Start starts the reads (once).
+// Start starts the reads (once). From here until done is called the Feed
+// holds the session's write lock, parked or not: a Write or ReadFrom on
+// the Conn meanwhile waits for the Feed to end (the sidecars never do
+// either; one Feed is the session's only writer).
 func (f *Feed) Start() {
 	f.s.wmu.Lock() // until done: another goroutine may unlock it
 	if !sharedPollerOK {
