@@ -169,3 +169,11 @@ func (r *runner) profileEnv(cfg, procName string) []string {
 	r.rep.Profiles = append(r.rep.Profiles, path)
 	return []string{CPUProfileEnv + "=" + path}
 }
+
+// addIdleProfile records a profile segment that holds one idle CPU
+// window of the sessions scenario alone.
+func (r *runner) addIdleProfile(path string) {
+	r.progMu.Lock()
+	defer r.progMu.Unlock()
+	r.rep.IdleProfiles = append(r.rep.IdleProfiles, path)
+}

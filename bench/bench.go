@@ -107,6 +107,22 @@ const (
 // (set by the bench on the processes it starts with --profile).
 const CPUProfileEnv = "LIFELINE_CPUPROFILE"
 
+// ProfileSegmentSignal makes a process that writes a CPU profile
+// (CPUProfileEnv) close it and go on in the next segment's file
+// (ProfileSegment): the bench cuts the sessions scenario's idle window out
+// of the whole run's profile this way, since an idle window's few
+// milliseconds of CPU would drown in the setup's seconds.
+const ProfileSegmentSignal = syscall.SIGUSR1
+
+// ProfileSegment is the file of segment n (2, 3, ...) of the CPU profile
+// named path; segment 1 is path itself.
+func ProfileSegment(path string, n int) string {
+	if n <= 1 {
+		return path
+	}
+	return fmt.Sprintf("%s.%d.pprof", strings.TrimSuffix(path, ".pprof"), n)
+}
+
 // ErrFailed is returned (with the report) when a check failed: a soak
 // mismatch or a lost session.
 var ErrFailed = errors.New("benchmark checks failed")

@@ -1,6 +1,8 @@
 package bench
 
 import (
+	"bytes"
+	"compress/gzip"
 	"context"
 	"errors"
 	"fmt"
@@ -400,6 +402,44 @@ func TestProfiles(t *testing.T) {
 	}
 	if len(rep.Profiles) < 4 {
 		t.Errorf("profiles: %v", rep.Profiles)
+	}
+}
+
+// The sessions scenario's idle window is profiled alone: each lifeline
+// process's window is a segment of its own, whole, and the process's
+// profile goes on after it; HAProxy gets no signal.
+func TestIdleProfiles(t *testing.T) {
+	o := shortOptions(t, "sessions")
+	o.Configs = []string{LifelineTCP}
+	o.ProfileDir = t.TempDir()
+	rep := run(t, o)
+	want := map[string]bool{}
+	for _, name := range []string{"sessions-lifeline-tcp-client", "sessions-lifeline-tcp-gateway", "sessions-relay-relay1", "sessions-relay-relay2"} {
+		want[filepath.Join(o.ProfileDir, name+".2.pprof")] = true
+	}
+	for _, f := range rep.IdleProfiles {
+		if !want[f] {
+			t.Errorf("idle profile %s not expected", f)
+		}
+		delete(want, f)
+		for _, seg := range []string{f, strings.TrimSuffix(f, ".2.pprof") + ".3.pprof"} {
+			b, err := os.ReadFile(seg)
+			if err == nil {
+				var zr *gzip.Reader
+				if zr, err = gzip.NewReader(bytes.NewReader(b)); err == nil {
+					_, err = io.Copy(io.Discard, zr)
+				}
+			}
+			if err != nil {
+				t.Errorf("%s: not a whole profile: %v", seg, err)
+			}
+		}
+	}
+	for f := range want {
+		t.Errorf("no idle profile %s (have %v)", f, rep.IdleProfiles)
+	}
+	if !strings.Contains(rep.Markdown(), "sessions-lifeline-tcp-client.2.pprof") {
+		t.Error("bench.md does not name the idle window's profile")
 	}
 }
 

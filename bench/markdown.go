@@ -3,6 +3,7 @@ package bench
 import (
 	"fmt"
 	"html"
+	"path/filepath"
 	"slices"
 	"strings"
 )
@@ -134,6 +135,13 @@ func (r *Report) Markdown() string {
 	}
 	if len(r.Profiles) > 0 {
 		fmt.Fprintf(&b, "CPU profiles (pprof, one per lifeline process, written until it exited): %d files in %s.\n\n", len(r.Profiles), r.Settings.ProfileDir)
+		if len(r.IdleProfiles) > 0 {
+			names := make([]string, len(r.IdleProfiles))
+			for i, f := range r.IdleProfiles {
+				names[i] = filepath.Base(f)
+			}
+			fmt.Fprintf(&b, "The idle CPU windows alone, each in a segment of its process's profile (which goes on in the next segment after the window): %s.\n\n", strings.Join(names, ", "))
+		}
 	}
 	for _, f := range r.Failures {
 		fmt.Fprintf(&b, "**FAILED**: %s\n\n", f)

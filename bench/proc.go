@@ -22,6 +22,10 @@ type proc struct {
 	name  string // "client", "gateway", "relay1", ...
 	cmd   *exec.Cmd
 	addrs map[string]string // log message -> "addr" attribute
+	// profile is the CPU profile it writes (CPUProfileEnv), "" if none;
+	// segments counts the files it has begun (profileSegment).
+	profile  string
+	segments int
 
 	mu     sync.Mutex
 	tail   []string // first lines of stderr, for error messages
@@ -101,6 +105,11 @@ func launch(name, bin string, args, env []string) (*proc, error) {
 		return nil, fmt.Errorf("%s: %w", name, err)
 	}
 	p := &proc{name: name, cmd: cmd, addrs: map[string]string{}, done: make(chan struct{})}
+	for _, kv := range env {
+		if v, ok := strings.CutPrefix(kv, CPUProfileEnv+"="); ok {
+			p.profile, p.segments = v, 1
+		}
+	}
 	p.mu.Lock()
 	go func() {
 		defer close(p.done)
@@ -189,6 +198,20 @@ func (p *proc) stop() {
 		<-p.done
 	}
 	p.cmd.Wait()
+}
+
+// profileSegment makes a profiled process begin its profile's next
+// segment (ProfileSegmentSignal) and returns that segment's file, or ""
+// when the process writes no profile (HAProxy, or no --profile).
+func (p *proc) profileSegment() string {
+	if p.profile == "" {
+		return ""
+	}
+	if err := p.cmd.Process.Signal(ProfileSegmentSignal); err != nil {
+		return ""
+	}
+	p.segments++
+	return ProfileSegment(p.profile, p.segments)
 }
 
 // cpuSeconds is the user+system CPU time of the process so far.

@@ -14,23 +14,27 @@ import (
 
 // Report holds every number of a run.
 type Report struct {
-	Machine         Machine            `json:"machine"`
-	Settings        RunSettings        `json:"settings"`
-	Configs         []string           `json:"configs"`
-	Scenarios       []string           `json:"scenarios"`
-	Unavailable     map[string]string  `json:"unavailable,omitempty"`
-	Throughput      []ThroughputResult `json:"throughput,omitempty"`
-	Latency         []LatencyResult    `json:"latency,omitempty"`
-	Sessions        []SessionsResult   `json:"sessions,omitempty"`
-	SessionsNote    string             `json:"sessions_note,omitempty"`
-	IdleNote        string             `json:"idle_note,omitempty"`
-	Resume          []ResumeResult     `json:"resume,omitempty"`
-	Soak            *SoakResult        `json:"soak,omitempty"`
-	Goals           []Goal             `json:"goals,omitempty"`
-	Failures        []string           `json:"failures,omitempty"`
-	Profiles        []string           `json:"profiles,omitempty"` // CPU profiles written (--profile)
-	ScenarioSeconds []NamedValue       `json:"scenario_seconds"`
-	TotalSeconds    float64            `json:"total_seconds"`
+	Machine      Machine            `json:"machine"`
+	Settings     RunSettings        `json:"settings"`
+	Configs      []string           `json:"configs"`
+	Scenarios    []string           `json:"scenarios"`
+	Unavailable  map[string]string  `json:"unavailable,omitempty"`
+	Throughput   []ThroughputResult `json:"throughput,omitempty"`
+	Latency      []LatencyResult    `json:"latency,omitempty"`
+	Sessions     []SessionsResult   `json:"sessions,omitempty"`
+	SessionsNote string             `json:"sessions_note,omitempty"`
+	IdleNote     string             `json:"idle_note,omitempty"`
+	Resume       []ResumeResult     `json:"resume,omitempty"`
+	Soak         *SoakResult        `json:"soak,omitempty"`
+	Goals        []Goal             `json:"goals,omitempty"`
+	Failures     []string           `json:"failures,omitempty"`
+	Profiles     []string           `json:"profiles,omitempty"` // CPU profiles written (--profile)
+	// IdleProfiles are segments of those profiles that hold one idle CPU
+	// window of the sessions scenario alone (the profile's files go on in
+	// a further segment after the window).
+	IdleProfiles    []string     `json:"idle_profiles,omitempty"`
+	ScenarioSeconds []NamedValue `json:"scenario_seconds"`
+	TotalSeconds    float64      `json:"total_seconds"`
 }
 
 // NamedValue is a name and a number.

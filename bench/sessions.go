@@ -275,11 +275,21 @@ func sessionsRun(ctx context.Context, r *runner, cfg, upstream string, n int, fa
 		if err := r.sleepProgress(ctx, time.Until(lastEcho.Add(wait)), "sessions: %s, %d sessions quiet", cfg, n); err != nil {
 			return nil, err
 		}
+		// A profiled process writes the window into a segment of its
+		// own (the bench's report lists it as the idle window's).
+		for _, p := range st.procs {
+			if f := p.profileSegment(); f != "" {
+				r.addIdleProfile(f)
+			}
+		}
 		cpu0, t0 := st.cpu(), time.Now()
 		if err := r.sleepProgress(ctx, window, "sessions: %s, idle CPU of %d sessions", cfg, n); err != nil {
 			return nil, err
 		}
 		cpu1, el := st.cpu(), time.Since(t0)
+		for _, p := range st.procs {
+			p.profileSegment()
+		}
 		after := st.rss()
 		res.IdleWaitS, res.IdleWindowS = t0.Sub(lastEcho).Seconds(), el.Seconds()
 		res.IdleCPUSeconds, res.IdleCPUPercent, res.AfterHoldKB = map[string]float64{}, map[string]float64{}, map[string]int64{}

@@ -2,10 +2,14 @@ package main
 
 import (
 	"bytes"
+	"compress/gzip"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/lifeline-proxy/lifeline/bench"
 )
@@ -44,5 +48,55 @@ func TestCPUProfileNotInHelp(t *testing.T) {
 		if strings.Contains(out.String()+errb.String(), "PROFILE") || strings.Contains(out.String()+errb.String(), "pprof") {
 			t.Errorf("%s --help mentions the profile hook", cmd)
 		}
+	}
+}
+
+// ProfileSegmentSignal cuts the profile: each signal closes the current
+// file and goes on in the next segment's, and every segment is a profile.
+func TestCPUProfileSegments(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "cpu.pprof")
+	t.Setenv(bench.CPUProfileEnv, path)
+	var errb bytes.Buffer
+	code := withCPUProfile(&errb, func() int {
+		for n := 2; n <= 3; n++ {
+			if err := syscall.Kill(os.Getpid(), bench.ProfileSegmentSignal); err != nil {
+				t.Error(err)
+				return 1
+			}
+			deadline := time.Now().Add(10 * time.Second)
+			for {
+				if _, err := os.Stat(bench.ProfileSegment(path, n)); err == nil {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Errorf("segment %d not started", n)
+					return 1
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+		}
+		return 0
+	})
+	if code != 0 {
+		t.Fatalf("exit code %d: %s", code, errb.String())
+	}
+	for n := 1; n <= 3; n++ {
+		f := bench.ProfileSegment(path, n)
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatalf("segment %d: %v", n, err)
+		}
+		// A pprof file is a gzipped protobuf: one that stopped cleanly
+		// decompresses to its end.
+		zr, err := gzip.NewReader(bytes.NewReader(b))
+		if err == nil {
+			_, err = io.Copy(io.Discard, zr)
+		}
+		if err != nil {
+			t.Errorf("segment %d (%s): %d bytes, not a whole profile: %v", n, f, len(b), err)
+		}
+	}
+	if _, err := os.Stat(bench.ProfileSegment(path, 4)); err == nil {
+		t.Error("a fourth segment without a signal")
 	}
 }
