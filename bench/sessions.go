@@ -184,7 +184,7 @@ func sessionsNote(n, asked int, rl syscall.Rlimit, withFault bool) string {
 
 func idleNote(wait, window time.Duration, runs int) string {
 	s := fmt.Sprintf("Idle CPU: after the last echo the sessions stay quiet for %v, then the CPU time of each proxy process (utime+stime, /proc/<pid>/stat) over the next %v is divided by the window: "+
-		"%% of one core. Lifeline's links count as busy (and ping every ping interval) until they have sent no data for %v (resume.AttentionWindow); after it an idle link only sends a keepalive PING every %v. "+
+		"%% of one core. Lifeline's links count as busy (and ping every ping interval) until they have sent no data for %v (resume.AttentionWindow); after it an idle link only gets a keepalive probe every %v (tcp and tls: the kernel's TCP keepalive; quic: none of lifeline's). "+
 		"Baselines have no timers: they wait min(%v, 1s) and are measured over min(%v, %v). Measured in %d run(s) (--idle-runs), the median reported. After the hold every session echoes 8 bytes of its own again (all of them, byte-checked).",
 		wait, window, resume.AttentionWindow, resume.DefaultKeepaliveInterval, wait, window, baselineIdleWindow, runs)
 	if wait < resume.AttentionWindow {

@@ -464,8 +464,18 @@ func TestAdminAndKeepaliveSettings(t *testing.T) {
 	if st.adminAddr != "127.0.0.1:9" || len(st.fc.Gateway.Listen) != 2 {
 		t.Errorf("admin %q, listen %v", st.adminAddr, st.fc.Gateway.Listen)
 	}
-	if c, err := st.fc.Gateway.sessionFile.sessionConfigFor("tcp"); err != nil || c.KeepaliveInterval != 0 {
-		t.Errorf("--keepalive-interval 0s: %v %v", c.KeepaliveInterval, err)
+	if c, err := st.fc.Gateway.sessionFile.sessionConfigFor("tcp"); err != nil || c.KeepaliveInterval != 0 || c.KeepalivePing {
+		t.Errorf("--keepalive-interval 0s: %v, ping %v, %v", c.KeepaliveInterval, c.KeepalivePing, err)
+	}
+	st, err = parseOptions("gateway", append(base, "--keepalive-ping"), io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c, err := st.fc.Gateway.sessionFile.sessionConfigFor("tcp"); err != nil || !c.KeepalivePing || c.KeepaliveInterval != resume.DefaultKeepaliveInterval {
+		t.Errorf("--keepalive-ping: ping %v, interval %v, %v", c.KeepalivePing, c.KeepaliveInterval, err)
+	}
+	if code, _, stderr := runCLI(append(append([]string{"gateway"}, base...), "--keepalive-ping=maybe")...); code != exitUsage || !strings.Contains(stderr, "bad boolean") {
+		t.Errorf("--keepalive-ping=maybe: exit %d %q", code, stderr)
 	}
 
 	fc, err := parseConfig("c.yaml", []byte(`
@@ -478,6 +488,7 @@ gateway:
   routes:
     - {name: a, upstream: 127.0.0.1:1}
     - {name: b, upstream: 127.0.0.1:2, keepalive_interval: 0s}
+    - {name: c, upstream: 127.0.0.1:3, keepalive_ping: true}
 client:
   listeners:
     - {listen: 127.0.0.1:0, gateway: h:1, transport: quic}
@@ -495,6 +506,15 @@ client:
 		if err != nil || c.KeepaliveInterval != want {
 			t.Errorf("route %d keepalive %v %v, want %v", i, c.KeepaliveInterval, err, want)
 		}
+	}
+	for i, want := range []bool{false, false, true} {
+		c, err := g.sessionFile.over(g.Routes[i].sessionFile).sessionConfigFor(g.Transport)
+		if err != nil || c.KeepalivePing != want {
+			t.Errorf("route %d keepalive_ping %v %v, want %v", i, c.KeepalivePing, err, want)
+		}
+	}
+	if _, err := parseConfig("c.yaml", []byte("gateway:\n  keepalive_ping: sometimes\n")); err == nil || !strings.Contains(err.Error(), "bad boolean") {
+		t.Errorf("keepalive_ping: sometimes: %v", err)
 	}
 	for i, want := range []time.Duration{0, resume.DefaultKeepaliveInterval} {
 		l := fc.Client.Listeners[i]

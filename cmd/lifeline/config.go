@@ -49,6 +49,21 @@ func (d *duration) UnmarshalYAML(n *yaml.Node) error {
 	return nil
 }
 
+// toggle is a yes/no setting that a route may set over its gateway's.
+type toggle struct {
+	B   bool
+	Set bool
+}
+
+func (t *toggle) UnmarshalYAML(n *yaml.Node) error {
+	v, err := strconv.ParseBool(n.Value)
+	if err != nil || n.Kind != yaml.ScalarNode {
+		return fmt.Errorf("line %d: bad boolean %q (want true or false)", n.Line, n.Value)
+	}
+	t.B, t.Set = v, true
+	return nil
+}
+
 // size is a byte count written as "2MiB", "512KiB", "8M", "65536".
 type size struct {
 	N   int64
@@ -106,6 +121,7 @@ type sessionFile struct {
 	PingInterval       duration `yaml:"ping_interval"`
 	LivenessTimeout    duration `yaml:"liveness_timeout"`
 	KeepaliveInterval  duration `yaml:"keepalive_interval"`
+	KeepalivePing      toggle   `yaml:"keepalive_ping"`
 	HandshakeTimeout   duration `yaml:"handshake_timeout"`
 }
 
@@ -314,6 +330,9 @@ func (s sessionFile) over(o sessionFile) sessionFile {
 	r.PingInterval = pick(s.PingInterval, o.PingInterval)
 	r.LivenessTimeout = pick(s.LivenessTimeout, o.LivenessTimeout)
 	r.KeepaliveInterval = pick(s.KeepaliveInterval, o.KeepaliveInterval)
+	if o.KeepalivePing.Set {
+		r.KeepalivePing = o.KeepalivePing
+	}
 	r.HandshakeTimeout = pick(s.HandshakeTimeout, o.HandshakeTimeout)
 	r.Buffer = pickSize(s.Buffer, o.Buffer)
 	r.DisconnectedBuffer = pickSize(s.DisconnectedBuffer, o.DisconnectedBuffer)
@@ -356,6 +375,7 @@ func (s sessionFile) sessionConfig() (*resume.Config, error) {
 	if s.KeepaliveInterval.Set {
 		c.KeepaliveInterval = s.KeepaliveInterval.D
 	}
+	c.KeepalivePing = s.KeepalivePing.B
 	if s.HandshakeTimeout.Set {
 		c.HandshakeTimeout = s.HandshakeTimeout.D
 	}

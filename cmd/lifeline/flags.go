@@ -94,7 +94,8 @@ func newFlagSet(cmd string, o *options, stdout io.Writer) *flag.FlagSet {
 	fs.Var(sizeFlag{&o.session.DisconnectedBuffer}, "disconnected-buffer", "larger replay limit while the link is down (`bytes`)")
 	fs.Var(durationFlag{&o.session.PingInterval}, "ping-interval", "send a PING after this long without traffic")
 	fs.Var(durationFlag{&o.session.LivenessTimeout}, "liveness-timeout", "declare a link dead after this long without traffic")
-	fs.Var(durationFlag{&o.session.KeepaliveInterval}, "keepalive-interval", "an idle link's client sends a PING after this long of silence, the gateway after twice it; 0: never (default for --transport quic, which has its own keep-alives)")
+	fs.Var(durationFlag{&o.session.KeepaliveInterval}, "keepalive-interval", "an idle link's client probes it after this long of silence, the gateway after twice it (on tcp and tls links the kernel's TCP keepalive probes, else a PING); 0: never (default for --transport quic, which has its own keep-alives)")
+	fs.Var(toggleFlag{&o.session.KeepalivePing}, "keepalive-ping", "probe idle tcp and tls links with PING frames instead of the kernel's TCP keepalive, for a path through a load balancer that terminates TCP and times idle connections out")
 	fs.Var(durationFlag{&o.session.HandshakeTimeout}, "handshake-timeout", "bound on dialing plus the session handshake of a link")
 	fs.StringVar(&o.tls.Cert, "tls-cert", "", "TLS certificate `file` (PEM); reloaded on SIGHUP")
 	fs.StringVar(&o.tls.Key, "tls-key", "", "TLS private key `file` (PEM); reloaded on SIGHUP")
@@ -184,6 +185,26 @@ func (f durationFlag) Set(s string) error {
 	f.d.D, f.d.Set = v, true
 	return nil
 }
+
+type toggleFlag struct{ t *toggle }
+
+func (f toggleFlag) String() string {
+	if f.t == nil {
+		return "false"
+	}
+	return strconv.FormatBool(f.t.B)
+}
+
+func (f toggleFlag) Set(s string) error {
+	v, err := strconv.ParseBool(s)
+	if err != nil {
+		return fmt.Errorf("bad boolean %q (want true or false)", s)
+	}
+	f.t.B, f.t.Set = v, true
+	return nil
+}
+
+func (f toggleFlag) IsBoolFlag() bool { return true }
 
 type sizeFlag struct{ s *size }
 

@@ -226,7 +226,10 @@ func (l *proxyListener) refused(c *proxyConn, reason string, err error) {
 		"listen", l.Addr(), "err", err, "not_logged_before", quiet)
 }
 
-var _ resume.LinkSocket = (*proxyConn)(nil)
+var (
+	_ resume.LinkSocket = (*proxyConn)(nil)
+	_ resume.Middlebox  = (*proxyConn)(nil)
+)
 
 // proxyConn is a link accepted by a proxyListener. Its header is read
 // once, by the first of RemoteAddr (trusted sources only) and Read.
@@ -411,6 +414,17 @@ func (c *proxyConn) Socket() *net.TCPConn {
 	tc, _ := c.Conn.(*net.TCPConn)
 	return tc
 }
+
+// ViaMiddlebox reports a link from a trusted source, a load balancer
+// (resume.Middlebox): the link's TCP connection ends there, so the gateway
+// probes it while idle with PING frames, which reach the client through
+// the balancer and count against its idle timeout, not with the kernel's
+// keepalive, which stops at the balancer.
+func (c *proxyConn) ViaMiddlebox() bool { return c.trusted }
+
+// NetConn is the TCP connection: from an untrusted source, which sent no
+// header, it runs to the client itself.
+func (c *proxyConn) NetConn() net.Conn { return c.Conn }
 
 // masked names the client the header named, not the balancer, in a
 // socket error: the gateway logs a link's errors, and the balancer's

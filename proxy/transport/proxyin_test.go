@@ -13,6 +13,8 @@ import (
 	"time"
 
 	proxyproto "github.com/pires/go-proxyproto"
+
+	"github.com/lifeline-proxy/lifeline/resume"
 )
 
 // refusals counts ProxyIn.Refused calls by reason.
@@ -157,6 +159,11 @@ func TestProxyInTrustedHeader(t *testing.T) {
 				t.Fatalf("RemoteAddr %s, want the header's source %s", got, tc.src)
 			}
 			readExactly(t, s, payload)
+			// Its TCP connection ends at the balancer: the engine
+			// probes it idle with PINGs, not kernel keepalives.
+			if m, ok := s.(resume.Middlebox); !ok || !m.ViaMiddlebox() {
+				t.Errorf("a link through a balancer is not a resume.Middlebox (%T)", s)
+			}
 			// And back, then more after the buffer drained.
 			if _, err := s.Write([]byte("pong")); err != nil {
 				t.Fatal(err)
@@ -244,6 +251,15 @@ func TestProxyInUntrustedWithoutHeaderWorks(t *testing.T) {
 	c.Write(msg)
 	s := acceptOne(t, ln)
 	readExactly(t, s, msg)
+	// Straight from the client: the socket's keepalive reaches it.
+	if m, ok := s.(resume.Middlebox); ok && m.ViaMiddlebox() {
+		t.Error("a link from an untrusted source counts as through a middlebox")
+	}
+	if nc, ok := s.(interface{ NetConn() net.Conn }); !ok {
+		t.Errorf("%T gives up no socket", s)
+	} else if _, ok := nc.NetConn().(*net.TCPConn); !ok {
+		t.Errorf("NetConn is a %T", nc.NetConn())
+	}
 	if r.total() != 0 {
 		t.Fatalf("refusals %v", r.n)
 	}
