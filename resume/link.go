@@ -1052,11 +1052,9 @@ func peerSocket(c net.Conn) *net.TCPConn {
 		switch x := c.(type) {
 		case *net.TCPConn:
 			return x
-		case *tls.Conn:
-			c = x.NetConn()
 		case *tlsSocket:
 			c = x.Conn
-		case netConner:
+		case netConner: // *tls.Conn, a PROXY conn
 			c = x.NetConn()
 		default:
 			return nil
@@ -1065,8 +1063,8 @@ func peerSocket(c net.Conn) *net.TCPConn {
 	return nil
 }
 
-// netConner is a layer over a connection that gives it up (as
-// *tls.Conn does): a PROXY-protocol conn, for one.
+// netConner is a layer over a connection that gives it up: *tls.Conn, a
+// PROXY-protocol conn.
 type netConner interface{ NetConn() net.Conn }
 
 // closeRaw closes a link without ceremony. A *tls.Conn's Close would first
