@@ -173,7 +173,7 @@ func (r *Report) sessionsMarkdown(b *strings.Builder, configs []string) {
 				fmt.Fprintf(b, "| %s | %d | %s | | |\n", c, s.Sessions, cell(s.Skipped))
 				continue
 			}
-			var held, parked, rss, cpu []string
+			var held, parked, rss, cpu, quiet []string
 			for _, p := range s.Procs {
 				held = append(held, fmt.Sprintf("%s %.1f", p, s.PerSessionKB[p]))
 				if v, ok := s.ParkedPerSessionKB[p]; ok {
@@ -190,6 +190,9 @@ func (r *Report) sessionsMarkdown(b *strings.Builder, configs []string) {
 				if v, ok := s.IdleCPUPercent[p]; ok {
 					cpu = append(cpu, fmt.Sprintf("%s %.2f (%.2f s)", p, v, s.IdleCPUSeconds[p]))
 				}
+				if v, ok := s.QuietCPUPercent[p]; ok {
+					quiet = append(quiet, fmt.Sprintf("%s %.2f", p, v))
+				}
 			}
 			pk := strings.Join(parked, ", ")
 			if pk == "" {
@@ -197,9 +200,9 @@ func (r *Report) sessionsMarkdown(b *strings.Builder, configs []string) {
 			}
 			fmt.Fprintf(b, "| %s | %d | %s | %s | %s |\n", c, s.Sessions, strings.Join(held, ", "), cell(pk), strings.Join(rss, "; "))
 			if len(cpu) > 0 {
-				idle = append(idle, fmt.Sprintf("| %s | %d | %.1f | %.1f | %s | %d of %d |\n", c, s.Sessions, s.IdleWaitS, s.IdleWindowS, strings.Join(cpu, ", "), s.Echoed, s.Sessions))
+				idle = append(idle, fmt.Sprintf("| %s | %d | %.1f | %s | %.1f | %s | %d of %d |\n", c, s.Sessions, s.IdleWaitS, strings.Join(quiet, ", "), s.IdleWindowS, strings.Join(cpu, ", "), s.Echoed, s.Sessions))
 			} else {
-				idle = append(idle, fmt.Sprintf("| %s | %d | | | not measured | %d of %d |\n", c, s.Sessions, s.Echoed, s.Sessions))
+				idle = append(idle, fmt.Sprintf("| %s | %d | | | | not measured | %d of %d |\n", c, s.Sessions, s.Echoed, s.Sessions))
 			}
 		}
 	}
@@ -216,7 +219,7 @@ func (r *Report) sessionsMarkdown(b *strings.Builder, configs []string) {
 	}
 	if len(idle) > 0 {
 		fmt.Fprintf(b, "#### Idle CPU (%% of one core per proxy process, sessions held open and quiet)\n\n%s\n\n", r.IdleNote)
-		b.WriteString("| config | sessions | quiet s | window s | idle CPU % of one core (CPU s in the window) | echoed after the hold |\n|---|---:|---:|---:|---|---:|\n")
+		b.WriteString("| config | sessions | quiet s | CPU % while quiet | window s | idle CPU % of one core (CPU s in the window) | echoed after the hold |\n|---|---:|---:|---|---:|---|---:|\n")
 		for _, l := range idle {
 			b.WriteString(l)
 		}

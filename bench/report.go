@@ -147,7 +147,12 @@ type SessionsResult struct {
 	IdleWindowS    float64            `json:"idle_window_s,omitempty"`
 	IdleCPUSeconds map[string]float64 `json:"idle_cpu_seconds,omitempty"`
 	IdleCPUPercent map[string]float64 `json:"idle_cpu_percent,omitempty"`
-	AfterHoldKB    map[string]int64   `json:"after_hold_rss_kb,omitempty"`
+	// QuietCPUPercent is each process's CPU over the quiet spell before
+	// the window (from the held RSS reading to the window's start), in %
+	// of one core: what sessions cost in the first seconds after their
+	// last exchange (a client link that waits for an answer pings then).
+	QuietCPUPercent map[string]float64 `json:"quiet_cpu_percent,omitempty"`
+	AfterHoldKB     map[string]int64   `json:"after_hold_rss_kb,omitempty"`
 	// Echoed is how many sessions echoed their own 8 bytes after the
 	// hold (the fewest over runs), EchoError the first failure.
 	Echoed    int    `json:"echoed"`
@@ -163,6 +168,8 @@ type IdleRun struct {
 	WindowS    float64            `json:"window_s"`
 	CPUSeconds map[string]float64 `json:"cpu_seconds"`
 	CPUPercent map[string]float64 `json:"cpu_percent"`
+	// QuietCPUPercent: over the quiet spell before the window.
+	QuietCPUPercent map[string]float64 `json:"quiet_cpu_percent,omitempty"`
 }
 
 // ResumeResult is one way of breaking the link, medians over runs.

@@ -126,7 +126,8 @@ func runSessions(ctx context.Context, r *runner) error {
 				res.IdleWaitS, res.IdleWindowS, res.AfterHoldKB = sr.IdleWaitS, sr.IdleWindowS, sr.AfterHoldKB
 			}
 			if sr.IdleCPUPercent != nil {
-				res.IdleRuns = append(res.IdleRuns, IdleRun{CPUSeconds: sr.IdleCPUSeconds, CPUPercent: sr.IdleCPUPercent, WindowS: sr.IdleWindowS})
+				res.IdleRuns = append(res.IdleRuns, IdleRun{CPUSeconds: sr.IdleCPUSeconds, CPUPercent: sr.IdleCPUPercent, WindowS: sr.IdleWindowS,
+					QuietCPUPercent: sr.QuietCPUPercent})
 			}
 			if run == 0 || sr.Echoed < res.Echoed {
 				res.Echoed, res.EchoError = sr.Echoed, sr.EchoError
@@ -150,13 +151,13 @@ func runSessions(ctx context.Context, r *runner) error {
 			res.PerSessionKB[p] = median(v)
 		}
 		if len(res.IdleRuns) > 0 {
-			res.IdleCPUSeconds, res.IdleCPUPercent = map[string]float64{}, map[string]float64{}
+			res.IdleCPUSeconds, res.IdleCPUPercent, res.QuietCPUPercent = map[string]float64{}, map[string]float64{}, map[string]float64{}
 			for _, p := range res.Procs {
-				var secs, pct []float64
+				var secs, pct, quiet []float64
 				for _, x := range res.IdleRuns {
-					secs, pct = append(secs, x.CPUSeconds[p]), append(pct, x.CPUPercent[p])
+					secs, pct, quiet = append(secs, x.CPUSeconds[p]), append(pct, x.CPUPercent[p]), append(quiet, x.QuietCPUPercent[p])
 				}
-				res.IdleCPUSeconds[p], res.IdleCPUPercent[p] = median(secs), median(pct)
+				res.IdleCPUSeconds[p], res.IdleCPUPercent[p], res.QuietCPUPercent[p] = median(secs), median(pct), median(quiet)
 			}
 		}
 		if len(parked) > 0 {
@@ -184,11 +185,11 @@ func sessionsNote(n, asked int, rl syscall.Rlimit, withFault bool) string {
 
 func idleNote(wait, window time.Duration, runs int) string {
 	s := fmt.Sprintf("Idle CPU: after the last echo the sessions stay quiet for %v, then the CPU time of each proxy process (utime+stime, /proc/<pid>/stat) over the next %v is divided by the window: "+
-		"%% of one core. Lifeline's links count as busy (and ping every ping interval) until they have sent no data for %v (resume.AttentionWindow); after it an idle link only gets a keepalive probe every %v (tcp and tls: the kernel's TCP keepalive; quic: none of lifeline's). "+
+		"%% of one core; CPU while quiet is the same over the wait itself, from the held RSS reading on. A lifeline link that sent data is watched for %v after it (resume.AttentionWindow): on tcp and tls links by the kernel's TCP keepalive, a probe after each second of silence, which wakes neither process; on quic by PINGs (the client's end at the answer). After it an idle link only gets a keepalive probe every %v (tcp and tls: the kernel's TCP keepalive; quic: none of lifeline's). "+
 		"Baselines have no timers: they wait min(%v, 1s) and are measured over min(%v, %v). Measured in %d run(s) (--idle-runs), the median reported. After the hold every session echoes 8 bytes of its own again (all of them, byte-checked).",
 		wait, window, resume.AttentionWindow, resume.DefaultKeepaliveInterval, wait, window, baselineIdleWindow, runs)
 	if wait < resume.AttentionWindow {
-		s += fmt.Sprintf(" The wait (%v) is shorter than the attention window: this is the CPU of links still pinging, not of idle ones.", wait)
+		s += fmt.Sprintf(" The wait (%v) is shorter than the attention window: the window may hold the attention window's end, and on quic its PINGs.", wait)
 	}
 	return s
 }
@@ -266,6 +267,7 @@ func sessionsRun(ctx context.Context, r *runner, cfg, upstream string, n int, fa
 	lastEcho := time.Now()
 	time.Sleep(500 * time.Millisecond)
 	held := st.rss()
+	cpuH, tH := st.cpu(), time.Now()
 	for i, p := range st.procs {
 		res.BaselineKB[p.name], res.HeldKB[p.name] = base[i], held[i]
 		res.PerSessionKB[p.name] = float64(held[i]-base[i]) / float64(n)
@@ -293,9 +295,11 @@ func sessionsRun(ctx context.Context, r *runner, cfg, upstream string, n int, fa
 		after := st.rss()
 		res.IdleWaitS, res.IdleWindowS = t0.Sub(lastEcho).Seconds(), el.Seconds()
 		res.IdleCPUSeconds, res.IdleCPUPercent, res.AfterHoldKB = map[string]float64{}, map[string]float64{}, map[string]int64{}
+		res.QuietCPUPercent = map[string]float64{}
 		for i, p := range st.procs {
 			res.IdleCPUSeconds[p.name] = cpu1[i] - cpu0[i]
 			res.IdleCPUPercent[p.name] = cpuPercent(cpu0[i], cpu1[i], el)
+			res.QuietCPUPercent[p.name] = cpuPercent(cpuH[i], cpu0[i], t0.Sub(tH))
 			res.AfterHoldKB[p.name] = after[i]
 		}
 	}

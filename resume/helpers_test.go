@@ -234,3 +234,14 @@ func (f *faultConn) Close() error {
 	f.cOnce.Do(func() { close(f.closed) })
 	return f.Conn.Close()
 }
+
+// pingsSent is when the session's current link last sent a PING (0: never).
+func pingsSent(c *Conn) int64 {
+	s := c.s
+	s.mu.Lock()
+	defer s.unlock()
+	if s.link == nil {
+		return -1
+	}
+	return s.link.pingAt
+}

@@ -45,17 +45,6 @@ func keepaliveOpts(t *testing.T, c *Conn) (on, idle, intvl, cnt int) {
 	return
 }
 
-// pingsSent is when the session's current link last sent a PING (0: never).
-func pingsSent(c *Conn) int64 {
-	s := c.s
-	s.mu.Lock()
-	defer s.unlock()
-	if s.link == nil {
-		return -1
-	}
-	return s.link.pingAt
-}
-
 // An idle TCP link is probed by the kernel on the keepalive schedule
 // (client after KeepaliveInterval, gateway after twice it, every
 // PingInterval, LivenessTimeout's worth of probes) and sends no PING of
@@ -203,20 +192,14 @@ func (n *netns) setLoopback(t *testing.T, up bool) {
 	}
 }
 
-// A path that dies under an idle TCP session, with no peer kernel to
-// answer (every packet dropped), is found by the kernel's probes within
-// KeepaliveInterval + max(LivenessTimeout, minKernelProbes s) on the client; the parked reader
-// learns it from the poller. Once the path is back the client resumes and
-// what the applications wrote meanwhile arrives, byte for byte.
-func TestKernelKeepaliveDeadPath(t *testing.T) {
-	ns := newNetns(t)
-	cfg := testConfig()
-	cfg.PingInterval = time.Second
-	cfg.LivenessTimeout = 2 * time.Second
-	cfg.KeepaliveInterval = time.Second
-	var clog syncBuffer
+// netnsPair is a session over TCP in a network namespace of its own
+// (newNetns), and the client's log.
+func netnsPair(t *testing.T, cfg *Config) (ns *netns, c, s *Conn, clog *syncBuffer) {
+	t.Helper()
+	ns = newNetns(t)
+	clog = new(syncBuffer)
 	ccfg := *cfg
-	ccfg.Logger = slogText(&clog)
+	ccfg.Logger = slogText(clog)
 	srv, err := NewServer(serverConfig(cfg))
 	if err != nil {
 		t.Fatal(err)
@@ -228,7 +211,7 @@ func TestKernelKeepaliveDeadPath(t *testing.T) {
 	}
 	served := make(chan struct{})
 	go func() { srv.Serve(ln); close(served) }()
-	defer func() { srv.Close(); <-served }()
+	t.Cleanup(func() { srv.Close(); <-served })
 	addr := ln.Addr().String()
 	dial := func(ctx context.Context) (net.Conn, error) {
 		var c net.Conn
@@ -240,15 +223,124 @@ func TestKernelKeepaliveDeadPath(t *testing.T) {
 		})
 		return c, err
 	}
-	c, err := Dial(context.Background(), dial, "test", &ccfg)
+	c, err = Dial(context.Background(), dial, "test", &ccfg)
 	if err != nil {
 		t.Fatal(err)
 	}
-	s, err := srv.Accept()
+	s, err = srv.Accept()
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { closeBoth(c, s) })
+	return ns, c, s, clog
+}
+
+// A TCP link that sent DATA is on the kernel's attention schedule (a
+// probe after PingInterval of silence, LivenessTimeout's worth in all)
+// for the attention window, on both sides, and sends no PING for it; at
+// the window's end it is back on the idle schedule.
+func TestKernelAttention(t *testing.T) {
+	defer func(w time.Duration) { attentionWindow = w }(attentionWindow)
+	attentionWindow = 2 * time.Second
+	cfg := testConfig()
+	cfg.PingInterval = time.Second
+	cfg.LivenessTimeout = 3 * time.Second
+	cfg.KeepaliveInterval = time.Minute
+	e := tcpEnv(t, serverConfig(cfg), nil)
+	defer e.stop()
+	c, s := e.pair(cfg)
 	defer closeBoth(c, s)
+	waitFor(t, 5*time.Second, "the first PONG", func() bool { return c.Stats().RTT > 0 })
+	type end struct {
+		name string
+		c    *Conn
+		idle int
+	}
+	ends := []end{{"client", c, 60}, {"gateway", s, 120}}
+	schedule := func(e end) [3]int {
+		_, idle, intvl, cnt := keepaliveOpts(t, e.c)
+		return [3]int{idle, intvl, cnt}
+	}
+	for _, e := range ends {
+		if got, want := schedule(e), [3]int{e.idle, 1, minKernelProbes}; got != want {
+			t.Fatalf("%s before any DATA: keepalive idle, interval, count %v, want %v", e.name, got, want)
+		}
+	}
+	cp0, sp0 := pingsSent(c), pingsSent(s)
+	roundTrip(t, c, s, "request")
+	roundTrip(t, s, c, "answer")
+	for _, e := range ends {
+		// (3 s - 1 s) / 1 s: dead 3 s after the last segment.
+		if got, want := schedule(e), [3]int{1, 1, 2}; got != want {
+			t.Errorf("%s in its attention window: keepalive idle, interval, count %v, want %v", e.name, got, want)
+		}
+	}
+	for _, e := range ends {
+		waitFor(t, attentionWindow+3*time.Second, e.name+" back on the idle schedule", func() bool {
+			return schedule(e) == [3]int{e.idle, 1, minKernelProbes}
+		})
+	}
+	if cp, sp := pingsSent(c), pingsSent(s); cp != cp0 || sp != sp0 {
+		t.Errorf("kernel-watched attention window sent PINGs: client at %d (was %d), gateway at %d (was %d)", cp, cp0, sp, sp0)
+	}
+	if st := c.Stats(); st.LinkFailures != 0 || st.State != StateActive {
+		t.Errorf("client: %+v", st)
+	}
+	roundTrip(t, c, s, "after the window")
+}
+
+// A path that dies (every packet dropped) right after a request was
+// answered is found by the kernel's attention probes on both sides within
+// LivenessTimeout (plus the kernel's timer slack) of the last segment, and
+// the session resumes byte-exact once the path is back.
+func TestKernelAttentionDeadPath(t *testing.T) {
+	cfg := testConfig()
+	cfg.PingInterval = time.Second
+	cfg.LivenessTimeout = 3 * time.Second
+	cfg.KeepaliveInterval = time.Minute
+	cfg.ReconnectTimeout = time.Minute
+	ns, c, s, clog := netnsPair(t, cfg)
+	waitFor(t, 5*time.Second, "the first PONG", func() bool { return c.Stats().RTT > 0 })
+	roundTrip(t, c, s, "request")
+	roundTrip(t, s, c, "answer")
+	time.Sleep(50 * time.Millisecond) // the last ACKs
+	down := time.Now()
+	ns.setLoopback(t, false)
+	bound := cfg.LivenessTimeout + 1500*time.Millisecond
+	waitFor(t, bound, "the client to find the dead path", func() bool { return c.Stats().LinkFailures == 1 })
+	waitFor(t, bound-time.Since(down), "the gateway to find the dead path", func() bool { return s.State() == StateDisconnected })
+	if found := time.Since(down); found < cfg.LivenessTimeout-time.Second {
+		t.Errorf("dead path found after %v, before the probes could have run out", found)
+	}
+	// The kernel failed the socket (ETIMEDOUT); no PING went unanswered.
+	if logs := clog.String(); !strings.Contains(logs, "timed out") || strings.Contains(logs, errLivenessTimer.Error()) {
+		t.Errorf("client log does not say the kernel timed the link out:\n%s", logs)
+	}
+	if _, err := s.Write([]byte("while the path was dead")); err != nil {
+		t.Fatal(err)
+	}
+	ns.setLoopback(t, true)
+	got := make([]byte, len("while the path was dead"))
+	c.SetReadDeadline(time.Now().Add(15 * time.Second))
+	if _, err := io.ReadFull(c, got); err != nil || string(got) != "while the path was dead" {
+		t.Fatalf("client read %q, %v", got, err)
+	}
+	if st := c.Stats(); st.Resumes != 1 || st.State != StateActive {
+		t.Errorf("client after the path came back: %+v", st)
+	}
+}
+
+// A path that dies under an idle TCP session, with no peer kernel to
+// answer (every packet dropped), is found by the kernel's probes within
+// KeepaliveInterval + max(LivenessTimeout, minKernelProbes s) on the client; the parked reader
+// learns it from the poller. Once the path is back the client resumes and
+// what the applications wrote meanwhile arrives, byte for byte.
+func TestKernelKeepaliveDeadPath(t *testing.T) {
+	cfg := testConfig()
+	cfg.PingInterval = time.Second
+	cfg.LivenessTimeout = 2 * time.Second
+	cfg.KeepaliveInterval = time.Second
+	ns, c, s, clog := netnsPair(t, cfg)
 	if _, _, _, cnt := keepaliveOpts(t, c); cnt != minKernelProbes {
 		t.Fatalf("client keepalive count %d, want %d", cnt, minKernelProbes)
 	}

@@ -60,9 +60,13 @@ type link struct {
 
 	doneOnce sync.Once
 	lastRecv atomic.Int64 // UnixNano of the last frame received
-	liveMu   sync.Mutex
-	live     *time.Timer // nil once stopped
-	liveAt   time.Time   // when live fires; zero while idle and unarmed
+	// dataAt is the UnixNano of the last DATA frame received: DATA that
+	// came after our last DATA sent is the answer the attention window
+	// waits for (busy).
+	dataAt atomic.Int64
+	liveMu sync.Mutex
+	live   *time.Timer // nil once stopped
+	liveAt time.Time   // when live fires; zero while idle and unarmed
 
 	// Under s.mu.
 	grace  *time.Timer // a retired link's grace period
@@ -115,6 +119,12 @@ type link struct {
 	// kernelKeepalive: the kernel probes this idle link (SO_KEEPALIVE,
 	// set by newLink), so the link sends no keepalive PING.
 	kernelKeepalive bool
+	// ka is the TCP socket the kernel probes (nil: PINGs do).
+	ka *net.TCPConn
+	// kernelAttention: ka is on the attention schedule (a probe after
+	// PingInterval of silence) since DATA was sent, until AttentionWindow
+	// after the last (under s.mu).
+	kernelAttention bool
 }
 
 // readPark is the state of a reader that may wait in the shared poller.
@@ -170,7 +180,8 @@ func newLink(s *session, conn net.Conn, fr *frame.Reader, rxStart uint64) *link 
 			}
 		}
 	}
-	l.kernelKeepalive = kernelKeepalive(conn, s.cfg, l.keepaliveIdle())
+	l.ka = kernelKeepalive(conn, s.cfg, l.keepaliveIdle())
+	l.kernelKeepalive = l.ka != nil
 	l.lastRecv.Store(time.Now().UnixNano())
 	return l
 }
@@ -191,19 +202,47 @@ const minKernelProbes = 10
 // idle of silence, then one every PingInterval (whole seconds, the
 // kernel's unit), the link dead once LivenessTimeout's worth of them, and
 // at least minKernelProbes, went unanswered, which the parked reader
-// learns from the poller (EPOLLERR, ETIMEDOUT). It reports whether the
-// kernel probes; if not, the link's keepalive is a PING frame.
-func kernelKeepalive(conn net.Conn, cfg *Config, idle time.Duration) bool {
+// learns from the poller (EPOLLERR, ETIMEDOUT). It returns the socket the
+// kernel probes; nil: the link's keepalive is a PING frame.
+func kernelKeepalive(conn net.Conn, cfg *Config, idle time.Duration) *net.TCPConn {
 	if cfg.KeepalivePing || idle < time.Second {
-		return false
+		return nil
 	}
 	tc := peerSocket(conn)
-	if tc == nil {
-		return false
+	if tc == nil || tc.SetKeepAliveConfig(kernelSchedule(cfg, idle, false)) != nil {
+		return nil
 	}
+	return tc
+}
+
+// kernelSchedule is the kernel's probe schedule of a link: while idle, a
+// first probe after idle of silence and minKernelProbes at least; in the
+// attention window (DATA sent within AttentionWindow), the first probe
+// after PingInterval of silence, and the link dead LivenessTimeout after
+// the last segment received, as a busy link's PINGs would find it. Fewer
+// probes suffice there: the keepalive timers of links that sent DATA at
+// different moments do not fire in one batch, and a 1 s timer is kept to
+// a few milliseconds, where a 60 s one is rounded to seconds.
+func kernelSchedule(cfg *Config, idle time.Duration, attention bool) net.KeepAliveConfig {
 	every := max(cfg.PingInterval.Round(time.Second), time.Second)
+	if attention {
+		count := int((cfg.LivenessTimeout - every + every - 1) / every)
+		return net.KeepAliveConfig{Enable: true, Idle: every, Interval: every, Count: max(count, 1)}
+	}
 	count := int((cfg.LivenessTimeout + every - 1) / every)
-	return tc.SetKeepAliveConfig(net.KeepAliveConfig{Enable: true, Idle: idle, Interval: every, Count: max(count, minKernelProbes)}) == nil
+	return net.KeepAliveConfig{Enable: true, Idle: idle, Interval: every, Count: max(count, minKernelProbes)}
+}
+
+// setKernelAttention moves a kernel-probed link onto the attention
+// schedule or back. Caller holds s.mu; the link is kernel-probed.
+func (l *link) setKernelAttention(on bool) {
+	if l.kernelAttention == on {
+		return
+	}
+	l.kernelAttention = on
+	// An error leaves the schedule as it was: the socket is closing, and
+	// its reader learns that on its own.
+	_ = l.ka.SetKeepAliveConfig(kernelSchedule(l.s.cfg, l.keepaliveIdle(), on))
 }
 
 // kick makes sure a writer runs to send what is due: it starts one unless
@@ -381,7 +420,15 @@ func (l *link) startWriter(prev *link) {
 //     application that sent a request waits for the answer, and must learn
 //     fast that the path died under it) must hear from the peer within
 //     LivenessTimeout. After PingInterval of silence it sends a PING, so
-//     that a peer with nothing to say still answers.
+//     that a peer with nothing to say still answers. On the client the
+//     answer (DATA received after its last DATA sent) ends the attention:
+//     requests answered within PingInterval cost no PING.
+//   - On a TCP link the kernel watches the attention window instead
+//     (kernelAttention): its keepalive probes after PingInterval of
+//     silence and fails the socket LivenessTimeout after the last segment
+//     received, so that a session that exchanged data in the last 30 s
+//     costs no wake-up of either process either, only the kernels'
+//     probes.
 //   - An idle link only keeps its path alive: after KeepaliveInterval of
 //     silence the client sends a PING (it keeps NAT bindings, and the
 //     PING makes the link busy, so a path that died is found a
@@ -400,7 +447,21 @@ func (l *link) busy() bool {
 	if l.s.send.next > l.s.send.acked || l.pingAt > l.lastRecv.Load() {
 		return true
 	}
-	return l.sentAt != 0 && time.Since(time.Unix(0, l.sentAt)) < AttentionWindow
+	return l.attentionPings() && time.Since(time.Unix(0, l.sentAt)) < attentionWindow
+}
+
+// attentionPings reports whether the link's attention window (busy)
+// still holds after its last DATA sent: not on a kernel-probed link (the
+// kernel probes it instead, kernelAttention), and on the client not once
+// DATA has come back since (the answer it waited for). Caller holds s.mu.
+func (l *link) attentionPings() bool {
+	switch {
+	case l.sentAt == 0 || l.kernelKeepalive:
+		return false
+	case l.s.cl != nil:
+		return l.sentAt > l.dataAt.Load()
+	}
+	return true
 }
 
 // keepalive is how long an idle link may stay silent before this side
@@ -453,6 +514,15 @@ func (l *link) checkLiveness() {
 		next = cfg.PingInterval
 	case l.keepalive() > 0:
 		next = l.keepalive() - idle
+	}
+	if l.kernelAttention {
+		if left := attentionWindow - time.Since(time.Unix(0, l.sentAt)); left > 0 {
+			if next == 0 || left < next {
+				next = left
+			}
+		} else {
+			l.setKernelAttention(false)
+		}
 	}
 	s.unlock()
 	l.liveMu.Lock()
@@ -527,7 +597,11 @@ func (l *link) readFrames() (parked bool) {
 			s.linkFailed(l, err)
 			return false
 		}
-		l.lastRecv.Store(time.Now().UnixNano())
+		now := time.Now().UnixNano()
+		l.lastRecv.Store(now)
+		if h.Type == frame.TypeData {
+			l.dataAt.Store(now)
+		}
 		if !l.confirmedSeen {
 			l.confirmedSeen = true
 			s.mu.Lock()
@@ -936,6 +1010,14 @@ func (l *link) collect() int {
 		}
 		if s.send.next > from {
 			l.sentAt = time.Now().UnixNano()
+			if l.kernelKeepalive && !l.kernelAttention {
+				l.setKernelAttention(true)
+				if !wasIdle {
+					// armBusy below only runs for a link turning busy:
+					// the window's end must bring the timer too.
+					l.armBusy()
+				}
+			}
 			l.firstByte()
 			// The writev reads these bytes after we unlock: keep them.
 			s.send.pin(from)

@@ -115,7 +115,14 @@ func TestRedialGateCapsAMassReconnect(t *testing.T) {
 	down.Store(true)
 	mu.Lock()
 	for c := range links {
-		c.Close()
+		// Shut down, not closed: the link breaks as a network failure
+		// would break it, and the reader (parked in the shared poller,
+		// with nothing outstanding to ping for) learns it from a hang-up
+		// on its socket. A descriptor closed under a parked reader
+		// would only leave the poller silently.
+		tc := c.(*net.TCPConn)
+		tc.CloseRead()
+		tc.CloseWrite()
 	}
 	clear(links)
 	mu.Unlock()

@@ -173,6 +173,95 @@ func TestLivenessAwaitingAnswerBlackholed(t *testing.T) {
 	})
 }
 
+// On a PING-probed link the answer ends the client's attention window: a
+// client whose requests are answered within PingInterval sends no PING. A
+// request left unanswered makes it ping every PingInterval until the
+// answer. The gateway, which cannot know that nobody waits for its
+// answer, pings through its window and stops at its end.
+func TestAttentionEndsWithTheAnswer(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		cfg := DefaultConfig()
+		e := memEnv(t, serverConfig(cfg), nil)
+		defer e.stop()
+		c, s := e.pair(cfg)
+		synctest.Wait()
+		time.Sleep(cfg.PingInterval) // past the first PING and its PONG
+		synctest.Wait()
+		cp0, sp0 := pingsSent(c), pingsSent(s)
+		buf := make([]byte, 8)
+		for i := range 5 {
+			if _, err := c.Write([]byte("request")); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := io.ReadFull(s, buf[:7]); err != nil || string(buf[:7]) != "request" {
+				t.Fatalf("request %d: %q %v", i, buf[:7], err)
+			}
+			time.Sleep(10 * time.Millisecond) // the upstream thinks
+			if _, err := s.Write([]byte("answer")); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := io.ReadFull(c, buf[:6]); err != nil || string(buf[:6]) != "answer" {
+				t.Fatalf("answer %d: %q %v", i, buf[:6], err)
+			}
+			time.Sleep(3 * time.Second)
+			synctest.Wait()
+		}
+		time.Sleep(AttentionWindow)
+		synctest.Wait()
+		if cp := pingsSent(c); cp != cp0 {
+			t.Fatalf("answered requests cost the client PINGs: last at %d (was %d)", cp, cp0)
+		}
+		sp0 = pingsSent(s)
+		if sp0 == 0 {
+			t.Fatalf("gateway sent no PING in its attention window")
+		}
+		time.Sleep(5 * cfg.PingInterval)
+		synctest.Wait()
+		if sp := pingsSent(s); sp != sp0 {
+			t.Fatalf("gateway pinged past its attention window (%d, was %d)", sp, sp0)
+		}
+
+		// Unanswered: the client pings within PingInterval of silence,
+		// and again after the next; the gateway does not.
+		if _, err := c.Write([]byte("request")); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := io.ReadFull(s, buf[:7]); err != nil {
+			t.Fatal(err)
+		}
+		sent := time.Now()
+		time.Sleep(cfg.PingInterval + 10*time.Millisecond)
+		synctest.Wait()
+		p1 := pingsSent(c)
+		if p1 <= sent.UnixNano() {
+			t.Fatalf("client waiting for an answer sent no PING within %v", cfg.PingInterval+10*time.Millisecond)
+		}
+		time.Sleep(cfg.PingInterval)
+		synctest.Wait()
+		if p2 := pingsSent(c); p2 <= p1 {
+			t.Fatalf("client waiting for an answer: no second PING (last %d)", p2)
+		}
+		if _, err := s.Write([]byte("answer")); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := io.ReadFull(c, buf[:6]); err != nil {
+			t.Fatal(err)
+		}
+		synctest.Wait()
+		p3 := pingsSent(c)
+		time.Sleep(5 * cfg.PingInterval)
+		synctest.Wait()
+		if p4 := pingsSent(c); p4 != p3 {
+			t.Fatalf("client pinged after its answer came (%d, then %d)", p3, p4)
+		}
+		if st := c.Stats(); st.LinkFailures != 0 || st.State != StateActive {
+			t.Fatalf("client: %+v", st)
+		}
+		c.Reset(CodeAppReset, "done")
+		s.Reset(CodeAppReset, "done")
+	})
+}
+
 // An idle link on a path that goes silent costs nothing until the client's
 // keepalive: its PING makes the link busy, and it is declared dead
 // LivenessTimeout later. The gateway, whose client no longer pings, probes
