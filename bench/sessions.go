@@ -185,11 +185,11 @@ func sessionsNote(n, asked int, rl syscall.Rlimit, withFault bool) string {
 
 func idleNote(wait, window time.Duration, runs int) string {
 	s := fmt.Sprintf("Idle CPU: after the last echo the sessions stay quiet for %v, then the CPU time of each proxy process (utime+stime, /proc/<pid>/stat) over the next %v is divided by the window: "+
-		"%% of one core; CPU while quiet is the same over the wait itself, from the held RSS reading on. A lifeline link that sent data is watched for %v after it (resume.AttentionWindow): on tcp and tls links by the kernel's TCP keepalive, a probe after each second of silence, which wakes neither process; on quic by PINGs (the client's end at the answer). After it an idle link only gets a keepalive probe every %v (tcp and tls: the kernel's TCP keepalive; quic: none of lifeline's). "+
+		"%% of one core; CPU while quiet is the same over the wait itself, from the held RSS reading on. A lifeline client link that sent data pings every ping interval until the answer, for %v at most (resume.AttentionWindow), a gateway's over quic through that window; these sessions' echoes are answered at once. After it an idle link only gets a keepalive probe every %v (tcp and tls: the kernel's TCP keepalive; quic: none of lifeline's). "+
 		"Baselines have no timers: they wait min(%v, 1s) and are measured over min(%v, %v). Measured in %d run(s) (--idle-runs), the median reported. After the hold every session echoes 8 bytes of its own again (all of them, byte-checked).",
 		wait, window, resume.AttentionWindow, resume.DefaultKeepaliveInterval, wait, window, baselineIdleWindow, runs)
 	if wait < resume.AttentionWindow {
-		s += fmt.Sprintf(" The wait (%v) is shorter than the attention window: the window may hold the attention window's end, and on quic its PINGs.", wait)
+		s += fmt.Sprintf(" The wait (%v) is shorter than the attention window: on quic the window may hold the gateway's attention PINGs.", wait)
 	}
 	return s
 }

@@ -145,13 +145,10 @@ const (
 // (probed after PingInterval of silence, dead after LivenessTimeout) even
 // once everything is acknowledged: an application that sent a request
 // waits for the answer, and must learn fast that the path died under it.
-// 30 s covers the request timeouts of most protocols. On a TCP link the
-// kernel's keepalive watches it (no PING, no wake-up); elsewhere PINGs
-// do, and on the client the answer ends it.
+// 30 s covers the request timeouts of most protocols. The client's
+// window ends at the answer; the gateway keeps none on a kernel-probed
+// TCP link (attentionPings says why).
 const AttentionWindow = 30 * time.Second
-
-// attentionWindow is AttentionWindow, shorter in tests of its end.
-var attentionWindow = AttentionWindow
 
 // DefaultConfig returns a Config with the defaults above and the default
 // reconnect strategy.
