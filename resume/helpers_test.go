@@ -245,3 +245,12 @@ func pingsSent(c *Conn) int64 {
 	}
 	return s.link.pingAt
 }
+
+// unacked is how many bytes the session has sent that its peer has not
+// acknowledged yet.
+func unacked(c *Conn) uint64 {
+	s := c.s
+	s.mu.Lock()
+	defer s.unlock()
+	return s.send.next - s.send.acked
+}

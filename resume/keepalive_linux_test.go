@@ -267,12 +267,7 @@ func TestKernelLinkAttention(t *testing.T) {
 			t.Errorf("%s after DATA: keepalive idle %d s, interval %d s, count %d; want %d, 1, %d", end.name, idle, intvl, cnt, end.idle, minKernelProbes)
 		}
 	}
-	if _, err := c.Write([]byte("unanswered")); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := io.ReadFull(s, make([]byte, len("unanswered"))); err != nil {
-		t.Fatal(err)
-	}
+	roundTrip(t, c, s, "unanswered")
 	waitFor(t, 3*cfg.PingInterval, "the waiting client's PING", func() bool { return pingsSent(c) > cp0 })
 	if sp := pingsSent(s); sp != sp0 {
 		t.Errorf("gateway pinged on a kernel-probed link (%d, was %d)", sp, sp0)
@@ -294,13 +289,8 @@ func TestKernelLinkAwaitingAnswerDeadPath(t *testing.T) {
 	cfg.ReconnectTimeout = time.Minute
 	ns, c, s, _ := netnsPair(t, cfg)
 	waitFor(t, 5*time.Second, "the first PONG", func() bool { return c.Stats().RTT > 0 })
-	if _, err := c.Write([]byte("request")); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := io.ReadFull(s, make([]byte, len("request"))); err != nil {
-		t.Fatal(err)
-	}
-	time.Sleep(50 * time.Millisecond) // the ACK is back: nothing in flight
+	roundTrip(t, c, s, "request")
+	waitFor(t, time.Second, "the request acknowledged", func() bool { return unacked(c) == 0 })
 	down := time.Now()
 	ns.setLoopback(t, false)
 	bound := cfg.PingInterval + cfg.LivenessTimeout + 500*time.Millisecond

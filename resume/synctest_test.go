@@ -3,6 +3,7 @@ package resume
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -188,21 +189,10 @@ func TestAttentionEndsWithTheAnswer(t *testing.T) {
 		time.Sleep(cfg.PingInterval) // past the first PING and its PONG
 		synctest.Wait()
 		cp0, sp0 := pingsSent(c), pingsSent(s)
-		buf := make([]byte, 8)
 		for i := range 5 {
-			if _, err := c.Write([]byte("request")); err != nil {
-				t.Fatal(err)
-			}
-			if _, err := io.ReadFull(s, buf[:7]); err != nil || string(buf[:7]) != "request" {
-				t.Fatalf("request %d: %q %v", i, buf[:7], err)
-			}
+			roundTrip(t, c, s, fmt.Sprintf("request %d", i))
 			time.Sleep(10 * time.Millisecond) // the upstream thinks
-			if _, err := s.Write([]byte("answer")); err != nil {
-				t.Fatal(err)
-			}
-			if _, err := io.ReadFull(c, buf[:6]); err != nil || string(buf[:6]) != "answer" {
-				t.Fatalf("answer %d: %q %v", i, buf[:6], err)
-			}
+			roundTrip(t, s, c, fmt.Sprintf("answer %d", i))
 			time.Sleep(3 * time.Second)
 			synctest.Wait()
 		}
@@ -223,12 +213,7 @@ func TestAttentionEndsWithTheAnswer(t *testing.T) {
 
 		// Unanswered: the client pings within PingInterval of silence,
 		// and again after the next; the gateway does not.
-		if _, err := c.Write([]byte("request")); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := io.ReadFull(s, buf[:7]); err != nil {
-			t.Fatal(err)
-		}
+		roundTrip(t, c, s, "unanswered")
 		sent := time.Now()
 		time.Sleep(cfg.PingInterval + 10*time.Millisecond)
 		synctest.Wait()
@@ -241,12 +226,7 @@ func TestAttentionEndsWithTheAnswer(t *testing.T) {
 		if p2 := pingsSent(c); p2 <= p1 {
 			t.Fatalf("client waiting for an answer: no second PING (last %d)", p2)
 		}
-		if _, err := s.Write([]byte("answer")); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := io.ReadFull(c, buf[:6]); err != nil {
-			t.Fatal(err)
-		}
+		roundTrip(t, s, c, "answer")
 		synctest.Wait()
 		p3 := pingsSent(c)
 		time.Sleep(5 * cfg.PingInterval)
