@@ -82,3 +82,54 @@ func TestReaderIdleProbe(t *testing.T) {
 		t.Fatalf("%d waits, want 1 (an error is not a wait)", waits)
 	}
 }
+
+// A Reader reads a frame header before it takes a read-ahead buffer, when
+// new and when woken from an idle wait: a wake-up that finds an error (a
+// reset link) takes none, and a header that comes a byte at a time still
+// parses.
+func TestReaderWakeReadsHeaderFirst(t *testing.T) {
+	src := &probeSource{chunks: [][]byte{dataFrame("one")}, end: io.ErrUnexpectedEOF}
+	r := NewReader(src, 64)
+	wake := 0
+	r.SetIdleWait(func() error {
+		wake++
+		if wake == 1 {
+			f := dataFrame("two")
+			for i := range f { // one byte per Read
+				src.chunks = append(src.chunks, f[i:i+1])
+			}
+		}
+		return nil
+	})
+	for _, want := range []string{"one", "two"} {
+		h, err := r.Next()
+		if err != nil || h.Type != TypeData || h.Len != len(want) {
+			t.Fatalf("Next: %v %v, want DATA %q", h, err, want)
+		}
+		got := make([]byte, h.Len)
+		if _, err := r.ReadData(got); err != nil || string(got) != want {
+			t.Fatalf("ReadData: %q %v, want %q", got, err, want)
+		}
+	}
+	if _, err := r.Next(); err != io.ErrUnexpectedEOF {
+		t.Fatalf("Next at the source's end: %v, want %v", err, io.ErrUnexpectedEOF)
+	}
+	if r.br != nil {
+		t.Fatal("a wake-up that found only an error took a read-ahead buffer")
+	}
+	if wake != 2 { // before "two" and before the end: "one" came first
+		t.Fatalf("%d idle waits, want 2", wake)
+	}
+	// A new Reader takes no buffer before a header arrives: a preamble
+	// and a header that never come (a refused reconnect, a half-open
+	// handshake) cost none.
+	for _, read := range []func(*Reader) error{
+		func(r *Reader) error { _, err := r.ReadPreamble(); return err },
+		func(r *Reader) error { _, err := r.Next(); return err },
+	} {
+		r := NewReader(&probeSource{end: io.EOF}, 64)
+		if err := read(r); err == nil || r.br != nil {
+			t.Fatalf("on a closed source: %v, buffer taken %v; want an error and no buffer", err, r.br != nil)
+		}
+	}
+}

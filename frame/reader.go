@@ -17,7 +17,7 @@ const maxControl = max(maxHello, 3+MaxAddr+MaxReason)
 type Reader struct {
 	src     io.Reader
 	size    int
-	br      *bufio.Reader // nil while parked in an idle wait
+	br      *bufio.Reader // nil until the first header and while parked in an idle wait
 	hdr     [HeaderLen]byte
 	pending int // DATA bytes of the current frame not yet read
 	// idle, if set, blocks until src has something to read (see
@@ -30,9 +30,12 @@ type Reader struct {
 	empty func(error) bool
 }
 
-// NewReader returns a Reader with a read-ahead buffer of size bytes.
+// NewReader returns a Reader with a read-ahead buffer of size bytes. It
+// takes the buffer once the first frame header has arrived: a handshake
+// that finds the connection closed (a reconnect refused, repeated with
+// backoff by every session of a sidecar) costs no buffer.
 func NewReader(r io.Reader, size int) *Reader {
-	return &Reader{src: r, size: size, br: bufio.NewReaderSize(r, size)}
+	return &Reader{src: r, size: size}
 }
 
 // readAheads recycles read-ahead buffers between idle readers.
@@ -120,9 +123,15 @@ func (r *Reader) Next() (Header, error) {
 		}
 	}
 	if r.br == nil {
+		// The header first, without a buffer: a wake-up that finds the
+		// link reset (thousands at once when a path fails under idle
+		// sessions), or a handshake that finds the connection closed,
+		// then takes no read-ahead buffer at all.
+		if _, err := io.ReadFull(r.src, r.hdr[:]); err != nil {
+			return Header{}, err
+		}
 		r.wake()
-	}
-	if _, err := io.ReadFull(r.br, r.hdr[:]); err != nil {
+	} else if _, err := io.ReadFull(r.br, r.hdr[:]); err != nil {
 		return Header{}, err
 	}
 	h, err := ParseHeader(r.hdr[:])
@@ -201,7 +210,13 @@ func (r *Reader) DataRemaining() int { return r.pending }
 // ReadPreamble reads Magic and the version byte.
 func (r *Reader) ReadPreamble() (byte, error) {
 	var b [PreambleLen]byte
-	if _, err := io.ReadFull(r.br, b[:]); err != nil {
+	var src io.Reader = r.br
+	if r.br == nil {
+		// Before the first frame: a connection that sends nothing (or
+		// garbage) holds no read-ahead buffer.
+		src = r.src
+	}
+	if _, err := io.ReadFull(src, b[:]); err != nil {
 		return 0, truncated(err)
 	}
 	return ParsePreamble(b[:])

@@ -12,6 +12,12 @@ const chunkSize = 32 << 10
 // ReplayBuffer.Discard's callers).
 var chunkPool = sync.Pool{New: func() any { return new([chunkSize]byte) }}
 
+// compactMax is the most a buffer may hold for Compact to move it out of
+// its chunks: a parked session that holds a few unacknowledged bytes
+// (the answer sent just before the link broke) then keeps those bytes,
+// not a 32 KiB chunk, for as long as it stays parked.
+const compactMax = chunkSize / 4
+
 // ReplayBuffer holds the bytes [Start, End) of one direction of a stream,
 // indexed by their absolute stream offset. The sender keeps written bytes
 // here until the peer acknowledges them; the receiver keeps received bytes
@@ -23,6 +29,12 @@ type ReplayBuffer struct {
 	end    uint64 // offset after the last byte held
 	base   uint64 // offset of chunks[0][0]
 	chunks []*[chunkSize]byte
+	// spill, when not nil, holds the bytes instead of chunks (there are
+	// none): spill[i] is the byte at offset base+i. Compact makes it, the
+	// next Tail moves it back into a chunk. Its bytes are never written
+	// in place, so a writer may go on sending from a slice of it after
+	// that. It is nil whenever the buffer is empty.
+	spill []byte
 	// lent: a Tail is being filled outside the lock; its chunk must stay.
 	lent bool
 	// acct, if set, is charged for the chunks held (a memory budget
@@ -43,8 +55,8 @@ func (b *ReplayBuffer) Len() int { return int(b.end - b.start) }
 // goroutine may still hold a slice of one (a link's reader filling the
 // tail, a WriteTo writing from it). The garbage collector takes them.
 func (b *ReplayBuffer) Drop() {
-	b.acct.charge(-int64(len(b.chunks)) * chunkSize)
-	b.chunks = nil
+	b.acct.charge(-b.held())
+	b.chunks, b.spill = nil, nil
 	b.start = b.end
 	b.base = b.end
 }
@@ -63,6 +75,9 @@ func (b *ReplayBuffer) Write(p []byte) {
 // if the last one is full. The caller may fill it without holding the
 // session's lock, then Commit what it filled.
 func (b *ReplayBuffer) Tail() []byte {
+	if b.spill != nil {
+		b.unspill()
+	}
 	if len(b.chunks) == 0 {
 		b.base = b.end
 	}
@@ -99,6 +114,10 @@ func (b *ReplayBuffer) Commit(n int) {
 // Slices appends to dst slices covering [from, from+n) and returns it. The
 // range must lie within [Start, End]. The slices alias the buffer.
 func (b *ReplayBuffer) Slices(dst [][]byte, from uint64, n int) [][]byte {
+	if b.spill != nil && n > 0 {
+		rel := int(from - b.base)
+		return append(dst, b.spill[rel:rel+n])
+	}
 	for n > 0 {
 		rel := int(from - b.base)
 		c := b.chunks[rel/chunkSize][rel%chunkSize:]
@@ -115,6 +134,11 @@ func (b *ReplayBuffer) Slices(dst [][]byte, from uint64, n int) [][]byte {
 // Read copies bytes from Start into p and discards them.
 func (b *ReplayBuffer) Read(p []byte) int {
 	n := min(len(p), b.Len())
+	if b.spill != nil {
+		copy(p[:n], b.spill[b.start-b.base:])
+		b.Discard(b.start + uint64(n))
+		return n
+	}
 	for done := 0; done < n; {
 		rel := int(b.start - b.base)
 		c := b.chunks[rel/chunkSize][rel%chunkSize:]
@@ -132,6 +156,14 @@ func (b *ReplayBuffer) Discard(upto uint64) {
 		return
 	}
 	b.start = min(upto, b.end)
+	if b.spill != nil {
+		if b.start == b.end {
+			b.acct.charge(-int64(cap(b.spill)))
+			b.spill = nil
+			b.base = b.end
+		}
+		return
+	}
 	if b.start == b.end && !b.lent {
 		// Empty: give back the partly used last chunk too, so that an
 		// idle session holds no buffer at all.
@@ -181,5 +213,45 @@ func (b *ReplayBuffer) PutBack(chunks []*[chunkSize]byte, n int) {
 	b.chunks = chunks
 	b.acct.charge(int64(len(chunks)) * chunkSize)
 	b.start = b.end - uint64(n)
+	b.base = b.start
+}
+
+// held is what the buffer's memory counts for in its Budget.
+func (b *ReplayBuffer) held() int64 {
+	return int64(len(b.chunks))*chunkSize + int64(cap(b.spill))
+}
+
+// Compact moves what the buffer holds, if it is at most compactMax bytes,
+// out of its chunks into an allocation of its own size. A session calls it
+// when its link is lost: it may stay parked for minutes with a few bytes
+// unacknowledged. The chunks are left to the garbage collector, not the
+// pool: the lost link's writer may still be sending from them. Nothing
+// is done while a Tail is lent.
+func (b *ReplayBuffer) Compact() {
+	n := b.Len()
+	if b.lent || b.spill != nil || len(b.chunks) == 0 || n > compactMax {
+		return
+	}
+	was := b.held()
+	if n > 0 {
+		spill := make([]byte, n)
+		at := 0
+		for _, seg := range b.Slices(nil, b.start, n) {
+			at += copy(spill[at:], seg)
+		}
+		b.spill = spill
+	}
+	b.chunks = nil
+	b.base = b.start
+	b.acct.charge(b.held() - was)
+}
+
+// unspill moves the bytes of spill back into a chunk, for a Tail.
+func (b *ReplayBuffer) unspill() {
+	c := chunkPool.Get().(*[chunkSize]byte)
+	copy(c[:], b.spill[b.start-b.base:])
+	b.acct.charge(chunkSize - int64(cap(b.spill)))
+	b.spill = nil
+	b.chunks = append(b.chunks[:0], c)
 	b.base = b.start
 }

@@ -508,6 +508,10 @@ func (s *session) detach(cause error) {
 		return
 	}
 	s.downAt = time.Now()
+	// Parked, a session may wait minutes with a few bytes unacknowledged
+	// or undelivered: keep those, not the chunks they sit in.
+	s.send.Compact()
+	s.recv.Compact()
 	s.send.elevated = true
 	s.wakeWriters() // the larger limit may let a blocked Write go on
 	s.setState(StateDisconnected, "link lost", "err", cause)
