@@ -56,12 +56,21 @@ func linkTLS(c *tls.Config, minVersion uint16, alpn []string) *tls.Config {
 		tc.NextProtos = alpn
 	}
 	if get := tc.GetConfigForClient; get != nil {
+		// The fixed-up clone of the config get returned last: a get
+		// that returns one config for many handshakes (ServerConfig's)
+		// then costs no clone per connection.
+		var last atomic.Pointer[[2]*tls.Config]
 		tc.GetConfigForClient = func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
 			c, err := get(hello)
 			if err != nil || c == nil {
 				return c, err
 			}
-			return linkTLS(c, minVersion, alpn), nil
+			if l := last.Load(); l != nil && l[0] == c {
+				return l[1], nil
+			}
+			fixed := linkTLS(c, minVersion, alpn)
+			last.Store(&[2]*tls.Config{c, fixed})
+			return fixed, nil
 		}
 	}
 	return tc
@@ -176,19 +185,36 @@ func (s *CertStore) ServerConfig() (*tls.Config, error) {
 		return nil, errors.New("tls: the gateway needs a certificate and its key")
 	}
 	base := &tls.Config{MinVersion: minTLSVersion}
+	// One config per certificate and CA, shared by every handshake until
+	// a reload: crypto/tls keeps the config a connection was made with
+	// for the connection's life, and one each was half a KiB per idle
+	// session.
+	var last atomic.Pointer[servedConfig]
 	base.GetConfigForClient = func(*tls.ClientHelloInfo) (*tls.Config, error) {
+		cert, pool := s.cert.Load(), s.pool.Load()
+		if l := last.Load(); l != nil && l.cert == cert && l.pool == pool {
+			return l.c, nil
+		}
 		c := &tls.Config{MinVersion: minTLSVersion}
-		cert := s.cert.Load()
 		c.Certificates = []tls.Certificate{*cert}
-		if pool := s.pool.Load(); pool != nil {
+		if pool != nil {
 			c.ClientCAs = pool
 			c.ClientAuth = tls.RequireAndVerifyClientCert
 		}
+		last.Store(&servedConfig{cert: cert, pool: pool, c: c})
 		return c, nil
 	}
 	// For transports that ignore GetConfigForClient.
 	base.GetCertificate = func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return s.cert.Load(), nil }
 	return base, nil
+}
+
+// servedConfig is the config a gateway hands out for one certificate and
+// CA (ServerConfig).
+type servedConfig struct {
+	cert *tls.Certificate
+	pool *x509.CertPool
+	c    *tls.Config
 }
 
 // ClientConfig is a client sidecar's TLS config: the gateway's certificate

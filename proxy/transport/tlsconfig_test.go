@@ -6,6 +6,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"io"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -213,6 +214,56 @@ func TestTLSConfigErrorsNameNoFlag(t *testing.T) {
 	for _, err := range errs {
 		if err == nil || strings.Contains(err.Error(), "--") {
 			t.Errorf("error %v: want one that names no flag", err)
+		}
+	}
+}
+
+// A gateway hands every handshake the same config, fixed up for its
+// transport, until a reload changes the certificate: crypto/tls keeps a
+// connection's config for its life, and one per connection was half a KiB
+// per idle session.
+func TestServerConfigSharedUntilReload(t *testing.T) {
+	dir := t.TempDir()
+	ca, caKey, caPath := testnet.WriteCA(t, dir, "ca")
+	cp, kp := testnet.WriteLeaf(t, dir, "gateway", ca, caKey, 2)
+	store, err := NewCertStore(TLSFiles{Cert: cp, Key: kp, CA: caPath})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sc, err := store.ServerConfig()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{"tls", "quic"} {
+		tc, err := gatewayTLS(name, sc)
+		if err != nil {
+			t.Fatal(err)
+		}
+		get := func() *tls.Config {
+			c, err := tc.GetConfigForClient(&tls.ClientHelloInfo{})
+			if err != nil || c == nil {
+				t.Fatalf("%s: GetConfigForClient: %v, %v", name, c, err)
+			}
+			return c
+		}
+		a, b := get(), get()
+		if a != b {
+			t.Fatalf("%s: two handshakes got two configs", name)
+		}
+		if want := transportTLS(name, a); a.MinVersion != want.MinVersion || !slices.Equal(a.NextProtos, want.NextProtos) || a.ClientAuth != tls.RequireAndVerifyClientCert {
+			t.Fatalf("%s: shared config MinVersion %x, ALPN %q, ClientAuth %v; want %x, %q, mTLS", name, a.MinVersion, a.NextProtos, a.ClientAuth, want.MinVersion, want.NextProtos)
+		}
+		cp2, kp2 := testnet.WriteLeaf(t, t.TempDir(), "gateway", ca, caKey, 3)
+		store.files.Cert, store.files.Key = cp2, kp2
+		if err := store.Reload(); err != nil {
+			t.Fatal(err)
+		}
+		c := get()
+		if c == a || bytes.Equal(c.Certificates[0].Certificate[0], a.Certificates[0].Certificate[0]) {
+			t.Fatalf("%s: after a reload, the same config (%v) or certificate", name, c == a)
+		}
+		if get() != c {
+			t.Fatalf("%s: after a reload, two handshakes got two configs", name)
 		}
 	}
 }
