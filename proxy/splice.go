@@ -87,222 +87,255 @@ type spliceResult struct {
 // goroutine that exists only while it has bytes to write; the abort is a
 // context.AfterFunc, not a watcher; and finish runs in whichever
 // goroutine ended the last direction. join returns once both directions
-// are started.
+// are started. Its state is one splice value: closures over a dozen
+// variables cost a heap object per variable, held for the session's life.
 //
 // A feed parked in the poller does not see its socket closed or its
 // deadline set, so everything here that does either (fail, handover)
 // unparks it first.
 func join(app *net.TCPConn, sess session, abort context.Context, from spliceFrom, ctl *spliceCtl, finish func(spliceResult)) {
-	var (
-		up, down  atomic.Int64
-		once      sync.Once
-		res       spliceResult
-		abortedMu sync.Mutex
-		// handedOver is set once the session is frozen for a hand-over:
-		// both directions then stop where they are, nothing is closed
-		// or reset, and the new process goes on from there.
-		handedOver       atomic.Bool
-		upEnded, downEnd = from.UpDone, from.DownDone
-		// pending is the number of directions still running; the one
-		// that takes it to zero finishes the splice.
-		pending atomic.Int32
-		src     = &countingReader{r: app, tc: app, n: &up}
-		unpark  = func() {}
-		upDone  func(n int64, err error) // set below
-		feed    *resume.Feed
-	)
-	if !upEnded {
-		pending.Add(1)
+	sp := &splice{app: app, sess: sess, abort: abort, ctl: ctl, finish: finish,
+		upEnded: from.UpDone, downEnd: from.DownDone, abortDone: make(chan struct{})}
+	sp.src = countingReader{r: app, tc: app, n: &sp.up}
+	if !sp.upEnded {
+		sp.pending.Add(1)
 		if f, ok := sess.(feeder); ok {
 			// Made before anything can close app (fail, handover), so
 			// that whatever does can unpark it first.
-			feed = f.NewFeed(src, func(n int64, err error) { upDone(n, err) })
-			unpark = feed.Unpark
+			sp.feed = f.NewFeed(&sp.src, sp.upDone)
 		}
 	}
-	if !downEnd {
-		pending.Add(1)
+	if !sp.downEnd {
+		sp.pending.Add(1)
 	}
-	handover := func() {
-		if handedOver.CompareAndSwap(false, true) {
-			// The direction still waiting on the socket returns now.
-			unpark()
-			app.SetDeadline(time.Unix(1, 0))
-		}
-	}
-	// stopped reports whether err means the hand-over stopped a
-	// direction: the session said so, or our own past deadline did.
-	stopped := func(err error) bool {
-		if isFrozen(err) {
-			handover()
-			return true
-		}
-		return handedOver.Load() && errors.Is(err, os.ErrDeadlineExceeded)
-	}
-	// fail aborts both sides once: the application gets an RST, the peer a
-	// RESET (a no-op if the session already ended with an error).
-	fail := func(code resume.Code, reason string, err error) {
-		once.Do(func() {
-			abortedMu.Lock()
-			res.Cause = causeOf(code)
-			var ec *endCause
-			if errors.As(err, &ec) {
-				res.Cause = ec.cause
-			}
-			res.Err = err
-			abortedMu.Unlock()
-			unpark()
-			resetTCP(app)
-			sess.Reset(code, reason)
-		})
-	}
-
-	abortDone := make(chan struct{})
-	stop := context.AfterFunc(abort, func() {
-		defer close(abortDone)
-		ec := shutdownEnd
-		errors.As(context.Cause(abort), &ec)
-		fail(ec.code, ec.reason, ec)
-	})
-	// end runs once both directions have ended.
-	end := func() {
-		ctl.set(nil)
-		if !stop() {
-			<-abortDone // the abort ran (or runs): let it finish with res
-		}
-		abortedMu.Lock()
-		aborted := res.Cause != ""
-		abortedMu.Unlock()
-		res.Up, res.Down = up.Load(), down.Load()
-		res.UpDone, res.DownDone = upEnded, downEnd
-		if !aborted && handedOver.Load() {
-			res.Cause = causeHandover
-			finish(res)
-			return
-		}
-		if !aborted {
-			// Both directions ended in order: Close waits until the peer
-			// has acknowledged what we sent (bounded by the linger
-			// timeout).
-			err := sess.Close()
-			if isFrozen(err) {
-				// Frozen while it waited: the new process closes it.
-				app.SetDeadline(time.Unix(1, 0))
-				res.Cause = causeHandover
-				finish(res)
-				return
-			}
-			res.Cause = "closed"
-			if err != nil && !errors.Is(err, resume.ErrConnClosed) {
-				res.Err = err
-			}
-			app.Close()
-		}
-		finish(res)
-	}
-	// ended is called by each direction as it ends; inline says the
-	// caller's goroutine may run end (it is none of the session's own,
-	// which end's Close may wait for).
-	ended := func(inline bool) {
-		if pending.Add(-1) != 0 {
-			return
-		}
-		if inline {
-			end()
-		} else {
-			go end()
-		}
-	}
+	sp.stop = context.AfterFunc(abort, sp.aborted)
 	// A hand-over stops this splice through ctl once it has frozen the
 	// session: with one direction ended, nothing else would wake the
 	// other from its socket. Frozen before we got here: stop now.
-	ctl.set(handover)
+	ctl.set(sp.handover)
 	if sess.Frozen() {
-		handover()
+		sp.handover()
 	}
-	if pending.Load() == 0 {
+	if sp.pending.Load() == 0 {
 		// Both directions ended before a hand-over: nothing to start.
-		go end()
+		go sp.end()
 		return
 	}
-
-	// session -> application: the session writes from its receive buffer
-	// straight to the socket (one writev per batch).
-	downResult := func(n int64, err error) {
-		down.Add(n)
-		var se *resume.Error
-		switch {
-		case err == nil: // the peer's FIN, after all its data
-			if err := app.CloseWrite(); err != nil && !isLocalClose(err) {
-				fail(frame.CodeAppReset, "application connection: "+err.Error(), &resume.Error{Code: frame.CodeAppReset, Reason: err.Error()})
-				return
-			}
-			downEnd = true
-		case stopped(err):
-		case errors.Is(err, resume.ErrConnClosed):
-			// We reset it ourselves (fail is a no-op then), or the
-			// session was reset behind the splice's back: the TCP
-			// connection must not wait for its own side to notice.
-			fail(frame.CodeAppReset, "session closed locally", err)
-		case errors.As(err, &se):
-			code, reason := sessionCode(err)
-			fail(code, reason, err)
-		case isLocalClose(err):
-		default: // the application's socket failed
-			fail(frame.CodeAppReset, "application connection: "+err.Error(), &resume.Error{Code: frame.CodeAppReset, Reason: err.Error()})
+	if !sp.downEnd {
+		// session -> application: the session writes from its receive
+		// buffer straight to the socket (one writev per batch).
+		if d, ok := sess.(deliverer); ok {
+			d.DeliverTo(app, sp.delivered)
+		} else {
+			go func() {
+				sp.downResult(sess.WriteTo(app))
+				sp.ended(true)
+			}()
 		}
 	}
 	// application -> session: the reads go straight into the replay
 	// buffer (no intermediate copy).
-	upResult := func(_ int64, err error) {
-		switch {
-		case err == nil: // the application's FIN
-			if err := sess.CloseWrite(); err != nil {
-				if stopped(err) {
-					// The FIN stays unread in the socket for the new
-					// process (a read after FIN returns EOF again).
-					return
-				}
-				code, reason := sessionCode(err)
-				fail(code, reason, err)
+	switch {
+	case sp.upEnded:
+	case sp.feed != nil:
+		sp.feed.Start()
+	default:
+		go func() { sp.upDone(sess.ReadFrom(&sp.src)) }()
+	}
+}
+
+// splice is one join's state.
+type splice struct {
+	app    *net.TCPConn
+	sess   session
+	abort  context.Context
+	ctl    *spliceCtl
+	finish func(spliceResult)
+
+	up, down  atomic.Int64
+	once      sync.Once // fail
+	abortedMu sync.Mutex
+	res       spliceResult
+	// handedOver is set once the session is frozen for a hand-over:
+	// both directions then stop where they are, nothing is closed or
+	// reset, and the new process goes on from there.
+	handedOver atomic.Bool
+	// upEnded and downEnd are written by their direction and read by
+	// end, which runs after both (pending orders them).
+	upEnded, downEnd bool
+	// pending is the number of directions still running; the one that
+	// takes it to zero finishes the splice.
+	pending   atomic.Int32
+	src       countingReader
+	feed      *resume.Feed // nil: the session has no feeds
+	stop      func() bool  // the abort's AfterFunc
+	abortDone chan struct{}
+}
+
+func (sp *splice) unpark() {
+	if sp.feed != nil {
+		sp.feed.Unpark()
+	}
+}
+
+func (sp *splice) handover() {
+	if sp.handedOver.CompareAndSwap(false, true) {
+		// The direction still waiting on the socket returns now.
+		sp.unpark()
+		sp.app.SetDeadline(time.Unix(1, 0))
+	}
+}
+
+// stopped reports whether err means the hand-over stopped a direction:
+// the session said so, or our own past deadline did.
+func (sp *splice) stopped(err error) bool {
+	if isFrozen(err) {
+		sp.handover()
+		return true
+	}
+	return sp.handedOver.Load() && errors.Is(err, os.ErrDeadlineExceeded)
+}
+
+// fail aborts both sides once: the application gets an RST, the peer a
+// RESET (a no-op if the session already ended with an error).
+func (sp *splice) fail(code resume.Code, reason string, err error) {
+	sp.once.Do(func() {
+		sp.abortedMu.Lock()
+		sp.res.Cause = causeOf(code)
+		var ec *endCause
+		if errors.As(err, &ec) {
+			sp.res.Cause = ec.cause
+		}
+		sp.res.Err = err
+		sp.abortedMu.Unlock()
+		sp.unpark()
+		resetTCP(sp.app)
+		sp.sess.Reset(code, reason)
+	})
+}
+
+// aborted runs when abort is cancelled.
+func (sp *splice) aborted() {
+	defer close(sp.abortDone)
+	ec := shutdownEnd
+	errors.As(context.Cause(sp.abort), &ec)
+	sp.fail(ec.code, ec.reason, ec)
+}
+
+// end runs once both directions have ended.
+func (sp *splice) end() {
+	sp.ctl.set(nil)
+	if !sp.stop() {
+		<-sp.abortDone // the abort ran (or runs): let it finish with res
+	}
+	sp.abortedMu.Lock()
+	res := sp.res
+	sp.abortedMu.Unlock()
+	aborted := res.Cause != ""
+	res.Up, res.Down = sp.up.Load(), sp.down.Load()
+	res.UpDone, res.DownDone = sp.upEnded, sp.downEnd
+	if !aborted && sp.handedOver.Load() {
+		res.Cause = causeHandover
+		sp.finish(res)
+		return
+	}
+	if !aborted {
+		// Both directions ended in order: Close waits until the peer has
+		// acknowledged what we sent (bounded by the linger timeout).
+		err := sp.sess.Close()
+		if isFrozen(err) {
+			// Frozen while it waited: the new process closes it.
+			sp.app.SetDeadline(time.Unix(1, 0))
+			res.Cause = causeHandover
+			sp.finish(res)
+			return
+		}
+		res.Cause = "closed"
+		if err != nil && !errors.Is(err, resume.ErrConnClosed) {
+			res.Err = err
+		}
+		sp.app.Close()
+	}
+	sp.finish(res)
+}
+
+// ended is called by each direction as it ends; inline says the caller's
+// goroutine may run end (it is none of the session's own, which end's
+// Close may wait for).
+func (sp *splice) ended(inline bool) {
+	if sp.pending.Add(-1) != 0 {
+		return
+	}
+	if inline {
+		sp.end()
+	} else {
+		go sp.end()
+	}
+}
+
+// delivered is DeliverTo's done: the session -> application direction
+// ended, in one of the session's goroutines.
+func (sp *splice) delivered(n int64, err error) {
+	sp.downResult(n, err)
+	sp.ended(false)
+}
+
+func (sp *splice) downResult(n int64, err error) {
+	sp.down.Add(n)
+	var se *resume.Error
+	switch {
+	case err == nil: // the peer's FIN, after all its data
+		if err := sp.app.CloseWrite(); err != nil && !isLocalClose(err) {
+			sp.fail(frame.CodeAppReset, "application connection: "+err.Error(), &resume.Error{Code: frame.CodeAppReset, Reason: err.Error()})
+			return
+		}
+		sp.downEnd = true
+	case sp.stopped(err):
+	case errors.Is(err, resume.ErrConnClosed):
+		// We reset it ourselves (fail is a no-op then), or the session
+		// was reset behind the splice's back: the TCP connection must
+		// not wait for its own side to notice.
+		sp.fail(frame.CodeAppReset, "session closed locally", err)
+	case errors.As(err, &se):
+		code, reason := sessionCode(err)
+		sp.fail(code, reason, err)
+	case isLocalClose(err):
+	default: // the application's socket failed
+		sp.fail(frame.CodeAppReset, "application connection: "+err.Error(), &resume.Error{Code: frame.CodeAppReset, Reason: err.Error()})
+	}
+}
+
+// upDone is the application -> session direction's end (the feed's done,
+// or ReadFrom's return).
+func (sp *splice) upDone(n int64, err error) {
+	sp.upResult(n, err)
+	sp.ended(true)
+}
+
+func (sp *splice) upResult(_ int64, err error) {
+	src := &sp.src
+	switch {
+	case err == nil: // the application's FIN
+		if err := sp.sess.CloseWrite(); err != nil {
+			if sp.stopped(err) {
+				// The FIN stays unread in the socket for the new process
+				// (a read after FIN returns EOF again).
 				return
 			}
-			upEnded = true
-		case stopped(err) || stopped(src.err):
-		case src.err != nil:
-			if isLocalClose(src.err) {
-				return // the other direction aborted and closed app
-			}
-			fail(frame.CodeAppReset, "application connection: "+src.err.Error(), &resume.Error{Code: frame.CodeAppReset, Reason: src.err.Error()})
-		default:
 			code, reason := sessionCode(err)
-			fail(code, reason, err)
+			sp.fail(code, reason, err)
+			return
 		}
-	}
-	upDone = func(n int64, err error) {
-		upResult(n, err)
-		ended(true)
-	}
-
-	if !downEnd {
-		if d, ok := sess.(deliverer); ok {
-			d.DeliverTo(app, func(n int64, err error) {
-				downResult(n, err)
-				ended(false)
-			})
-		} else {
-			go func() {
-				downResult(sess.WriteTo(app))
-				ended(true)
-			}()
+		sp.upEnded = true
+	case sp.stopped(err) || sp.stopped(src.err):
+	case src.err != nil:
+		if isLocalClose(src.err) {
+			return // the other direction aborted and closed app
 		}
-	}
-	switch {
-	case upEnded:
-	case feed != nil:
-		feed.Start()
+		sp.fail(frame.CodeAppReset, "application connection: "+src.err.Error(), &resume.Error{Code: frame.CodeAppReset, Reason: src.err.Error()})
 	default:
-		go func() { upDone(sess.ReadFrom(src)) }()
+		code, reason := sessionCode(err)
+		sp.fail(code, reason, err)
 	}
 }
 

@@ -30,11 +30,12 @@ type ReplayBuffer struct {
 	base   uint64 // offset of chunks[0][0]
 	chunks []*[chunkSize]byte
 	// spill, when not nil, holds the bytes instead of chunks (there are
-	// none): spill[i] is the byte at offset base+i. Compact makes it, the
-	// next Tail moves it back into a chunk. Its bytes are never written
-	// in place, so a writer may go on sending from a slice of it after
-	// that. It is nil whenever the buffer is empty.
-	spill []byte
+	// none): (*spill)[i] is the byte at offset base+i. Compact makes it,
+	// the next Tail moves it back into a chunk. Its bytes are never
+	// written in place, so a writer may go on sending from a slice of it
+	// after that. It is nil whenever the buffer is empty. A pointer: the
+	// session, which holds two buffers, stays in a smaller size class.
+	spill *[]byte
 	// lent: a Tail is being filled outside the lock; its chunk must stay.
 	lent bool
 	// acct, if set, is charged for the chunks held (a memory budget
@@ -116,7 +117,7 @@ func (b *ReplayBuffer) Commit(n int) {
 func (b *ReplayBuffer) Slices(dst [][]byte, from uint64, n int) [][]byte {
 	if b.spill != nil && n > 0 {
 		rel := int(from - b.base)
-		return append(dst, b.spill[rel:rel+n])
+		return append(dst, (*b.spill)[rel:rel+n])
 	}
 	for n > 0 {
 		rel := int(from - b.base)
@@ -135,7 +136,7 @@ func (b *ReplayBuffer) Slices(dst [][]byte, from uint64, n int) [][]byte {
 func (b *ReplayBuffer) Read(p []byte) int {
 	n := min(len(p), b.Len())
 	if b.spill != nil {
-		copy(p[:n], b.spill[b.start-b.base:])
+		copy(p[:n], (*b.spill)[b.start-b.base:])
 		b.Discard(b.start + uint64(n))
 		return n
 	}
@@ -158,7 +159,7 @@ func (b *ReplayBuffer) Discard(upto uint64) {
 	b.start = min(upto, b.end)
 	if b.spill != nil {
 		if b.start == b.end {
-			b.acct.charge(-int64(cap(b.spill)))
+			b.acct.charge(-int64(cap(*b.spill)))
 			b.spill = nil
 			b.base = b.end
 		}
@@ -218,7 +219,11 @@ func (b *ReplayBuffer) PutBack(chunks []*[chunkSize]byte, n int) {
 
 // held is what the buffer's memory counts for in its Budget.
 func (b *ReplayBuffer) held() int64 {
-	return int64(len(b.chunks))*chunkSize + int64(cap(b.spill))
+	n := int64(len(b.chunks)) * chunkSize
+	if b.spill != nil {
+		n += int64(cap(*b.spill))
+	}
+	return n
 }
 
 // Compact moves what the buffer holds, if it is at most compactMax bytes,
@@ -239,7 +244,7 @@ func (b *ReplayBuffer) Compact() {
 		for _, seg := range b.Slices(nil, b.start, n) {
 			at += copy(spill[at:], seg)
 		}
-		b.spill = spill
+		b.spill = &spill
 	}
 	b.chunks = nil
 	b.base = b.start
@@ -249,8 +254,8 @@ func (b *ReplayBuffer) Compact() {
 // unspill moves the bytes of spill back into a chunk, for a Tail.
 func (b *ReplayBuffer) unspill() {
 	c := chunkPool.Get().(*[chunkSize]byte)
-	copy(c[:], b.spill[b.start-b.base:])
-	b.acct.charge(chunkSize - int64(cap(b.spill)))
+	copy(c[:], (*b.spill)[b.start-b.base:])
+	b.acct.charge(chunkSize - int64(cap(*b.spill)))
 	b.spill = nil
 	b.chunks = append(b.chunks[:0], c)
 	b.base = b.start

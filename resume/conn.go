@@ -99,7 +99,7 @@ func (c *Conn) Write(p []byte) (int, error) {
 			s.unlock()
 			return n, nil
 		}
-		if isClosed(s.wdl.wait()) {
+		if s.wdl.passed() {
 			s.unlock()
 			return n, errDeadline
 		}

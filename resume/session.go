@@ -38,9 +38,6 @@ type session struct {
 	// err is why the session ended; nil while it runs and after an
 	// orderly end.
 	err error
-	// aborted: the session ended abnormally; reads fail at once with err
-	// instead of draining the receive buffer.
-	aborted bool
 
 	// The two directions of the stream; see stream.go.
 	send sendSide
@@ -51,6 +48,14 @@ type session struct {
 	retired []*link
 	last    *link // most recent link, for addresses and to chain goroutine exits
 
+	// finalReset is the RESET the session ended with, if any. (The flags below
+	// are kept together: packed, they keep the session, with its malloc
+	// header, within the 768 B size class.)
+	finalReset *frame.CodeReason
+
+	// aborted: the session ended abnormally; reads fail at once with err
+	// instead of draining the receive buffer.
+	aborted bool
 	// expiredOut: ended by the reconnect timeout; a later resume is
 	// answered NOT_FOUND like any unknown session (no tombstone).
 	expiredOut bool
@@ -58,9 +63,6 @@ type session struct {
 	// finishing: a client that has everything and waits for the gateway
 	// to close the link.
 	finishing bool
-
-	// finalReset is the RESET the session ended with, if any.
-	finalReset *frame.CodeReason
 
 	// localClosed: Close was called; Read/Write fail with ErrConnClosed.
 	localClosed bool
@@ -180,8 +182,6 @@ func newSession(cfg *Config) *session {
 		done:  make(chan struct{}),
 		state: StateConnecting,
 	}
-	s.rdl.init()
-	s.wdl.init()
 	return s
 }
 
