@@ -93,6 +93,19 @@ func (r *Reader) probed() (ready bool, err error) {
 	return false, err
 }
 
+// head is where a fixed-size head (the preamble, a frame header) is read
+// from: the read-ahead buffer, or the source itself while there is none
+// (a new Reader, or one woken from an idle wait). A connection that sends
+// nothing, closes, or is reset (thousands at once when a path fails under
+// idle sessions; a reconnect refused with backoff by every session of a
+// sidecar) then costs no read-ahead buffer.
+func (r *Reader) head() io.Reader {
+	if r.br == nil {
+		return r.src
+	}
+	return r.br
+}
+
 // wake takes a read-ahead buffer for src.
 func (r *Reader) wake() {
 	if br, ok := readAheads.Get().(*bufio.Reader); ok && br.Size() == r.size {
@@ -122,17 +135,11 @@ func (r *Reader) Next() (Header, error) {
 			}
 		}
 	}
-	if r.br == nil {
-		// The header first, without a buffer: a wake-up that finds the
-		// link reset (thousands at once when a path fails under idle
-		// sessions), or a handshake that finds the connection closed,
-		// then takes no read-ahead buffer at all.
-		if _, err := io.ReadFull(r.src, r.hdr[:]); err != nil {
-			return Header{}, err
-		}
-		r.wake()
-	} else if _, err := io.ReadFull(r.br, r.hdr[:]); err != nil {
+	if _, err := io.ReadFull(r.head(), r.hdr[:]); err != nil {
 		return Header{}, err
+	}
+	if r.br == nil {
+		r.wake()
 	}
 	h, err := ParseHeader(r.hdr[:])
 	if err != nil {
@@ -210,13 +217,7 @@ func (r *Reader) DataRemaining() int { return r.pending }
 // ReadPreamble reads Magic and the version byte.
 func (r *Reader) ReadPreamble() (byte, error) {
 	var b [PreambleLen]byte
-	var src io.Reader = r.br
-	if r.br == nil {
-		// Before the first frame: a connection that sends nothing (or
-		// garbage) holds no read-ahead buffer.
-		src = r.src
-	}
-	if _, err := io.ReadFull(src, b[:]); err != nil {
+	if _, err := io.ReadFull(r.head(), b[:]); err != nil {
 		return 0, truncated(err)
 	}
 	return ParsePreamble(b[:])

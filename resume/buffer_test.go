@@ -2,8 +2,6 @@ package resume
 
 import (
 	"bytes"
-	"context"
-	"errors"
 	"io"
 	"math/rand/v2"
 	"net"
@@ -122,27 +120,21 @@ func TestReplayBufferCompactLimits(t *testing.T) {
 // those bytes and no chunk, and replays them byte-exact when it resumes.
 func TestParkedSessionKeepsBytesNotChunks(t *testing.T) {
 	cfg := testConfig()
-	srv, err := NewServer(serverConfig(cfg))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer srv.Close()
 	var refuse atomic.Bool
 	var mu sync.Mutex
 	var links []*faultConn
-	dial := func(ctx context.Context) (net.Conn, error) {
+	e := memEnv(t, serverConfig(cfg), func(c net.Conn) net.Conn {
 		if refuse.Load() {
-			return nil, errors.New("refused by the test")
+			c.Close() // the attempt fails in its handshake
+			return c
 		}
-		a, b := net.Pipe()
-		go srv.ServeLink(b)
-		f := newFaultConn(a, 1<<40, faultBlackhole)
+		f := newFaultConn(c, 1<<40, faultBlackhole)
 		mu.Lock()
 		links = append(links, f)
 		mu.Unlock()
-		return f, nil
-	}
-	e := &env{t: t, srv: srv, dial: dial, stop: func() {}}
+		return f
+	})
+	defer e.stop()
 	c, s := e.pair(cfg)
 	defer closeBoth(c, s)
 	roundTrip(t, c, s, "a first exchange")

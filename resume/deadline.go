@@ -7,7 +7,7 @@ import (
 
 // deadline is a settable point in time with a channel closed when it
 // passes, in the manner of net.Pipe. The channel is made when someone
-// first waits or a deadline is set: most sessions' do neither while idle
+// first waits or a deadline is set: most sessions do neither while idle
 // (their reads and writes park in the poller, not on a deadline), and two
 // channels each were 224 B per idle session.
 type deadline struct {

@@ -59,22 +59,26 @@ func linkTLS(c *tls.Config, minVersion uint16, alpn []string) *tls.Config {
 		// The fixed-up clone of the config get returned last: a get
 		// that returns one config for many handshakes (ServerConfig's)
 		// then costs no clone per connection.
-		var last atomic.Pointer[[2]*tls.Config]
+		var last atomic.Pointer[fixedConfig]
 		tc.GetConfigForClient = func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
 			c, err := get(hello)
 			if err != nil || c == nil {
 				return c, err
 			}
-			if l := last.Load(); l != nil && l[0] == c {
-				return l[1], nil
+			if l := last.Load(); l != nil && l.from == c {
+				return l.fixed, nil
 			}
 			fixed := linkTLS(c, minVersion, alpn)
-			last.Store(&[2]*tls.Config{c, fixed})
+			last.Store(&fixedConfig{from: c, fixed: fixed})
 			return fixed, nil
 		}
 	}
 	return tc
 }
+
+// fixedConfig is a config that a GetConfigForClient returned and linkTLS's
+// fix-up of it.
+type fixedConfig struct{ from, fixed *tls.Config }
 
 // transportTLS is what transport name requires of a TLS config.
 func transportTLS(name string, c *tls.Config) *tls.Config {
