@@ -146,8 +146,8 @@ const (
 // once everything is acknowledged: an application that sent a request
 // waits for the answer, and must learn fast that the path died under it.
 // 30 s covers the request timeouts of most protocols. The client's
-// window ends at the answer; the gateway keeps none on a kernel-probed
-// TCP link (attentionPings says why).
+// window ends one answered PING after the answer; the gateway keeps none
+// on a kernel-probed TCP link (attentionFrom says why).
 const AttentionWindow = 30 * time.Second
 
 // DefaultConfig returns a Config with the defaults above and the default

@@ -235,10 +235,10 @@ func netnsPair(t *testing.T, cfg *Config) (ns *netns, c, s *Conn, clog *syncBuff
 	return ns, c, s, clog
 }
 
-// On a kernel-probed TCP link the attention window costs no PING once the
-// client has its answer, on either side, and leaves the kernel's idle
-// schedule alone; a client still waiting for its answer pings (the
-// gateway does not).
+// On a kernel-probed TCP link the attention window costs one PING once the
+// client has its answer (the client's, PingInterval after it; none from
+// the gateway), and leaves the kernel's idle schedule alone; a client
+// still waiting for its answer pings (the gateway does not).
 func TestKernelLinkAttention(t *testing.T) {
 	cfg := testConfig()
 	cfg.PingInterval = time.Second
@@ -252,11 +252,17 @@ func TestKernelLinkAttention(t *testing.T) {
 	cp0, sp0 := pingsSent(c), pingsSent(s)
 	roundTrip(t, c, s, "request")
 	roundTrip(t, s, c, "answer")
+	answered := time.Now()
+	waitFor(t, 3*cfg.PingInterval, "the client's PING after the answer", func() bool { return pingsSent(c) > cp0 })
+	cp1 := pingsSent(c)
+	if early := answered.Add(cfg.PingInterval - 100*time.Millisecond).UnixNano(); cp1 < early {
+		t.Errorf("the client pinged %v after its answer, before PingInterval", time.Duration(cp1-answered.UnixNano()))
+	}
 	// An absence: only a span of time shows it, here past the
-	// interval after which a busy link would have pinged.
+	// interval after which a busy link would have pinged again.
 	time.Sleep(cfg.PingInterval + 500*time.Millisecond)
-	if cp, sp := pingsSent(c), pingsSent(s); cp != cp0 || sp != sp0 {
-		t.Errorf("answered request cost PINGs: client at %d (was %d), gateway at %d (was %d)", cp, cp0, sp, sp0)
+	if cp, sp := pingsSent(c), pingsSent(s); cp != cp1 || sp != sp0 {
+		t.Errorf("answered request cost more PINGs: client at %d (was %d), gateway at %d (was %d)", cp, cp1, sp, sp0)
 	}
 	for _, end := range []struct {
 		name string
@@ -268,7 +274,7 @@ func TestKernelLinkAttention(t *testing.T) {
 		}
 	}
 	roundTrip(t, c, s, "unanswered")
-	waitFor(t, 3*cfg.PingInterval, "the waiting client's PING", func() bool { return pingsSent(c) > cp0 })
+	waitFor(t, 3*cfg.PingInterval, "the waiting client's PING", func() bool { return pingsSent(c) > cp1 })
 	if sp := pingsSent(s); sp != sp0 {
 		t.Errorf("gateway pinged on a kernel-probed link (%d, was %d)", sp, sp0)
 	}

@@ -393,11 +393,12 @@ func (l *link) startWriter(prev *link) {
 //     fast that the path died under it) must hear from the peer within
 //     LivenessTimeout. After PingInterval of silence it sends a PING, so
 //     that a peer with nothing to say still answers. On the client the
-//     answer (DATA received after its last DATA sent) ends the attention:
-//     requests answered within PingInterval cost no PING.
+//     answer (DATA received after its last DATA sent) and one PING after
+//     its last bytes end the attention: an answered request costs one
+//     PING and its PONG (attentionFrom).
 //   - The gateway's window holds only where it pings anyway (not on a
-//     kernel-probed TCP link, attentionPings): on tcp and tls a session
-//     whose requests are answered at once costs no PING after them.
+//     kernel-probed TCP link, attentionFrom): on tcp and tls a session
+//     whose requests are answered costs the gateway no PING after them.
 //   - An idle link only keeps its path alive: after KeepaliveInterval of
 //     silence the client sends a PING (it keeps NAT bindings, and the
 //     PING makes the link busy, so a path that died is found a
@@ -416,28 +417,42 @@ func (l *link) busy() bool {
 	if l.s.send.next > l.s.send.acked || l.pingAt > l.lastRecv.Load() {
 		return true
 	}
-	return l.attentionPings() && time.Since(time.Unix(0, l.sentAt)) < AttentionWindow
+	from := l.attentionFrom()
+	return from != 0 && time.Since(time.Unix(0, from)) < AttentionWindow
 }
 
-// attentionPings reports whether the link's attention window (busy)
-// still holds after its last DATA sent: on the client until DATA comes
-// back (the answer it waited for); on the gateway through the window,
-// but not on a kernel-probed link. A gateway that learned fast of a dead
-// path would help neither application (only the client can dial a new
-// link, and it finds the path dead itself: its next DATA goes
-// unacknowledged, or it waits for an answer and pings), and its PINGs
-// after every answer were most of what a session that exchanged data in
-// the last 30 s cost. Where it still pings (quic, behind a PROXY
-// balancer, KeepalivePing) the client's own probing may stop at any
-// moment, so it keeps watching. Caller holds s.mu.
-func (l *link) attentionPings() bool {
+// attentionFrom is when the link's attention window (busy) began, or 0
+// while none holds. On the client it holds while it waits for an answer
+// (from its last DATA sent until DATA comes back), and then until a PING
+// sent after the last DATA received is answered: an answer may be cut by
+// a silent path after its first bytes, and the gateway that holds the
+// rest cannot tell the client (only the client dials). The links are
+// in order, so the PONG says every byte sent before it arrived; one PING
+// per answer, PingInterval after its last bytes. On the gateway it holds
+// through the window after its last DATA sent, but not on a kernel-probed
+// link: a gateway that learned fast of a dead path would help neither
+// application (only the client can dial a new link, and it watches as
+// above), and its PINGs after every answer were most of what a session
+// that exchanged data in the last 30 s cost. Where it still pings (quic,
+// behind a PROXY balancer, KeepalivePing) the client's own probing may
+// stop at any moment, so it keeps watching. Caller holds s.mu.
+func (l *link) attentionFrom() int64 {
 	switch {
 	case l.sentAt == 0:
-		return false
+		return 0
 	case l.s.cl != nil:
-		return l.sentAt > l.dataAt.Load()
+		data := l.dataAt.Load()
+		switch {
+		case l.sentAt > data: // waiting for the answer
+			return l.sentAt
+		case l.pingAt < data: // its last bytes not yet confirmed
+			return data
+		}
+		return 0
+	case l.kernelKeepalive:
+		return 0
 	}
-	return !l.kernelKeepalive
+	return l.sentAt
 }
 
 // keepalive is how long an idle link may stay silent before this side

@@ -174,12 +174,14 @@ func TestLivenessAwaitingAnswerBlackholed(t *testing.T) {
 	})
 }
 
-// On a PING-probed link the answer ends the client's attention window: a
-// client whose requests are answered within PingInterval sends no PING. A
-// request left unanswered makes it ping every PingInterval until the
-// answer. The gateway, which cannot know that nobody waits for its
-// answer, pings through its window and stops at its end.
-func TestAttentionEndsWithTheAnswer(t *testing.T) {
+// On a PING-probed link the client's attention window ends one PING after
+// the answer: a client whose requests are answered sends one PING per
+// answer, PingInterval after its last bytes, and none once it is answered
+// (TestAnswerCutMidwayIsFound says why the one). A request left
+// unanswered makes it ping every PingInterval until the answer. The
+// gateway, which cannot know that nobody waits for its answer, pings
+// through its window and stops at its end.
+func TestAttentionEndsOnePingAfterTheAnswer(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		cfg := DefaultConfig()
 		e := memEnv(t, serverConfig(cfg), nil)
@@ -188,18 +190,29 @@ func TestAttentionEndsWithTheAnswer(t *testing.T) {
 		synctest.Wait()
 		time.Sleep(cfg.PingInterval) // past the first PING and its PONG
 		synctest.Wait()
-		cp0, sp0 := pingsSent(c), pingsSent(s)
+		sp0 := pingsSent(s)
+		// onePingAfter checks that the client's last PING came
+		// PingInterval after the answer at, and none since.
+		onePingAfter := func(what string, at time.Time) {
+			t.Helper()
+			if p, want := pingsSent(c), at.Add(cfg.PingInterval).UnixNano(); p < want || p > want+int64(10*time.Millisecond) {
+				t.Fatalf("%s: the client's last PING %v after it, want one after %v", what, time.Duration(p-at.UnixNano()), cfg.PingInterval)
+			}
+		}
 		for i := range 5 {
 			roundTrip(t, c, s, fmt.Sprintf("request %d", i))
 			time.Sleep(10 * time.Millisecond) // the upstream thinks
 			roundTrip(t, s, c, fmt.Sprintf("answer %d", i))
+			answered := time.Now()
 			time.Sleep(3 * time.Second)
 			synctest.Wait()
+			onePingAfter(fmt.Sprintf("answer %d", i), answered)
 		}
+		cp := pingsSent(c)
 		time.Sleep(AttentionWindow)
 		synctest.Wait()
-		if cp := pingsSent(c); cp != cp0 {
-			t.Fatalf("answered requests cost the client PINGs: last at %d (was %d)", cp, cp0)
+		if p := pingsSent(c); p != cp {
+			t.Fatalf("the client pinged again after its answers were confirmed (%d, was %d)", p, cp)
 		}
 		sp1 := pingsSent(s)
 		if sp1 <= sp0 {
@@ -227,13 +240,10 @@ func TestAttentionEndsWithTheAnswer(t *testing.T) {
 			t.Fatalf("client waiting for an answer: no second PING (last %d)", p2)
 		}
 		roundTrip(t, s, c, "answer")
-		synctest.Wait()
-		p3 := pingsSent(c)
+		answered := time.Now()
 		time.Sleep(5 * cfg.PingInterval)
 		synctest.Wait()
-		if p4 := pingsSent(c); p4 != p3 {
-			t.Fatalf("client pinged after its answer came (%d, then %d)", p3, p4)
-		}
+		onePingAfter("the late answer", answered)
 		if st := c.Stats(); st.LinkFailures != 0 || st.State != StateActive {
 			t.Fatalf("client: %+v", st)
 		}
@@ -665,6 +675,70 @@ func TestRedialLogsAreQuiet(t *testing.T) {
 		}
 		if d := h.count(slog.LevelDebug); d < attempts {
 			t.Fatalf("%d debug lines for %d attempts", d, attempts)
+		}
+		c.Reset(CodeAppReset, "done")
+		s.Reset(CodeAppReset, "done")
+	})
+}
+
+// A path that goes silent while an answer is on its way, after its first
+// bytes reached the client: the client's watch does not end at those
+// bytes, so it finds the path dead within PingInterval + LivenessTimeout
+// of them, resumes, and the rest arrives, byte-exact.
+func TestAnswerCutMidwayIsFound(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		cfg := DefaultConfig()
+		var mu sync.Mutex
+		var links []*holeConn
+		e := memEnv(t, serverConfig(cfg), func(c net.Conn) net.Conn {
+			h := newHole(c)
+			mu.Lock()
+			links = append(links, h)
+			mu.Unlock()
+			return h
+		})
+		defer e.stop()
+		c, s := e.pair(cfg)
+		synctest.Wait()
+		time.Sleep(cfg.PingInterval) // past the first PING and its PONG
+		synctest.Wait()
+		roundTrip(t, c, s, "request")
+		roundTrip(t, s, c, "the answer's first part")
+		for unacked(c) != 0 || unacked(s) != 0 { // the delayed ACKs
+			time.Sleep(10 * time.Millisecond)
+			synctest.Wait()
+		}
+		mu.Lock()
+		first := links[0]
+		mu.Unlock()
+		first.silent.Store(true)
+		cut := time.Now()
+		rest := "and the rest of it, sent into the silence"
+		if _, err := s.Write([]byte(rest)); err != nil {
+			t.Fatal(err)
+		}
+		got := make(chan string, 1)
+		go func() {
+			b := make([]byte, len(rest))
+			if _, err := io.ReadFull(c, b); err != nil {
+				got <- err.Error()
+				return
+			}
+			got <- string(b)
+		}()
+		time.Sleep(cfg.PingInterval + cfg.LivenessTimeout + 2*time.Second) // and a redial
+		synctest.Wait()
+		st := c.Stats()
+		if st.LinkFailures != 1 || st.Resumes != 1 {
+			t.Fatalf("%v after the path went silent: client link failures %d, resumes %d; want 1, 1", time.Since(cut), st.LinkFailures, st.Resumes)
+		}
+		select {
+		case g := <-got:
+			if g != rest {
+				t.Fatalf("client read %q after the resume, want %q", g, rest)
+			}
+		default:
+			t.Fatal("the rest of the answer not delivered after the resume")
 		}
 		c.Reset(CodeAppReset, "done")
 		s.Reset(CodeAppReset, "done")
