@@ -688,15 +688,8 @@ func TestRedialLogsAreQuiet(t *testing.T) {
 func TestAnswerCutMidwayIsFound(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		cfg := DefaultConfig()
-		var mu sync.Mutex
-		var links []*holeConn
-		e := memEnv(t, serverConfig(cfg), func(c net.Conn) net.Conn {
-			h := newHole(c)
-			mu.Lock()
-			links = append(links, h)
-			mu.Unlock()
-			return h
-		})
+		wrap, hole := holes()
+		e := memEnv(t, serverConfig(cfg), wrap)
 		defer e.stop()
 		c, s := e.pair(cfg)
 		synctest.Wait()
@@ -708,10 +701,7 @@ func TestAnswerCutMidwayIsFound(t *testing.T) {
 			time.Sleep(10 * time.Millisecond)
 			synctest.Wait()
 		}
-		mu.Lock()
-		first := links[0]
-		mu.Unlock()
-		first.silent.Store(true)
+		hole(0).silent.Store(true)
 		cut := time.Now()
 		rest := "and the rest of it, sent into the silence"
 		if _, err := s.Write([]byte(rest)); err != nil {
