@@ -107,17 +107,25 @@ func holes() (wrap func(net.Conn) net.Conn, nth func(int) *holeConn) {
 	return wrap, nth
 }
 
+// holedPair is a session over memEnv links that hole(i) can silence (the
+// i-th link dialled), settled in the bubble. The caller stops e.
+func holedPair(t *testing.T, cfg *Config) (e *env, c, s *Conn, hole func(int) *holeConn) {
+	t.Helper()
+	wrap, hole := holes()
+	e = memEnv(t, serverConfig(cfg), wrap)
+	c, s = e.pair(cfg)
+	synctest.Wait()
+	return e, c, s, hole
+}
+
 // A busy link (data sent, not acknowledged) on a path that goes silent is
 // declared dead LivenessTimeout after the last frame from the peer, on
 // both sides, and the client resumes on a new link.
 func TestLivenessBusyLinkBlackholed(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		cfg := DefaultConfig()
-		wrap, hole := holes()
-		e := memEnv(t, serverConfig(cfg), wrap)
+		e, c, s, hole := holedPair(t, cfg)
 		defer e.stop()
-		c, s := e.pair(cfg)
-		synctest.Wait()
 
 		hole(0).silent.Store(true)
 		c.Write([]byte("lost in the hole"))
@@ -151,10 +159,8 @@ func TestLivenessBusyLinkBlackholed(t *testing.T) {
 func TestLivenessAwaitingAnswerBlackholed(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		cfg := DefaultConfig()
-		wrap, hole := holes()
-		e := memEnv(t, serverConfig(cfg), wrap)
+		e, c, s, hole := holedPair(t, cfg)
 		defer e.stop()
-		c, s := e.pair(cfg)
 		c.Write([]byte("request"))
 		if _, err := io.ReadFull(s, make([]byte, 7)); err != nil {
 			t.Fatal(err)
@@ -688,16 +694,16 @@ func TestRedialLogsAreQuiet(t *testing.T) {
 func TestAnswerCutMidwayIsFound(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		cfg := DefaultConfig()
-		wrap, hole := holes()
-		e := memEnv(t, serverConfig(cfg), wrap)
+		e, c, s, hole := holedPair(t, cfg)
 		defer e.stop()
-		c, s := e.pair(cfg)
-		synctest.Wait()
 		time.Sleep(cfg.PingInterval) // past the first PING and its PONG
 		synctest.Wait()
 		roundTrip(t, c, s, "request")
 		roundTrip(t, s, c, "the answer's first part")
-		for unacked(c) != 0 || unacked(s) != 0 { // the delayed ACKs
+		for i := 0; unacked(c) != 0 || unacked(s) != 0; i++ { // the delayed ACKs
+			if i == 100 {
+				t.Fatalf("not acknowledged after 1 s: client %d, gateway %d bytes", unacked(c), unacked(s))
+			}
 			time.Sleep(10 * time.Millisecond)
 			synctest.Wait()
 		}
