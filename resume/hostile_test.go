@@ -29,6 +29,7 @@ import (
 	"time"
 
 	"github.com/lifeline-proxy/lifeline/frame"
+	"golang.org/x/sys/unix"
 )
 
 // ---------------------------------------------------------------------
@@ -1152,6 +1153,86 @@ func TestSilentSocketsDoNotDelayHello(t *testing.T) {
 	for _, s := range silent {
 		s.close()
 	}
+}
+
+// A link that stops inside its first frame, because the client went
+// silent until the handshake timeout or because the gateway closed under
+// it (a shutdown, the end of a hand-over, with RESUMEs in flight), is
+// closed without a REJECT: VALIDATION would tell a client that merely
+// met a slow path or a restart to end its session, and a client whose
+// RESUME met the old process's close would lose it (TestHandOverKeepsEveryByte
+// did, in about one run in ten).
+func TestHandshakeCutIsNotValidation(t *testing.T) {
+	// pendingUnread waits until the gateway's only link in its handshake
+	// has n bytes left unread in its socket (0: it read what came, and
+	// waits inside the frame header).
+	pendingUnread := func(t *testing.T, srv *Server, n int) {
+		t.Helper()
+		waitFor(t, 5*time.Second, fmt.Sprintf("gateway has read all but %d bytes", n), func() bool {
+			srv.pending.mu.Lock()
+			defer srv.pending.mu.Unlock()
+			if srv.pending.all.Len() != 1 {
+				return false
+			}
+			rc, err := srv.pending.all.Front().Value.(*pendingLink).conn.(*net.TCPConn).SyscallConn()
+			if err != nil {
+				return false
+			}
+			unread := -1
+			rc.Control(func(fd uintptr) { unread, _ = unix.IoctlGetInt(int(fd), unix.SIOCINQ) })
+			return unread == n
+		})
+	}
+	// cutResume sends the preamble and the first two bytes of a RESUME
+	// frame's header: a handshake cut inside its first frame.
+	cutResume := func(l *hlink) {
+		b := frame.AppendResume(frame.AppendPreamble(nil), &frame.Resume{Counter: 1})
+		if err := l.send(b[:frame.PreambleLen+2]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// closedWithoutReject reads the link to its end: no frame may come.
+	closedWithoutReject := func(t *testing.T, l *hlink, d time.Duration) {
+		t.Helper()
+		f, err := l.next(d)
+		if err == nil {
+			t.Fatalf("gateway sent %v %v %q; want the link closed without a frame", f.typ, f.codeReason().Code, f.codeReason().Reason)
+		}
+		var ne net.Error
+		if errors.As(err, &ne) && ne.Timeout() {
+			t.Fatalf("link still open after %v", d)
+		}
+	}
+
+	t.Run("silent until the timeout", func(t *testing.T) {
+		cfg := testConfig()
+		cfg.HandshakeTimeout = 300 * time.Millisecond
+		sc := serverConfig(cfg)
+		refs := countRefusals(sc)
+		g := startHGW(t, sc)
+		l := hdial(t, g.addr, hopts{})
+		cutResume(l)
+		pendingUnread(t, g.srv, 0)
+		closedWithoutReject(t, l, 5*time.Second)
+		waitFor(t, time.Second, "the refusal counted", func() bool { return refs.total() == 1 })
+		if n := refs.code(frame.CodeNone); n != 1 {
+			t.Fatalf("refusals %v: want one with code NONE (no REJECT)", refs)
+		}
+	})
+	t.Run("gateway closed under it", func(t *testing.T) {
+		cfg := testConfig()
+		sc := serverConfig(cfg)
+		refs := countRefusals(sc)
+		g := startHGW(t, sc)
+		l := hdial(t, g.addr, hopts{})
+		cutResume(l)
+		pendingUnread(t, g.srv, 0) // the preamble read, the header begun
+		g.srv.Close()
+		closedWithoutReject(t, l, 5*time.Second)
+		if n := refs.total(); n != 0 {
+			t.Fatalf("refusals %v: a shutdown refuses nobody", refs)
+		}
+	})
 }
 
 // Unconfirmed sessions are capped per source address and in total; a

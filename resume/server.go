@@ -88,7 +88,7 @@ const (
 	RefuseHandshakeBusy    = "handshake_busy"     // no handshake slot within the handshake timeout
 	RefuseBadPreamble      = "bad_preamble"       // not a lifeline link, or silent until the handshake timeout
 	RefuseBadVersion       = "bad_version"        // a protocol version this gateway does not speak
-	RefuseBadHandshake     = "bad_handshake"      // a malformed or unexpected handshake frame
+	RefuseBadHandshake     = "bad_handshake"      // a malformed or unexpected handshake frame (REJECT VALIDATION), or a link that failed or went silent inside it (closed: the client may resume)
 	RefuseDraining         = "draining"           // new sessions refused while draining
 	RefuseMaxSessions      = "max_sessions"       // MaxSessions reached
 	RefuseMemoryBudget     = "memory_budget"      // MemoryBudget reached
@@ -425,9 +425,24 @@ func (srv *Server) handshakeLink(c net.Conn, fwd *forwarded) {
 	}
 	h, p, err := readHandshake(fr)
 	srv.pending.done(pl)
-	if err != nil {
+	switch {
+	case err == nil:
+	case errors.Is(err, frame.ErrMalformed) || errors.Is(err, ErrValidation):
 		srv.refused(RefuseBadHandshake, frame.CodeValidation, remote, "link refused", "err", err)
 		srv.refuse(c, frame.CodeValidation, err.Error())
+		return
+	case srv.closedCtx.Err() != nil:
+		// Closed under the handshake (shutdown, the end of a hand-over):
+		// the client tries again, and reaches whoever serves now. A
+		// REJECT here would end its session.
+		c.Close()
+		return
+	default:
+		// The link failed or went silent inside its first frame: not a
+		// verdict on the session, which the client may resume on its
+		// next link (VALIDATION would end it).
+		srv.refused(RefuseBadHandshake, frame.CodeNone, remote, "link closed inside its handshake", "err", err)
+		c.Close()
 		return
 	}
 	if h.Type != frame.TypeHello && h.Type != frame.TypeResume {
