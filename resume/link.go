@@ -110,8 +110,12 @@ type link struct {
 	pinAt  uint64
 
 	// Reader-owned.
-	confirmedSeen bool   // this link's reader has received a frame
-	discard       []byte // bytes skipped as duplicates
+	confirmedSeen bool // this link's reader has received a frame
+	// unconfirmed (client): DATA came that no answered PING has
+	// confirmed yet, and the timer was pulled in for it. It keeps the
+	// read loop from taking the lock for every DATA frame of a bulk.
+	unconfirmed bool
+	discard     []byte // bytes skipped as duplicates
 
 	// rp is where an idle reader waits (idleWait).
 	rp readPark
@@ -583,6 +587,19 @@ func (l *link) readFrames() (parked bool) {
 		l.lastRecv.Store(now)
 		if h.Type == frame.TypeData {
 			l.dataAt.Store(now)
+			if s.cl != nil && !l.unconfirmed {
+				// DATA after the window closed (a push, or the next
+				// piece of a slow answer) opens it again (busy): the
+				// timer must say so, or the PING that confirms these
+				// bytes waits for the keepalive, which on a kernel-probed
+				// link never comes.
+				l.unconfirmed = true
+				s.mu.Lock()
+				if l.busy() {
+					l.armBusy()
+				}
+				s.unlock()
+			}
 		}
 		if !l.confirmedSeen {
 			l.confirmedSeen = true
@@ -747,6 +764,9 @@ func (l *link) readControl(h frame.Header) error {
 		v, _ := frame.ParseU64(p)
 		if rtt := time.Since(time.Unix(0, int64(v))); rtt >= 0 && rtt < time.Hour {
 			s.stats.RTT = rtt
+		}
+		if int64(v) >= l.dataAt.Load() {
+			l.unconfirmed = false // every DATA before it arrived
 		}
 	case frame.TypeCloseWrite:
 		off, _ := frame.ParseU64(p)

@@ -12,6 +12,8 @@ import (
 	"testing"
 	"testing/synctest"
 	"time"
+
+	"github.com/lifeline-proxy/lifeline/frame"
 )
 
 // holeConn can go silent like a blackholed path: writes vanish, reads
@@ -739,4 +741,159 @@ func TestAnswerCutMidwayIsFound(t *testing.T) {
 		c.Reset(CodeAppReset, "done")
 		s.Reset(CodeAppReset, "done")
 	})
+}
+
+// frameCounter counts the frames of one direction of a link by type,
+// parsing the byte stream as it passes (preamble first if preamble).
+type frameCounter struct {
+	mu       sync.Mutex
+	skip     int // preamble or payload bytes still to pass
+	hdr      []byte
+	counts   map[frame.Type]int
+	badFrame error
+}
+
+func newFrameCounter(preamble bool) *frameCounter {
+	fc := &frameCounter{counts: map[frame.Type]int{}}
+	if preamble {
+		fc.skip = frame.PreambleLen
+	}
+	return fc
+}
+
+func (fc *frameCounter) feed(p []byte) {
+	fc.mu.Lock()
+	defer fc.mu.Unlock()
+	for len(p) > 0 {
+		if fc.skip > 0 {
+			k := min(fc.skip, len(p))
+			fc.skip -= k
+			p = p[k:]
+			continue
+		}
+		k := min(frame.HeaderLen-len(fc.hdr), len(p))
+		fc.hdr = append(fc.hdr, p[:k]...)
+		p = p[k:]
+		if len(fc.hdr) < frame.HeaderLen {
+			return
+		}
+		h, err := frame.ParseHeader(fc.hdr)
+		if err != nil && fc.badFrame == nil {
+			fc.badFrame = err
+		}
+		fc.counts[h.Type]++
+		fc.skip, fc.hdr = h.Len, fc.hdr[:0]
+	}
+}
+
+func (fc *frameCounter) count(ty frame.Type) int {
+	fc.mu.Lock()
+	defer fc.mu.Unlock()
+	return fc.counts[ty]
+}
+
+// frameCountConn counts the frames the client end of a link writes and
+// reads.
+type frameCountConn struct {
+	net.Conn
+	out, in *frameCounter
+}
+
+func (c *frameCountConn) Write(p []byte) (int, error) {
+	n, err := c.Conn.Write(p)
+	c.out.feed(p[:n])
+	return n, err
+}
+
+func (c *frameCountConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	c.in.feed(p[:n])
+	return n, err
+}
+
+// A hostile gateway that never pings and answers a request by dripping
+// one byte at a time, each just over the client's PingInterval after the
+// last, holds the client in its attention window for as long as it drips: every byte is an answer that the
+// client confirms with one PING, PingInterval later. That is the most a
+// gateway can make the client ping: once per byte and at most once per
+// PingInterval, never faster (a faster drip keeps the link from ever
+// going silent for PingInterval, and the client does not ping at all).
+// The link never fails, and the bytes arrive in order.
+func TestDripFeedingGatewayBoundsClientPings(t *testing.T) {
+	for _, drip := range []time.Duration{300 * time.Millisecond, 1050 * time.Millisecond, 2500 * time.Millisecond} {
+		t.Run(drip.String(), func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				cfg := DefaultConfig()
+				// The gateway's own probes would hide the client's: it
+				// never pings (its idle probe is the client's business).
+				gcfg := DefaultConfig()
+				gcfg.PingInterval, gcfg.LivenessTimeout, gcfg.KeepaliveInterval = time.Hour, 2*time.Hour, 0
+				var cc *frameCountConn
+				e := memEnv(t, serverConfig(gcfg), func(c net.Conn) net.Conn {
+					cc = &frameCountConn{Conn: c, out: newFrameCounter(true), in: newFrameCounter(false)}
+					return cc
+				})
+				defer e.stop()
+				c, s := e.pair(cfg)
+				time.Sleep(time.Second) // the client's first PING and its PONG
+				synctest.Wait()
+				// A request opens the client's attention window; every
+				// byte of the answer then asks for a confirmation.
+				roundTrip(t, c, s, "request")
+				got := make(chan []byte, 1)
+				const drips = 20
+				go func() {
+					b := make([]byte, drips)
+					n, _ := io.ReadFull(c, b)
+					got <- b[:n]
+				}()
+				p0 := cc.out.count(frame.TypePing)
+				start := time.Now()
+				var last time.Time
+				for i := range drips {
+					if _, err := s.Write([]byte{byte('a' + i)}); err != nil {
+						t.Fatal(err)
+					}
+					last = time.Now()
+					time.Sleep(drip)
+				}
+				// Past the PING that confirms the last byte.
+				time.Sleep(cfg.PingInterval + 10*time.Millisecond)
+				synctest.Wait()
+				elapsed := time.Since(start)
+				pings := cc.out.count(frame.TypePing) - p0
+				if b := <-got; string(b) != "abcdefghijklmnopqrst" {
+					t.Fatalf("client read %q", b)
+				}
+				if gp := cc.in.count(frame.TypePing); gp != 0 {
+					t.Fatalf("the gateway sent %d PINGs: the test does not show the client's own", gp)
+				}
+				perInterval := int(elapsed / cfg.PingInterval)
+				t.Logf("drip every %v: %d bytes, %d client PINGs in %v", drip, drips, pings, elapsed)
+				if pings > min(drips, perInterval)+1 {
+					t.Fatalf("client sent %d PINGs for %d bytes in %v: more than one per byte and per PingInterval (%v)", pings, drips, elapsed, cfg.PingInterval)
+				}
+				// Each byte of a slow answer is confirmed, however late.
+				if drip > cfg.PingInterval && pings < drips-1 {
+					t.Fatalf("client sent %d PINGs for %d bytes %v apart: it stopped confirming answers", pings, drips, drip)
+				}
+				// And the window does end at the last one: no PING until
+				// the keepalive, KeepaliveInterval after that PING's PONG.
+				p1 := cc.out.count(frame.TypePing)
+				time.Sleep(time.Until(last.Add(cfg.PingInterval + cfg.KeepaliveInterval - 100*time.Millisecond)))
+				synctest.Wait()
+				if p := cc.out.count(frame.TypePing); p != p1 {
+					t.Fatalf("client pinged %d times after its last answer was confirmed", p-p1)
+				}
+				if cc.out.badFrame != nil || cc.in.badFrame != nil {
+					t.Fatalf("unparsable frames: %v, %v", cc.out.badFrame, cc.in.badFrame)
+				}
+				if f := c.Stats().LinkFailures; f != 0 {
+					t.Fatalf("client link failed %d times", f)
+				}
+				c.Reset(CodeAppReset, "done")
+				s.Close()
+			})
+		})
+	}
 }
