@@ -178,7 +178,7 @@ func (p *poller) run(ep *epollInst) {
 		n := 0
 		err := rc.Read(func(fd uintptr) bool {
 			for {
-				k, err := unix.EpollWait(int(fd), evs[:], 0)
+				k, err := epollNow(int(fd), evs[:])
 				if err == unix.EINTR {
 					continue
 				}
@@ -204,10 +204,6 @@ func (p *poller) run(ep *epollInst) {
 // readableNow reports whether the socket has data, EOF or an error now.
 func readableNow(rc syscall.RawConn) bool {
 	ready := false
-	rc.Control(func(fd uintptr) {
-		p := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
-		n, err := unix.Poll(p, 0)
-		ready = err != nil || n > 0
-	})
+	rc.Control(func(fd uintptr) { ready = pollNow(fd) })
 	return ready
 }

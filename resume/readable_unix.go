@@ -16,11 +16,7 @@ import (
 // something to put in it. It polls rather than peeks: a recv would consume
 // a pending ECONNRESET, and the next read would see a plain EOF.
 func waitReadable(rc syscall.RawConn) error {
-	return rc.Read(func(fd uintptr) bool {
-		p := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
-		n, err := unix.Poll(p, 0)
-		return err != nil || n > 0
-	})
+	return rc.Read(pollNow)
 }
 
 // readNow reads what the socket c (its RawConn rc) holds now into p,
