@@ -160,10 +160,15 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 		b.Reset()
 		fmt.Fprintf(&b, "{\"code\": %q, \"message\": %q}\n", APIInternalServer, "encoding the answer: "+err.Error())
 	}
+	writeJSONHeader(w, status)
+	w.Write(b.Bytes())
+}
+
+// writeJSONHeader sends the headers of every JSON answer and status.
+func writeJSONHeader(w http.ResponseWriter, status int) {
 	w.Header().Set("Content-Type", "application/json; charset=utf-8")
 	w.Header().Set("X-Content-Type-Options", "nosniff")
 	w.WriteHeader(status)
-	w.Write(b.Bytes())
 }
 
 func writeError(w http.ResponseWriter, status int, code, msg string) {
@@ -290,9 +295,7 @@ func (a *admin) list(w http.ResponseWriter, r *http.Request) {
 // sessions (the indented JSON, and a copy of the list), garbage that
 // showed in the RSS of a gateway polled by a dashboard.
 func writeSessionList(w http.ResponseWriter, list []SessionInfo) {
-	w.Header().Set("Content-Type", "application/json; charset=utf-8")
-	w.Header().Set("X-Content-Type-Options", "nosniff")
-	w.WriteHeader(http.StatusOK)
+	writeJSONHeader(w, http.StatusOK)
 	bw := bufio.NewWriterSize(w, 4096)
 	fmt.Fprintf(bw, "{\n  \"count\": %d,\n  \"sessions\": [", len(list))
 	var one bytes.Buffer
