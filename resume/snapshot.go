@@ -208,6 +208,7 @@ func (c *Conn) Snapshot() ([]byte, error) {
 }
 
 func (s *session) encode() []byte {
+	s.send.unpipe() // a snapshot holds bytes, not a pipe
 	b := make([]byte, 0, 256+s.send.Len()+s.recv.Len())
 	b = append(b, snapshotMagic[:]...)
 	b = binary.BigEndian.AppendUint16(b, SnapshotVersion)

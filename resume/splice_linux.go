@@ -18,7 +18,12 @@ const spliceRx = true
 
 // rxPipe is a pipe a link's reader splices one payload step through. It
 // is empty whenever it is not in a reader's hands.
-type rxPipe struct{ r, w int }
+type rxPipe struct {
+	r, w int
+	// pages a send buffer pipe counts in pipePool.txPages (0 for the
+	// receive pipes, which keep the default size).
+	pages int
+}
 
 // maxIdlePipes bounds the pipes kept for reuse. Only readers in the middle
 // of a step hold one, so an idle session holds none; the pool keeps a few
@@ -29,6 +34,9 @@ var pipePool struct {
 	mu   sync.Mutex
 	free []*rxPipe
 	open int // pipes open, in the pool or in use (tests)
+	// txPages is the capacity in pages of the send buffer pipes open
+	// (getTxPipe), pooled or in use.
+	txPages int
 }
 
 func getPipe() (*rxPipe, error) {
@@ -69,6 +77,7 @@ func (p *rxPipe) closeLocked() {
 	unix.Close(p.r)
 	unix.Close(p.w)
 	pipePool.open--
+	pipePool.txPages -= p.pages
 }
 
 // closeIdlePipes closes the pooled pipes and returns how many pipes are
@@ -80,6 +89,12 @@ func closeIdlePipes() int {
 		p.closeLocked()
 	}
 	pipePool.free = nil
+	txPool.mu.Lock()
+	for _, e := range txPool.free {
+		e.p.closeLocked()
+	}
+	txPool.free = nil
+	txPool.mu.Unlock()
 	return pipePool.open
 }
 

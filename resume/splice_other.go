@@ -29,3 +29,7 @@ func (s *session) txSpliceRoom(int) (int, chan struct{}) { return 0, nil }
 func (s *session) spliceSend(syscall.RawConn, int, bool) (int, error, error) {
 	return 0, errNoSplice, nil
 }
+
+func getTxPipe() (*rxPipe, int)       { return nil, 0 }
+func putTxPipe(*rxPipe)               {}
+func dropFromPipe(*rxPipe, int) error { return errNoSplice }

@@ -29,6 +29,11 @@ type sendSide struct {
 	shut     bool   // CloseWrite called: CLOSE_WRITE at End()
 	finSent  bool   // CLOSE_WRITE written on the current link
 	finAcked bool   // the peer acked our CLOSE_WRITE
+	// hole: Slices lays out a splice send, pipeHole standing in for the
+	// piped bytes (spliceSend).
+	hole bool
+	// tx, when not nil, holds [ReplayBuffer.End(), End()) in a pipe.
+	tx *txPipe
 }
 
 // pin records that a writer sends from offset from without the lock.

@@ -6,6 +6,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -46,6 +50,14 @@ func (s *session) spliceSend(src syscall.RawConn, max int, nowait bool) (n int, 
 		}
 		return 0, err, nil
 	}
+	if k >= txBulkMin {
+		s.mu.Lock()
+		rp := s.send.lendPipe()
+		s.unlock()
+		if rp != nil {
+			return s.spliceSendPiped(a, rp, k)
+		}
+	}
 	var b *rxPipe
 	if k >= txBulkMin {
 		if b, _ = getPipe(); b != nil {
@@ -74,13 +86,73 @@ func (s *session) spliceSend(src syscall.RawConn, max int, nowait bool) (n int, 
 	}
 	l.collect()
 	s.unlock()
+	s.finishSpliced(l, b, k)
+	return k, nil, nil
+}
+
+// spliceSendPiped goes on with the k bytes in pipe a when the send
+// buffer lent its pipe rp: tee a -> rp keeps them as the session's (no
+// copy), and a itself goes to the link. A tee that takes less than all
+// (it should not: lendPipe made room) leaves the rest to the copy path.
+func (s *session) spliceSendPiped(a, rp *rxPipe, k int) (n int, err, werr error) {
+	m, terr := teePipe(a, rp, k)
+	if terr != nil {
+		m = 0
+	}
+	s.mu.Lock()
+	werr = s.writeErr()
+	keep := werr == nil || werr == ErrFrozen
+	if s.send.commitPipe(m, keep) && werr == nil {
+		werr = ErrConnClosed // dropped, so closed: cannot be otherwise
+	}
+	if !keep || (werr != nil && werr != ErrFrozen) {
+		s.unlock()
+		a.close()
+		return k, nil, werr
+	}
+	if m < k {
+		s.unlock()
+		if err := dropFromPipe(a, m); err != nil {
+			s.mu.Lock()
+			s.abort(frame.CodeInternal, err.Error())
+			werr = s.writeErr()
+			s.unlock()
+			a.close()
+			return k, nil, werr
+		}
+		if _, werr = s.commitFromPipe(a, k-m); werr != nil {
+			return k, nil, werr
+		}
+		s.mu.Lock()
+		s.sendCommitted(true)
+		s.unlock()
+		return k, nil, nil
+	}
+	l := s.claimSpliceWriter(s.send.End()-uint64(k), k, true)
+	if l == nil {
+		s.sendCommitted(true) // from the buffer: unpiped as collect reads it
+		s.unlock()
+		a.close()
+		return k, nil, nil
+	}
+	s.send.hole = true
+	l.collect()
+	s.send.hole = false
+	s.unlock()
+	s.finishSpliced(l, a, k)
+	return k, nil, nil
+}
+
+// finishSpliced sends the batch the writer l collected, whose last k
+// payload bytes pipe b holds, and ends l's turn.
+func (s *session) finishSpliced(l *link, b *rxPipe, k int) {
 	if serr := l.sendSpliced(b, k); serr != nil {
 		b.close()
 		l.unpin()
 		s.linkFailed(l, serr)
 		l.close()
 		l.writerExit(true)
-		return k, nil, nil
+		return
 	}
 	putPipe(b)
 	s.mu.Lock()
@@ -88,7 +160,6 @@ func (s *session) spliceSend(src syscall.RawConn, max int, nowait bool) (n int, 
 	s.unlock()
 	l.unpin()
 	l.sendInline() // whatever else became due meanwhile; ends our turn
-	return k, nil, nil
 }
 
 // commitFromPipe reads the k bytes pipe p holds into the replay buffer
@@ -265,4 +336,134 @@ func teePipe(a, b *rxPipe, n int) (int, error) {
 			return int(m), err
 		}
 	}
+}
+
+// txPipeSize is what a send buffer's pipe asks for (F_SETPIPE_SZ; 1 MiB
+// is the default pipe-max-size): about 16 tees of 64 KiB, room for what
+// a peer acknowledging every BufferSize/4 leaves unacknowledged. When
+// the user's pipe quota (pipe-user-pages-soft) is used up the kernel
+// refuses and the pipe keeps its default size: one tee at a time.
+const txPipeSize = 1 << 20
+
+// maxIdleTxPipes bounds the send buffer pipes kept for reuse.
+const maxIdleTxPipes = 8
+
+// maxTxPipesOpen: no send buffer takes a new pipe while this many pipes
+// are open in the process (2 descriptors each); bulk then copies. Pipes
+// are only held while bulk is in flight, but descriptors are what a
+// gateway's sessions run out of first.
+const maxTxPipesOpen = 512
+
+// maxTxPipePages caps the pages of all send buffer pipes of the process
+// (see txPageCap), so that they never use up the user's pipe quota.
+// Past pipe-user-pages-soft (16384 pages by default, 64 pipes of 1 MiB)
+// the kernel gives every new pipe of a non-root user 2 pages, the receive
+// pipes (link.spliceData) included, and those would then move 8 KiB per
+// splice. Half the quota is left to the receive pipes and to whatever
+// else runs as the user; past the cap a send buffer copies, as it does
+// without pipes.
+var maxTxPipePages = txPageCap()
+
+// txPageCap is half of pipe-user-pages-soft, and at most 8192 pages
+// (32 MiB: 32 busy sessions sending bulk at once, each with its 1 MiB
+// pipe). A quota of 0 (none) or one that cannot be read gives 8192.
+func txPageCap() int {
+	const most = 8192
+	b, err := os.ReadFile("/proc/sys/fs/pipe-user-pages-soft")
+	if err != nil {
+		return most
+	}
+	soft, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil || soft <= 0 {
+		return most
+	}
+	return min(most, soft/2)
+}
+
+var txPool struct {
+	mu   sync.Mutex
+	free []txPooled
+}
+
+type txPooled struct {
+	p     *rxPipe
+	slots int
+}
+
+// getTxPipe returns an empty pipe for a send buffer and its capacity in
+// buffers, or nil (out of descriptors: copy instead).
+func getTxPipe() (*rxPipe, int) {
+	txPool.mu.Lock()
+	if n := len(txPool.free); n > 0 {
+		e := txPool.free[n-1]
+		txPool.free = txPool.free[:n-1]
+		txPool.mu.Unlock()
+		return e.p, e.slots
+	}
+	txPool.mu.Unlock()
+	pipePool.mu.Lock()
+	defer pipePool.mu.Unlock()
+	pageSize := os.Getpagesize()
+	if pipePool.open >= maxTxPipesOpen || pipePool.txPages+txPipeSize/pageSize > maxTxPipePages {
+		return nil, 0
+	}
+	var fds [2]int
+	if err := unix.Pipe2(fds[:], unix.O_NONBLOCK|unix.O_CLOEXEC); err != nil {
+		return nil, 0
+	}
+	pipePool.open++
+	p := &rxPipe{r: fds[0], w: fds[1]}
+	size, err := unix.FcntlInt(uintptr(p.w), unix.F_SETPIPE_SZ, txPipeSize)
+	if err != nil {
+		size, err = unix.FcntlInt(uintptr(p.w), unix.F_GETPIPE_SZ, 0)
+	}
+	if err != nil || size < teeSlots*pageSize {
+		p.closeLocked()
+		return nil, 0
+	}
+	p.pages = size / pageSize
+	pipePool.txPages += p.pages
+	return p, p.pages
+}
+
+// putTxPipe gives back an empty send buffer pipe.
+func putTxPipe(p *rxPipe) {
+	txPool.mu.Lock()
+	if len(txPool.free) < maxIdleTxPipes {
+		txPool.free = append(txPool.free, txPooled{p, p.pages})
+		txPool.mu.Unlock()
+		return
+	}
+	txPool.mu.Unlock()
+	p.close()
+}
+
+var devNull struct {
+	once sync.Once
+	fd   int
+	err  error
+}
+
+// dropFromPipe throws away the n bytes at the front of p: a splice to
+// /dev/null, which copies nothing.
+func dropFromPipe(p *rxPipe, n int) error {
+	devNull.once.Do(func() {
+		devNull.fd, devNull.err = unix.Open("/dev/null", unix.O_WRONLY|unix.O_CLOEXEC, 0)
+	})
+	if devNull.err != nil {
+		return fmt.Errorf("resume: open /dev/null: %w", devNull.err)
+	}
+	for n > 0 {
+		m, err := splice(p.r, devNull.fd, n)
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err != nil:
+			return fmt.Errorf("resume: drop from send pipe: %w", err)
+		case m == 0:
+			return fmt.Errorf("resume: send pipe ended with %d bytes to drop", n)
+		}
+		n -= int(m)
+	}
+	return nil
 }
