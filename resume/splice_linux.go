@@ -90,8 +90,8 @@ func closeIdlePipes() int {
 	}
 	pipePool.free = nil
 	txPool.mu.Lock()
-	for _, e := range txPool.free {
-		e.p.closeLocked()
+	for _, p := range txPool.free {
+		p.closeLocked()
 	}
 	txPool.free = nil
 	txPool.mu.Unlock()

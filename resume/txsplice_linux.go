@@ -382,12 +382,7 @@ func txPageCap() int {
 
 var txPool struct {
 	mu   sync.Mutex
-	free []txPooled
-}
-
-type txPooled struct {
-	p     *rxPipe
-	slots int
+	free []*rxPipe // empty, each with its pages set
 }
 
 // getTxPipe returns an empty pipe for a send buffer and its capacity in
@@ -395,10 +390,10 @@ type txPooled struct {
 func getTxPipe() (*rxPipe, int) {
 	txPool.mu.Lock()
 	if n := len(txPool.free); n > 0 {
-		e := txPool.free[n-1]
+		p := txPool.free[n-1]
 		txPool.free = txPool.free[:n-1]
 		txPool.mu.Unlock()
-		return e.p, e.slots
+		return p, p.pages
 	}
 	txPool.mu.Unlock()
 	pipePool.mu.Lock()
@@ -430,7 +425,7 @@ func getTxPipe() (*rxPipe, int) {
 func putTxPipe(p *rxPipe) {
 	txPool.mu.Lock()
 	if len(txPool.free) < maxIdleTxPipes {
-		txPool.free = append(txPool.free, txPooled{p, p.pages})
+		txPool.free = append(txPool.free, p)
 		txPool.mu.Unlock()
 		return
 	}
