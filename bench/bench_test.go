@@ -451,8 +451,11 @@ func TestResumeShort(t *testing.T) {
 		t.Fatalf("%d resume results, want one per break mode", len(rep.Resume))
 	}
 	for _, x := range rep.Resume {
-		if x.DetectClientMs <= 0 || x.DetectGatewayMs <= 0 || x.DownToByteMs <= 0 || x.ReturnToByteMs == 0 {
+		if x.DetectClientMs <= 0 || (x.DetectGatewayMs <= 0 && x.GatewayIdleRuns < len(x.Runs)) || x.DownToByteMs <= 0 || x.ReturnToByteMs == 0 {
 			t.Errorf("%s: not measured: %+v", x.Mode, x)
+		}
+		if x.GatewayIdleRuns > 0 && x.Mode != "blackhole" {
+			t.Errorf("%s: the gateway missed a break it is told of (%d idle runs)", x.Mode, x.GatewayIdleRuns)
 		}
 		for _, r := range x.Runs {
 			if r.Resumes < 1 {

@@ -101,10 +101,20 @@ func (r *Report) Markdown() string {
 		b.WriteString("| config | break | detected by client ms | detected by gateway ms | liveness timeout ms | link back -> first resumed byte ms | new session: first byte ms | network up -> first byte ms | app RTT ms | bytes replayed |\n")
 		b.WriteString("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 		for _, x := range r.Resume {
-			fmt.Fprintf(&b, "| %s | %s | %.1f | %.1f | %.0f | %.2f | %.2f | %.1f | %.3f | %.0f |\n", x.Config, x.Mode, x.DetectClientMs, x.DetectGatewayMs,
+			gw := fmt.Sprintf("%.1f", x.DetectGatewayMs)
+			switch {
+			case x.GatewayIdleRuns == len(x.Runs) && x.GatewayIdleRuns > 0:
+				gw = "idle ¹"
+			case x.GatewayIdleRuns > 0:
+				gw += fmt.Sprintf(" (%d/%d idle ¹)", x.GatewayIdleRuns, len(x.Runs))
+			}
+			fmt.Fprintf(&b, "| %s | %s | %.1f | %s | %.0f | %.2f | %.2f | %.1f | %.3f | %.0f |\n", x.Config, x.Mode, x.DetectClientMs, gw,
 				x.LivenessTimeoutMs, x.ReturnToByteMs, x.NewSessionMs, x.DownToByteMs, x.AppRTTMs, x.BytesReplayed)
 		}
 		b.WriteString("\n")
+		if slices.ContainsFunc(r.Resume, func(x ResumeResult) bool { return x.GatewayIdleRuns > 0 }) {
+			b.WriteString("¹ The gateway had nothing in flight when the path went silent (its answers acknowledged, the request that followed lost in the silence), so it kept no watch: on a kernel-probed tcp/tls link it keeps no attention window after its answers, and learned of the break at the client's resume (or would have at its keepalive). The detection figure is the median over the runs in which it had bytes in flight.\n\n")
+		}
 	}
 	if s := r.Soak; s != nil {
 		fmt.Fprintf(&b, "#### Soak (%s)\n\n", s.Settings)

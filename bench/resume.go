@@ -62,7 +62,12 @@ func runResume(ctx context.Context, r *runner) error {
 			}
 			var a, b, c, d, e, f []float64
 			for _, x := range res.Runs {
-				a, b, c = append(a, x.DetectClientMs), append(b, x.DetectGatewayMs), append(c, x.ReturnToByteMs)
+				a, c = append(a, x.DetectClientMs), append(c, x.ReturnToByteMs)
+				if x.GatewayIdle {
+					res.GatewayIdleRuns++
+				} else {
+					b = append(b, x.DetectGatewayMs)
+				}
 				d, e, f = append(d, x.DownToByteMs), append(e, x.AppRTTMs), append(f, float64(x.BytesReplayed))
 			}
 			res.DetectClientMs, res.DetectGatewayMs, res.ReturnToByteMs = median(a), median(b), median(c)
@@ -161,30 +166,62 @@ func resumeRun(st *stack, mode faultnet.Mode) (ResumeRun, error) {
 	st.fault.SetDown(true)
 	t0 := time.Now()
 	st.fault.Break(mode)
-	detect := func(addr string) (time.Duration, error) {
-		for time.Since(t0) < 20*time.Second {
-			s, err := sessionByApp(addr, "", cs.ID)
+	// The client must find the silent path: it always waits for the
+	// answer to the request the silence swallowed. The gateway watches an
+	// answered link only while it has something in flight (bytes not
+	// acknowledged); on a kernel-probed tcp/tls link it keeps no attention
+	// window after its answers (resume.link.attentionFrom), and learns of
+	// the dead path at the client's resume or at its keepalive. So a
+	// gateway that is still ACTIVE a liveness timeout after the client
+	// found the break, with nothing buffered, is idle, not late; one with
+	// bytes buffered is late, and fails the run.
+	state := func(addr string) (*sessionInfo, error) { return sessionByApp(addr, "", cs.ID) }
+	var dc, dg time.Duration
+	var idle bool
+	var clientErr, gatewayErr error
+	for dc == 0 || dg == 0 {
+		if time.Since(t0) > 20*time.Second {
+			if dc == 0 {
+				clientErr = errors.New("client: break not detected in 20s")
+			}
+			if dg == 0 {
+				gatewayErr = errors.New("gateway: break not detected in 20s, with bytes in flight")
+			}
+			break
+		}
+		if dc == 0 {
+			s, err := state(st.clientStatus)
 			if err != nil {
-				return 0, err
+				st.fault.SetDown(false)
+				return fail(err)
 			}
 			if s.State != "ACTIVE" {
-				return time.Since(t0), nil
+				dc = time.Since(t0)
 			}
-			time.Sleep(500 * time.Microsecond)
 		}
-		return 0, errors.New("break not detected in 20s")
+		if dg == 0 {
+			s, err := state(st.gatewayStatus)
+			if err != nil {
+				st.fault.SetDown(false)
+				return fail(err)
+			}
+			switch {
+			case s.State != "ACTIVE":
+				dg = time.Since(t0)
+			case dc != 0 && time.Since(t0) > dc+2*livenessTimeout && s.Buffered == 0:
+				idle = true
+			}
+			if idle {
+				break
+			}
+		}
+		time.Sleep(500 * time.Microsecond)
 	}
-	var dc, dg time.Duration
-	var ec, eg error
-	var wg sync.WaitGroup
-	wg.Add(2)
-	go func() { defer wg.Done(); dc, ec = detect(st.clientStatus) }()
-	go func() { defer wg.Done(); dg, eg = detect(st.gatewayStatus) }()
-	wg.Wait()
-	if err := errors.Join(ec, eg); err != nil {
+	if err := errors.Join(clientErr, gatewayErr); err != nil {
 		st.fault.SetDown(false)
 		return fail(err)
 	}
+	rr.GatewayIdle = idle
 	rr.DetectClientMs, rr.DetectGatewayMs = ms(dc), ms(dg)
 	time.Sleep(50 * time.Millisecond)
 
@@ -237,6 +274,9 @@ func resumeRun(st *stack, mode faultnet.Mode) (ResumeRun, error) {
 	}
 	rr.BytesReplayed = int64(cs2.BytesReplayed-cs.BytesReplayed) + int64(gs2.BytesReplayed-gs.BytesReplayed)
 	rr.Resumes = cs2.Resumes - cs.Resumes
+	if rr.GatewayIdle && gs2.Resumes <= gs.Resumes {
+		return fail(fmt.Errorf("gateway was idle through the silence and took no resume after it (resumes %d -> %d)", gs.Resumes, gs2.Resumes))
+	}
 	stop.Store(true)
 	if err := <-loopErr; err != nil {
 		return rr, err

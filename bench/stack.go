@@ -292,6 +292,7 @@ type sessionInfo struct {
 	App           string `json:"app"`
 	BytesReplayed uint64 `json:"bytes_replayed"`
 	Resumes       int    `json:"resumes"`
+	Buffered      int    `json:"buffered"` // unacknowledged and undelivered bytes
 }
 
 func getSessions(addr string) ([]sessionInfo, error) {
