@@ -83,10 +83,10 @@ func TestReaderIdleProbe(t *testing.T) {
 	}
 }
 
-// A Reader reads a frame header before it takes a read-ahead buffer, when
-// new and when woken from an idle wait: a wake-up that finds an error (a
-// reset link) takes none, and a header that comes a byte at a time still
-// parses.
+// A new Reader reads a frame header before it takes a read-ahead buffer;
+// one woken from an idle wait takes it first (a small frame then comes in
+// one read) and gives it back if the wake-up found only an error (a reset
+// link). A header that comes a byte at a time still parses.
 func TestReaderWakeReadsHeaderFirst(t *testing.T) {
 	src := &probeSource{chunks: [][]byte{dataFrame("one")}, end: io.ErrUnexpectedEOF}
 	r := NewReader(src, 64)
@@ -115,7 +115,7 @@ func TestReaderWakeReadsHeaderFirst(t *testing.T) {
 		t.Fatalf("Next at the source's end: %v, want %v", err, io.ErrUnexpectedEOF)
 	}
 	if r.br != nil {
-		t.Fatal("a wake-up that found only an error took a read-ahead buffer")
+		t.Fatal("a wake-up that found only an error kept a read-ahead buffer")
 	}
 	if wake != 2 { // before "two" and before the end: "one" came first
 		t.Fatalf("%d idle waits, want 2", wake)
@@ -131,5 +131,121 @@ func TestReaderWakeReadsHeaderFirst(t *testing.T) {
 		if err := read(r); err == nil || r.br != nil {
 			t.Fatalf("on a closed source: %v, buffer taken %v; want an error and no buffer", err, r.br != nil)
 		}
+	}
+}
+
+// countingSource counts the Reads that reach it.
+type countingSource struct {
+	probeSource
+	reads int
+}
+
+func (c *countingSource) Read(b []byte) (int, error) {
+	c.reads++
+	return c.probeSource.Read(b)
+}
+
+// After an idle wait a small frame costs the source one Read, header and
+// payload together (it took two while the header was read before the
+// buffer).
+func TestReaderWakeReadsSmallFrameInOneRead(t *testing.T) {
+	src := &countingSource{probeSource: probeSource{chunks: [][]byte{dataFrame("first")}, end: io.EOF}}
+	r := NewReader(src, 64)
+	r.SetIdleWait(func() error {
+		src.chunks = append(src.chunks, dataFrame("a 64-byte request, or near enough"))
+		return nil
+	})
+	for _, want := range []string{"first", "a 64-byte request, or near enough"} {
+		before := src.reads
+		h, err := r.Next()
+		if err != nil || h.Type != TypeData || h.Len != len(want) {
+			t.Fatalf("Next: %v %v, want DATA %q", h, err, want)
+		}
+		got := make([]byte, h.Len)
+		if _, err := r.ReadData(got); err != nil || string(got) != want {
+			t.Fatalf("ReadData: %q %v, want %q", got, err, want)
+		}
+		if want != "first" && src.reads-before != 1 {
+			t.Fatalf("frame %q after an idle wait took %d reads of the source, want 1", want, src.reads-before)
+		}
+	}
+}
+
+var errTimeout = errors.New("deadline")
+
+// With SetIdleSettle the idle wait only arranges the wait, and the read
+// after it is settled: nil once a header's worth came; a failure with
+// nothing read finds the Reader at a frame boundary holding no buffer,
+// and settle decides (nil: read again; an error: Next's).
+func TestReaderIdleSettle(t *testing.T) {
+	src := &countingSource{probeSource: probeSource{chunks: [][]byte{dataFrame("one")}}}
+	r := NewReader(src, 64)
+	type call struct {
+		err   error
+		empty bool
+	}
+	var calls []call
+	step := 0
+	r.SetIdleWait(func() error { return nil })
+	r.SetIdleSettle(func(err error, empty bool) error {
+		calls = append(calls, call{err, empty})
+		if err == errTimeout && r.br != nil {
+			t.Fatal("settled a failed read with the buffer still taken")
+		}
+		if err == errTimeout && step == 0 {
+			step++
+			src.chunks = append(src.chunks, dataFrame("two")) // read again: "two"
+			return nil
+		}
+		return err
+	})
+	read := func(want string) {
+		t.Helper()
+		h, err := r.Next()
+		if err != nil || h.Type != TypeData || h.Len != len(want) {
+			t.Fatalf("Next: %v %v, want DATA %q", h, err, want)
+		}
+		got := make([]byte, h.Len)
+		if _, err := r.ReadData(got); err != nil || string(got) != want {
+			t.Fatalf("ReadData: %q %v, want %q", got, err, want)
+		}
+	}
+	read("one") // a new Reader: no idle wait, nothing to settle
+	if len(calls) != 0 {
+		t.Fatalf("settle called %d times for the first frame, want 0", len(calls))
+	}
+	src.end = errTimeout
+	read("two") // a timeout, settled as "read again", then "two"
+	if len(calls) != 2 || calls[0] != (call{errTimeout, true}) || calls[1] != (call{nil, false}) {
+		t.Fatalf("settle calls %v, want a timeout with nothing read, then nil", calls)
+	}
+	// Half a header, then a timeout: not empty, and what settle returns
+	// (nil) reads on; the header parses whole.
+	calls = nil
+	f := dataFrame("three")
+	src.chunks = [][]byte{f[:2]}
+	src.end = errTimeout
+	r.SetIdleSettle(func(err error, empty bool) error {
+		calls = append(calls, call{err, empty})
+		if err == errTimeout {
+			if empty {
+				t.Fatal("half a header read, yet settled as empty")
+			}
+			src.chunks = append(src.chunks, f[2:])
+			return nil
+		}
+		return err
+	})
+	read("three")
+	if len(calls) != 2 || calls[0] != (call{errTimeout, false}) || calls[1] != (call{nil, false}) {
+		t.Fatalf("settle calls %v, want a timeout after half a header, then nil", calls)
+	}
+	// A timeout settled as an error is Next's, and leaves no buffer.
+	r.SetIdleSettle(func(err error, empty bool) error { return err })
+	if _, err := r.Next(); err != errTimeout {
+		t.Fatalf("Next: %v, want %v", err, errTimeout)
+	}
+	if r.br != nil {
+		t.Fatal("a failed idle read settled as an error kept the buffer")
 	}
 }

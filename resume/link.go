@@ -137,6 +137,9 @@ type readPark struct {
 	id uint64
 	// sawData: the last frame read was DATA (reader-owned, not under mu).
 	sawData bool
+	// staged: the reader's read in progress is bounded by the idle
+	// deadline idleStage set.
+	staged bool
 }
 
 func newLink(s *session, conn net.Conn, fr *frame.Reader, rxStart uint64) *link {
@@ -166,7 +169,8 @@ func newLink(s *session, conn net.Conn, fr *frame.Reader, rxStart uint64) *link 
 	if sc, ok := sock.(syscall.Conn); ok {
 		if rc, err := sc.SyscallConn(); err == nil {
 			if l.vectored && sharedPollerOK {
-				fr.SetIdleWait(func() error { return l.idleWait(rc) })
+				fr.SetIdleWait(func() error { return l.idleStage(rc) })
+				fr.SetIdleSettle(func(err error, empty bool) error { return l.idleSettle(rc, err, empty) })
 			} else {
 				fr.SetIdleWait(func() error { return waitReadable(rc) })
 			}

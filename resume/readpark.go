@@ -66,6 +66,63 @@ func (l *link) idleWait(rc syscall.RawConn) error {
 	return l.parkLocked(rc)
 }
 
+// idleStage is the frame reader's idle wait on a plain TCP link, split
+// around the read that waits by itself (frame.Reader.SetIdleSettle): it
+// bounds that read with the link's read deadline, idleBeforeShared away,
+// and idleSettle parks the reader in the shared poller if it passed. The
+// wait and the read of the next frame are then a read(2) either side of
+// the runtime's poller; idleWait's poll(2) before and after the wait cost
+// two more system calls per message, and its reader one more read (the
+// header, then the payload).
+func (l *link) idleStage(rc syscall.RawConn) error {
+	rp := &l.rp
+	rp.mu.Lock()
+	defer rp.mu.Unlock()
+	if !rp.off && !rp.sawData {
+		// As in idleWait: no application traffic to wait for.
+		if readableNow(rc) {
+			return nil
+		}
+		return l.parkLocked(rc)
+	}
+	if !rp.off {
+		l.conn.SetReadDeadline(time.Now().Add(idleBeforeShared))
+		rp.staged = true
+	}
+	return nil
+}
+
+// idleSettle ends the read that idleStage bounded: err is its error (nil:
+// a header's worth came), empty whether nothing of a header came. nil
+// means read again.
+func (l *link) idleSettle(rc syscall.RawConn, err error, empty bool) error {
+	rp := &l.rp
+	rp.mu.Lock()
+	defer rp.mu.Unlock()
+	if !rp.staged {
+		return err
+	}
+	rp.staged = false
+	timeout := errors.Is(err, os.ErrDeadlineExceeded)
+	if rp.off {
+		// The deadline is someone else's now, set after ours: a
+		// timeout may have been ours, so read again under theirs.
+		if timeout {
+			return nil
+		}
+		return err
+	}
+	// Ours: the rest must be read without a deadline.
+	l.conn.SetReadDeadline(time.Time{})
+	switch {
+	case !timeout:
+		return err
+	case !empty:
+		return nil // a header begun: read the rest
+	}
+	return l.parkLocked(rc)
+}
+
 // parkLocked registers the reader with the shared poller and returns
 // errParked, or waits the ordinary way if it cannot. Caller holds rp.mu.
 func (l *link) parkLocked(rc syscall.RawConn) error {
