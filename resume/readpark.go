@@ -28,9 +28,7 @@ var errParked = errors.New("resume: reader parked in the shared poller")
 func (l *link) idleWait(rc syscall.RawConn) error {
 	rp := &l.rp
 	rp.mu.Lock()
-	if !rp.off && !rp.sawData {
-		// Only a PING, PONG or ACK came since the last wait: no
-		// application traffic to wait for in a goroutine.
+	if !rp.off && l.controlOnly() {
 		defer rp.mu.Unlock()
 		if readableNow(rc) {
 			return nil
@@ -78,8 +76,7 @@ func (l *link) idleStage(rc syscall.RawConn) error {
 	rp := &l.rp
 	rp.mu.Lock()
 	defer rp.mu.Unlock()
-	if !rp.off && !rp.sawData {
-		// As in idleWait: no application traffic to wait for.
+	if !rp.off && l.controlOnly() {
 		if readableNow(rc) {
 			return nil
 		}
@@ -121,6 +118,18 @@ func (l *link) idleSettle(rc syscall.RawConn, err error, empty bool) error {
 		return nil // a header begun: read the rest
 	}
 	return l.parkLocked(rc)
+}
+
+// controlOnly reports that only a PING, PONG or ACK came since the
+// reader's last wait and no DATA for idleBeforeShared: no application
+// traffic to wait for in a goroutine, so the reader parks in the shared
+// poller at once (an idle session's keepalive). An ACK in the middle of
+// a request/response stream (one every AckDelay) does not count: parked
+// after it, the reader took the next request through the shared poller's
+// dispatcher, a goroutine hop and two epoll_ctl more, which one round
+// trip in about twenty met. Caller holds rp.mu (reader-owned state).
+func (l *link) controlOnly() bool {
+	return !l.rp.sawData && time.Since(time.Unix(0, l.dataAt.Load())) >= idleBeforeShared
 }
 
 // parkLocked registers the reader with the shared poller and returns
