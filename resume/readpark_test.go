@@ -209,3 +209,43 @@ func TestIdleReaderMany(t *testing.T) {
 	e.stop()
 	waitNoLeaks(t, fds)
 }
+
+// An ACK that comes in the middle of a request/response stream (AckDelay
+// after a request) leaves the reader waiting in its goroutine, as DATA
+// does: parked after it, the next answer would take the shared poller's
+// dispatcher. Once the stream is quiet the reader parks as before.
+func TestAckMidStreamKeepsTheReaderOut(t *testing.T) {
+	cfg := testConfig()
+	e := tcpEnv(t, serverConfig(cfg), nil)
+	defer e.stop()
+	c, s := e.pair(cfg)
+	defer closeBoth(c, s)
+	observed := false
+	for attempt := 0; attempt < 5 && !observed; attempt++ {
+		roundTrip(t, c, s, "request")
+		roundTrip(t, s, c, "answer")
+		// The gateway's ACK of the request reaches the client's reader
+		// about AckDelay after the request, with DATA (the answer) just
+		// before it.
+		waitFor(t, 5*time.Second, "the request acknowledged", func() bool {
+			c.s.mu.Lock()
+			defer c.s.unlock()
+			return c.s.send.acked == c.s.send.next
+		})
+		acked := time.Now()
+		time.Sleep(10 * time.Millisecond) // well past the old park-at-once
+		p := parked(c)
+		if time.Since(acked) > idleBeforeShared/2 {
+			continue // this machine was too slow to tell: try again
+		}
+		if p {
+			t.Fatalf("the client's reader parked in the shared poller %v after an ACK mid-stream (AckDelay %v after the request)",
+				time.Since(acked), cfg.AckDelay)
+		}
+		observed = true
+	}
+	if !observed {
+		t.Fatal("could not check the reader within idleBeforeShared/2 of the ACK in 5 attempts")
+	}
+	waitIdle(t, c, s, 1)
+}
