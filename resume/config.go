@@ -74,7 +74,13 @@ type Config struct {
 
 	// AckDelay bounds how long received bytes may wait for an ACK when
 	// fewer than a quarter of the window arrived (bulk data is acked by
-	// bytes, not by time).
+	// bytes, not by time). Each ACK costs both proxies a wake-up, so a
+	// request/response stream pays for it: the default is Linux's own
+	// delayed-ACK minimum (40 ms), at which a 64-byte ping-pong cost each
+	// proxy 10-20 % less CPU than at 5 ms, and its p99 fell a fifth. The
+	// price is memory: a sender holds what it sent up to AckDelay longer,
+	// at most a quarter of the window. (A resume is not affected: RESUME
+	// and RESUMED say what arrived, acknowledged or not.)
 	AckDelay time.Duration
 
 	// LingerTimeout bounds how long Close waits for the peer to
@@ -134,7 +140,7 @@ const (
 	DefaultLivenessTimeout   = 4 * time.Second
 	DefaultKeepaliveInterval = 60 * time.Second
 	DefaultHandshakeTimeout  = 5 * time.Second
-	DefaultAckDelay          = 5 * time.Millisecond
+	DefaultAckDelay          = 40 * time.Millisecond
 	DefaultLingerTimeout     = 10 * time.Second
 
 	// maxBufferSize keeps windows inside the u32 of HELLO/WELCOME.

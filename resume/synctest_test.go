@@ -200,7 +200,9 @@ func TestAttentionEndsOnePingAfterTheAnswer(t *testing.T) {
 		synctest.Wait()
 		sp0 := pingsSent(s)
 		// onePingAfter checks that the client's last PING came
-		// PingInterval after the answer at, and none since.
+		// PingInterval after the last frame it received at (the answer,
+		// or the gateway's ACK of the request, AckDelay after it), and
+		// none since.
 		onePingAfter := func(what string, at time.Time) {
 			t.Helper()
 			if p, want := pingsSent(c), at.Add(cfg.PingInterval).UnixNano(); p < want || p > want+int64(10*time.Millisecond) {
@@ -208,13 +210,17 @@ func TestAttentionEndsOnePingAfterTheAnswer(t *testing.T) {
 			}
 		}
 		for i := range 5 {
+			requested := time.Now()
 			roundTrip(t, c, s, fmt.Sprintf("request %d", i))
 			time.Sleep(10 * time.Millisecond) // the upstream thinks
 			roundTrip(t, s, c, fmt.Sprintf("answer %d", i))
-			answered := time.Now()
+			last := time.Now()
+			if acked := requested.Add(cfg.AckDelay); acked.After(last) {
+				last = acked
+			}
 			time.Sleep(3 * time.Second)
 			synctest.Wait()
-			onePingAfter(fmt.Sprintf("answer %d", i), answered)
+			onePingAfter(fmt.Sprintf("answer %d", i), last)
 		}
 		cp := pingsSent(c)
 		time.Sleep(AttentionWindow)
@@ -232,15 +238,18 @@ func TestAttentionEndsOnePingAfterTheAnswer(t *testing.T) {
 			t.Fatalf("gateway pinged past its attention window (%d, was %d)", sp, sp1)
 		}
 
-		// Unanswered: the client pings within PingInterval of silence,
-		// and again after the next; the gateway does not.
+		// Unanswered: the client pings within PingInterval of silence
+		// (the last frame it gets is the gateway's ACK of the request,
+		// AckDelay after it), and again after the next; the gateway
+		// does not.
 		roundTrip(t, c, s, "unanswered")
 		sent := time.Now()
-		time.Sleep(cfg.PingInterval + 10*time.Millisecond)
+		within := cfg.AckDelay + cfg.PingInterval + 10*time.Millisecond
+		time.Sleep(within)
 		synctest.Wait()
 		p1 := pingsSent(c)
 		if p1 <= sent.UnixNano() {
-			t.Fatalf("client waiting for an answer sent no PING within %v", cfg.PingInterval+10*time.Millisecond)
+			t.Fatalf("client waiting for an answer sent no PING within %v", within)
 		}
 		time.Sleep(cfg.PingInterval)
 		synctest.Wait()
