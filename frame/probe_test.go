@@ -83,10 +83,10 @@ func TestReaderIdleProbe(t *testing.T) {
 	}
 }
 
-// A new Reader reads a frame header before it takes a read-ahead buffer;
-// one woken from an idle wait takes it first (a small frame then comes in
-// one read) and gives it back if the wake-up found only an error (a reset
-// link). A header that comes a byte at a time still parses.
+// A Reader reads a frame header before it takes a read-ahead buffer, when
+// new and when woken from an idle wait: a wake-up that finds an error (a
+// reset link) takes none, and a header that comes a byte at a time still
+// parses.
 func TestReaderWakeReadsHeaderFirst(t *testing.T) {
 	src := &probeSource{chunks: [][]byte{dataFrame("one")}, end: io.ErrUnexpectedEOF}
 	r := NewReader(src, 64)
@@ -115,7 +115,7 @@ func TestReaderWakeReadsHeaderFirst(t *testing.T) {
 		t.Fatalf("Next at the source's end: %v, want %v", err, io.ErrUnexpectedEOF)
 	}
 	if r.br != nil {
-		t.Fatal("a wake-up that found only an error kept a read-ahead buffer")
+		t.Fatal("a wake-up that found only an error took a read-ahead buffer")
 	}
 	if wake != 2 { // before "two" and before the end: "one" came first
 		t.Fatalf("%d idle waits, want 2", wake)
@@ -145,38 +145,13 @@ func (c *countingSource) Read(b []byte) (int, error) {
 	return c.probeSource.Read(b)
 }
 
-// After an idle wait a small frame costs the source one Read, header and
-// payload together (it took two while the header was read before the
-// buffer).
-func TestReaderWakeReadsSmallFrameInOneRead(t *testing.T) {
-	src := &countingSource{probeSource: probeSource{chunks: [][]byte{dataFrame("first")}, end: io.EOF}}
-	r := NewReader(src, 64)
-	r.SetIdleWait(func() error {
-		src.chunks = append(src.chunks, dataFrame("a 64-byte request, or near enough"))
-		return nil
-	})
-	for _, want := range []string{"first", "a 64-byte request, or near enough"} {
-		before := src.reads
-		h, err := r.Next()
-		if err != nil || h.Type != TypeData || h.Len != len(want) {
-			t.Fatalf("Next: %v %v, want DATA %q", h, err, want)
-		}
-		got := make([]byte, h.Len)
-		if _, err := r.ReadData(got); err != nil || string(got) != want {
-			t.Fatalf("ReadData: %q %v, want %q", got, err, want)
-		}
-		if want != "first" && src.reads-before != 1 {
-			t.Fatalf("frame %q after an idle wait took %d reads of the source, want 1", want, src.reads-before)
-		}
-	}
-}
-
 var errTimeout = errors.New("deadline")
 
-// With SetIdleSettle the idle wait only arranges the wait, and the read
-// after it is settled: nil once a header's worth came; a failure with
-// nothing read finds the Reader at a frame boundary holding no buffer,
-// and settle decides (nil: read again; an error: Next's).
+// With SetIdleSettle the idle wait only arranges the wait, and the
+// header's read after it, still without a buffer, is settled: nil once
+// the header is in; a failure with nothing read finds the Reader at a
+// frame boundary holding no buffer, and settle decides (nil: read again;
+// an error: Next's).
 func TestReaderIdleSettle(t *testing.T) {
 	src := &countingSource{probeSource: probeSource{chunks: [][]byte{dataFrame("one")}}}
 	r := NewReader(src, 64)
@@ -190,7 +165,7 @@ func TestReaderIdleSettle(t *testing.T) {
 	r.SetIdleSettle(func(err error, empty bool) error {
 		calls = append(calls, call{err, empty})
 		if err == errTimeout && r.br != nil {
-			t.Fatal("settled a failed read with the buffer still taken")
+			t.Fatal("settled a failed read with a buffer taken")
 		}
 		if err == errTimeout && step == 0 {
 			step++

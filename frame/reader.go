@@ -53,12 +53,11 @@ func (r *Reader) SetIdleWait(wait func() error) { r.idle = wait }
 
 // SetIdleSettle is for a source whose reads wait by themselves (a
 // socket): the idle wait then only arranges the wait (a read deadline, for
-// instance) and returns, and the Reader's next read, with the buffer
-// taken, is the wait and the read in one. settle ends it: with nil once it
-// has brought a header's worth, or with its error, and empty true if
-// nothing of a header came (the Reader, still at a frame boundary, holds
-// no buffer then). What settle returns for an error is Next's error; nil
-// reads again.
+// instance) and returns, and the Reader's read of the next header, still
+// without a buffer, is the wait and the read in one. settle ends it: with
+// nil once the header is in, or with its error, and empty true if nothing
+// of the header came (the Reader is still at a frame boundary). What
+// settle returns for an error is Next's error; nil reads on.
 func (r *Reader) SetIdleSettle(settle func(err error, empty bool) error) { r.settle = settle }
 
 // SetIdleProbe is for a source that holds bytes of its own which the
@@ -108,9 +107,12 @@ func (r *Reader) probed() (ready bool, err error) {
 
 // head is where a fixed-size head (the preamble, a frame header) is read
 // from: the read-ahead buffer, or the source itself while there is none
-// (a new Reader). A connection that sends nothing, closes, or is reset (a
-// reconnect refused with backoff by every session of a sidecar) then
-// costs no read-ahead buffer.
+// (a new Reader, or one woken from an idle wait). A connection that sends
+// nothing, closes, or is reset (thousands at once when a path fails under
+// idle sessions; a reconnect refused with backoff by every session of a
+// sidecar) then costs no read-ahead buffer, and neither does a reader
+// waiting in its read (SetIdleSettle). A DATA payload after such a header
+// may then be spliced from the source, not read into the buffer.
 func (r *Reader) head() io.Reader {
 	if r.br == nil {
 		return r.src
@@ -146,40 +148,24 @@ func (r *Reader) Next() (Header, error) {
 			if err := r.idle(); err != nil {
 				return Header{}, err
 			}
-			// The source has something: take the buffer before reading,
-			// so that a small frame's header and payload come in one
-			// read, not one for the header and one for the rest.
-			r.wake()
 			woke = true
 		}
 	}
-	for woke && r.settle != nil {
-		_, err := r.br.Peek(HeaderLen)
-		if err == nil {
-			if err := r.settle(nil, false); err != nil {
+	for n := 0; ; {
+		k, err := io.ReadFull(r.head(), r.hdr[n:])
+		n += k
+		if !woke || r.settle == nil {
+			if err != nil {
 				return Header{}, err
 			}
 			break
 		}
-		empty := r.br.Buffered() == 0
-		if empty {
-			r.park()
-		}
-		if err := r.settle(err, empty); err != nil {
+		if err := r.settle(err, n == 0); err != nil {
 			return Header{}, err
 		}
-		if r.br == nil {
-			r.wake()
+		if n == HeaderLen {
+			break
 		}
-	}
-	if _, err := io.ReadFull(r.head(), r.hdr[:]); err != nil {
-		if woke && r.br.Buffered() == 0 {
-			// A wake-up that found only an error (a reset link;
-			// thousands at once when a path fails under idle sessions)
-			// keeps no buffer.
-			r.park()
-		}
-		return Header{}, err
 	}
 	if r.br == nil {
 		r.wake()

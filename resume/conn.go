@@ -444,11 +444,6 @@ type Feed struct {
 	// startup: the caller's goroutine runs the first turn (it does not
 	// wait for the socket: a goroutine of ours does).
 	startup bool
-	// staged: the read in progress may wait under the idle deadline
-	// stage set (reader-owned).
-	staged bool
-	// onEmpty is f.stage, bound once (readWait's callback).
-	onEmpty func() bool
 }
 
 func newFeed(s *session, r io.Reader) *Feed {
@@ -467,7 +462,6 @@ func newFeed(s *session, r io.Reader) *Feed {
 	if f.rc == nil {
 		f.sock = nil
 	}
-	f.onEmpty = f.stage
 	return f
 }
 
@@ -511,44 +505,48 @@ func (f *Feed) fired(id uint64) {
 	go f.goOn()
 }
 
-// stage is readWait's onEmpty: the socket had nothing. The read then
-// waits, with the buffer's tail lent, in this goroutine for up to
-// idleBeforeShared, as a link's reader does (a request stream's next
-// message, or bulk's next segment, comes without the shared poller's
-// extra hop). It does not wait (false) in the first turn, which runs in
-// the caller's goroutine, nor off the shared poller (Unpark, ReadFrom),
-// where run waits without a buffer.
-func (f *Feed) stage() bool {
+// waitSource waits until the socket is readable: in this goroutine for
+// up to idleBeforeShared, as a link's reader does (a request stream's next
+// message, or bulk's next segment, comes without the shared poller's extra
+// hop), then parked in the shared poller (parked true: return at once,
+// without touching f). Called without s.mu.
+func (f *Feed) waitSource() (parked bool, err error) {
 	if f.startup {
-		return false
+		// The first turn runs in the caller's goroutine, which must not
+		// wait here: go on in a fresh one.
+		f.startup = false
+		go f.goOn()
+		return true, nil
 	}
 	f.mu.Lock()
-	defer f.mu.Unlock()
-	if f.off.Load() {
-		// Off the shared poller the wait may last: it must not hold the
-		// buffer's tail (run waits with waitReadable).
-		return false
+	staged := !f.off.Load()
+	if staged {
+		f.sock.SetReadDeadline(time.Now().Add(idleBeforeShared))
 	}
-	f.sock.SetReadDeadline(time.Now().Add(idleBeforeShared))
-	f.staged = true
-	return true
-}
-
-// endStage ends a wait that stage bounded by its deadline: it clears the
-// deadline if it is still ours and reports whether it passed (park: the
-// source stayed idle for idleBeforeShared), or, if Unpark took the
-// deadline over meanwhile, whether the timeout may have been ours (retry:
-// wait again under the unparker's deadline).
-func (f *Feed) endStage(err error) (park, retry bool) {
-	f.staged = false
-	timeout := errors.Is(err, os.ErrDeadlineExceeded)
+	f.mu.Unlock()
+	err = waitReadable(f.rc)
+	if !staged {
+		return false, err
+	}
 	f.mu.Lock()
-	defer f.mu.Unlock()
 	if f.off.Load() {
-		return false, timeout
+		f.mu.Unlock()
+		// Unparked meanwhile: the deadline is the unparker's now, set
+		// after ours, so a timeout may have been ours: wait again.
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			err = waitReadable(f.rc)
+		}
+		return false, err
 	}
 	f.sock.SetReadDeadline(time.Time{})
-	return timeout, false
+	f.mu.Unlock()
+	if !errors.Is(err, os.ErrDeadlineExceeded) {
+		return false, err
+	}
+	if f.park() {
+		return true, nil
+	}
+	return false, waitReadable(f.rc)
 }
 
 // run reads until the source ends or fails (parked false; err as ReadFrom
@@ -625,33 +623,21 @@ func (f *Feed) run() (parked bool, err error) {
 		var n int
 		var err error
 		if f.sock != nil {
-			// Read; if the socket has nothing, wait and read again
-			// within the same call (stage).
+			// Read without waiting; wait (then lending no buffer) only
+			// when the socket had nothing.
 			var ready bool
-			n, ready, err = readWait(f.sock, f.rc, tail, f.onEmpty)
-			park, retry := false, false
-			if f.staged {
-				park, retry = f.endStage(err)
-			}
-			if !ready || park || retry {
+			n, ready, err = readNow(f.sock, f.rc, tail)
+			if !ready {
 				s.mu.Lock()
 				s.send.Commit(0) // gives back a chunk taken for this read
 				s.unlock()
-				switch {
-				case !ready && f.startup: // go on in a fresh goroutine
-					f.startup = false
-					go f.goOn()
-					return true, nil
-				case !ready:
-					// Off the shared poller: wait, lending no buffer.
-					if err := waitReadable(f.rc); err != nil {
-						f.sock = nil // cannot wait on it: read the ordinary way
-					}
-				case park && f.park():
+				parked, err := f.waitSource()
+				if parked {
 					return true, nil
 				}
-				// Readable, or not parked (the poller refused it; off is
-				// set now), or unparked during the wait: read again.
+				if err != nil {
+					f.sock = nil // cannot wait on it: read the ordinary way
+				}
 				s.mu.Lock()
 				continue
 			}

@@ -16,8 +16,3 @@ func readNow(c *net.TCPConn, _ syscall.RawConn, p []byte) (n int, ready bool, er
 	n, err = c.Read(p)
 	return n, true, err
 }
-
-// readWait is a plain Read here too.
-func readWait(c *net.TCPConn, rc syscall.RawConn, p []byte, _ func() bool) (n int, ready bool, err error) {
-	return readNow(c, rc, p)
-}

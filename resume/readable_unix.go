@@ -25,36 +25,14 @@ func waitReadable(rc syscall.RawConn) error {
 // socket, a passed deadline). One read(2) where waiting first, then
 // reading, takes a poll(2) as well.
 func readNow(c *net.TCPConn, rc syscall.RawConn, p []byte) (n int, ready bool, err error) {
-	return readWait(c, rc, p, nil)
-}
-
-// readWait is readNow that, when the socket holds nothing and onEmpty
-// (called once, before the wait) returns true, waits in the runtime's
-// poller for it to become readable and then reads, within the same
-// RawConn.Read: the edge that wakes it cannot fall between the empty read
-// and the wait, and no poll(2) tells it what the read already did (one
-// before and one after the wait, with waitReadable). onEmpty may set c's
-// read deadline, which then bounds the wait (err os.ErrDeadlineExceeded).
-func readWait(c *net.TCPConn, rc syscall.RawConn, p []byte, onEmpty func() bool) (n int, ready bool, err error) {
 	var errno error
-	asked := false
 	err = rc.Read(func(fd uintptr) bool {
 		for {
 			n, errno = unix.Read(int(fd), p)
 			if errno != unix.EINTR {
-				break
-			}
-		}
-		if errno != unix.EAGAIN || onEmpty == nil {
-			return true
-		}
-		if !asked {
-			asked = true
-			if !onEmpty() {
 				return true
 			}
 		}
-		return false // wait, then read again
 	})
 	switch {
 	case err != nil: // closed, or past the read deadline
