@@ -172,14 +172,13 @@ func resumeRun(st *stack, mode faultnet.Mode) (ResumeRun, error) {
 	// acknowledged); on a kernel-probed tcp/tls link it keeps no attention
 	// window after its answers (resume.link.attentionFrom), and learns of
 	// the dead path at the client's resume or at its keepalive. So a
-	// gateway that is still ACTIVE a liveness timeout after the client
+	// gateway that is still ACTIVE twice the liveness timeout after the client
 	// found the break, with nothing buffered, is idle, not late; one with
 	// bytes buffered is late, and fails the run.
-	state := func(addr string) (*sessionInfo, error) { return sessionByApp(addr, "", cs.ID) }
 	var dc, dg time.Duration
 	var idle bool
 	var clientErr, gatewayErr error
-	for dc == 0 || dg == 0 {
+	for (dc == 0 || dg == 0) && !idle {
 		if time.Since(t0) > 20*time.Second {
 			if dc == 0 {
 				clientErr = errors.New("client: break not detected in 20s")
@@ -190,7 +189,7 @@ func resumeRun(st *stack, mode faultnet.Mode) (ResumeRun, error) {
 			break
 		}
 		if dc == 0 {
-			s, err := state(st.clientStatus)
+			s, err := sessionByApp(st.clientStatus, "", cs.ID)
 			if err != nil {
 				st.fault.SetDown(false)
 				return fail(err)
@@ -200,7 +199,7 @@ func resumeRun(st *stack, mode faultnet.Mode) (ResumeRun, error) {
 			}
 		}
 		if dg == 0 {
-			s, err := state(st.gatewayStatus)
+			s, err := sessionByApp(st.gatewayStatus, "", cs.ID)
 			if err != nil {
 				st.fault.SetDown(false)
 				return fail(err)
@@ -210,9 +209,6 @@ func resumeRun(st *stack, mode faultnet.Mode) (ResumeRun, error) {
 				dg = time.Since(t0)
 			case dc != 0 && time.Since(t0) > dc+2*livenessTimeout && s.Buffered == 0:
 				idle = true
-			}
-			if idle {
-				break
 			}
 		}
 		time.Sleep(500 * time.Microsecond)

@@ -33,6 +33,20 @@ func (p *probeSource) Read(b []byte) (int, error) {
 
 func dataFrame(s string) []byte { return append(AppendDataHeader(nil, len(s)), s...) }
 
+// readDataFrame reads the next frame from r and checks that it is DATA
+// holding want.
+func readDataFrame(t *testing.T, r *Reader, want string) {
+	t.Helper()
+	h, err := r.Next()
+	if err != nil || h.Type != TypeData || h.Len != len(want) {
+		t.Fatalf("Next: %v %v, want DATA %q", h, err, want)
+	}
+	got := make([]byte, h.Len)
+	if _, err := r.ReadData(got); err != nil || !bytes.Equal(got, []byte(want)) {
+		t.Fatalf("ReadData: %q %v, want %q", got, err, want)
+	}
+}
+
 // With a probe the idle wait runs only when the source has nothing; bytes
 // the probe finds are read in order, and an error other than "nothing
 // now" is Next's.
@@ -51,22 +65,11 @@ func TestReaderIdleProbe(t *testing.T) {
 		}
 		return nil
 	})
-	read := func(want string) {
-		t.Helper()
-		h, err := r.Next()
-		if err != nil || h.Type != TypeData || h.Len != len(want) {
-			t.Fatalf("Next: %v %v, want DATA %q", h, err, want)
-		}
-		got := make([]byte, h.Len)
-		if _, err := r.ReadData(got); err != nil || !bytes.Equal(got, []byte(want)) {
-			t.Fatalf("ReadData: %q %v, want %q", got, err, want)
-		}
-	}
-	read("one")
+	readDataFrame(t, r, "one")
 	if waits != 0 {
 		t.Fatalf("%d waits with a frame at hand, want 0", waits)
 	}
-	read("two") // the probe finds nothing: one wait, which brings "two"
+	readDataFrame(t, r, "two") // the probe finds nothing: one wait, which brings "two"
 	if waits != 1 {
 		t.Fatalf("%d waits, want 1", waits)
 	}
@@ -102,14 +105,7 @@ func TestReaderWakeReadsHeaderFirst(t *testing.T) {
 		return nil
 	})
 	for _, want := range []string{"one", "two"} {
-		h, err := r.Next()
-		if err != nil || h.Type != TypeData || h.Len != len(want) {
-			t.Fatalf("Next: %v %v, want DATA %q", h, err, want)
-		}
-		got := make([]byte, h.Len)
-		if _, err := r.ReadData(got); err != nil || string(got) != want {
-			t.Fatalf("ReadData: %q %v, want %q", got, err, want)
-		}
+		readDataFrame(t, r, want)
 	}
 	if _, err := r.Next(); err != io.ErrUnexpectedEOF {
 		t.Fatalf("Next at the source's end: %v, want %v", err, io.ErrUnexpectedEOF)
@@ -134,17 +130,6 @@ func TestReaderWakeReadsHeaderFirst(t *testing.T) {
 	}
 }
 
-// countingSource counts the Reads that reach it.
-type countingSource struct {
-	probeSource
-	reads int
-}
-
-func (c *countingSource) Read(b []byte) (int, error) {
-	c.reads++
-	return c.probeSource.Read(b)
-}
-
 var errTimeout = errors.New("deadline")
 
 // With SetIdleSettle the idle wait only arranges the wait, and the
@@ -153,7 +138,7 @@ var errTimeout = errors.New("deadline")
 // frame boundary holding no buffer, and settle decides (nil: read again;
 // an error: Next's).
 func TestReaderIdleSettle(t *testing.T) {
-	src := &countingSource{probeSource: probeSource{chunks: [][]byte{dataFrame("one")}}}
+	src := &probeSource{chunks: [][]byte{dataFrame("one")}}
 	r := NewReader(src, 64)
 	type call struct {
 		err   error
@@ -174,23 +159,12 @@ func TestReaderIdleSettle(t *testing.T) {
 		}
 		return err
 	})
-	read := func(want string) {
-		t.Helper()
-		h, err := r.Next()
-		if err != nil || h.Type != TypeData || h.Len != len(want) {
-			t.Fatalf("Next: %v %v, want DATA %q", h, err, want)
-		}
-		got := make([]byte, h.Len)
-		if _, err := r.ReadData(got); err != nil || string(got) != want {
-			t.Fatalf("ReadData: %q %v, want %q", got, err, want)
-		}
-	}
-	read("one") // a new Reader: no idle wait, nothing to settle
+	readDataFrame(t, r, "one") // a new Reader: no idle wait, nothing to settle
 	if len(calls) != 0 {
 		t.Fatalf("settle called %d times for the first frame, want 0", len(calls))
 	}
 	src.end = errTimeout
-	read("two") // a timeout, settled as "read again", then "two"
+	readDataFrame(t, r, "two") // a timeout, settled as "read again", then "two"
 	if len(calls) != 2 || calls[0] != (call{errTimeout, true}) || calls[1] != (call{nil, false}) {
 		t.Fatalf("settle calls %v, want a timeout with nothing read, then nil", calls)
 	}
@@ -211,7 +185,7 @@ func TestReaderIdleSettle(t *testing.T) {
 		}
 		return err
 	})
-	read("three")
+	readDataFrame(t, r, "three")
 	if len(calls) != 2 || calls[0] != (call{errTimeout, false}) || calls[1] != (call{nil, false}) {
 		t.Fatalf("settle calls %v, want a timeout after half a header, then nil", calls)
 	}

@@ -138,7 +138,7 @@ type readPark struct {
 	// sawData: the last frame read was DATA (reader-owned, not under mu).
 	sawData bool
 	// staged: the reader's read in progress is bounded by the idle
-	// deadline idleStage set.
+	// deadline stage set.
 	staged bool
 }
 

@@ -18,80 +18,57 @@ var idleBeforeShared = 100 * time.Millisecond
 // on from the same frame boundary once the socket is readable.
 var errParked = errors.New("resume: reader parked in the shared poller")
 
-// idleWait is the frame reader's idle wait on a TCP link: it waits in the
-// runtime's poller for up to idleBeforeShared (the link's read deadline,
-// which nobody else uses while the link is attached), then registers the
-// socket with the shared poller and returns errParked. Whoever takes the
-// read deadline over (retire, finish) or closes the link first calls
-// ownDeadline, which turns this off and wakes a parked reader, so every
-// wake-up a blocked read would have seen still reaches the reader.
+// idleWait is the frame reader's idle wait where its read cannot wait by
+// itself (a TLS link over a TLSSocket, whose reads are told not to): it
+// waits in the runtime's poller for up to idleBeforeShared (the link's read
+// deadline, which nobody else uses while the link is attached), then
+// registers the socket with the shared poller and returns errParked.
+// Whoever takes the read deadline over (retire, finish) or closes the link
+// first calls ownDeadline, which turns this off and wakes a parked reader,
+// so every wake-up a blocked read would have seen still reaches the
+// reader. It is idleStage, the wait, and idleSettle.
 func (l *link) idleWait(rc syscall.RawConn) error {
-	rp := &l.rp
-	rp.mu.Lock()
-	if !rp.off && l.controlOnly() {
-		defer rp.mu.Unlock()
-		if readableNow(rc) {
-			return nil
-		}
-		return l.parkLocked(rc)
-	}
-	staged := !rp.off
-	if staged {
-		l.conn.SetReadDeadline(time.Now().Add(idleBeforeShared))
-	}
-	rp.mu.Unlock()
-	err := waitReadable(rc)
-	if !staged {
+	if done, err := l.stage(rc); done {
 		return err
 	}
-	rp.mu.Lock()
-	defer rp.mu.Unlock()
-	if rp.off {
-		// The deadline is someone else's now, set after ours: a
-		// timeout may have been ours, so wait again under theirs.
-		if errors.Is(err, os.ErrDeadlineExceeded) {
-			rp.mu.Unlock()
-			err = waitReadable(rc)
-			rp.mu.Lock()
-		}
-		return err
-	}
-	// Ours: the frame that follows must be read without a deadline.
-	l.conn.SetReadDeadline(time.Time{})
-	if !errors.Is(err, os.ErrDeadlineExceeded) {
-		return err
-	}
-	return l.parkLocked(rc)
+	return l.idleSettle(rc, waitReadable(rc), true)
 }
 
 // idleStage is the frame reader's idle wait on a plain TCP link, split
 // around the read that waits by itself (frame.Reader.SetIdleSettle): it
 // bounds that read with the link's read deadline, idleBeforeShared away,
 // and idleSettle parks the reader in the shared poller if it passed. The
-// wait and the read of the next frame are then a read(2) either side of
-// the runtime's poller; idleWait's poll(2) before and after the wait cost
-// two more system calls per message, and its reader one more read (the
-// header, then the payload).
+// wait and the read of the next header are then a read(2) either side of
+// the runtime's poller, where idleWait adds a poll(2) before and after.
 func (l *link) idleStage(rc syscall.RawConn) error {
+	_, err := l.stage(rc)
+	return err
+}
+
+// stage begins an idle wait: an idle session's reader (controlOnly) is
+// parked at once (done: err is the wait's outcome); otherwise, unless
+// someone else owns the read deadline, the wait is bounded by ours
+// (staged) and the caller waits.
+func (l *link) stage(rc syscall.RawConn) (done bool, err error) {
 	rp := &l.rp
 	rp.mu.Lock()
 	defer rp.mu.Unlock()
 	if !rp.off && l.controlOnly() {
 		if readableNow(rc) {
-			return nil
+			return true, nil
 		}
-		return l.parkLocked(rc)
+		return true, l.parkLocked(rc)
 	}
 	if !rp.off {
 		l.conn.SetReadDeadline(time.Now().Add(idleBeforeShared))
 		rp.staged = true
 	}
-	return nil
+	return false, nil
 }
 
-// idleSettle ends the read that idleStage bounded: err is its error (nil:
-// a header's worth came), empty whether nothing of a header came. nil
-// means read again.
+// idleSettle ends the wait that stage bounded: err is its error (nil:
+// something came), empty whether nothing of a header was read. nil means
+// read (again).
 func (l *link) idleSettle(rc syscall.RawConn, err error, empty bool) error {
 	rp := &l.rp
 	rp.mu.Lock()
@@ -103,13 +80,14 @@ func (l *link) idleSettle(rc syscall.RawConn, err error, empty bool) error {
 	timeout := errors.Is(err, os.ErrDeadlineExceeded)
 	if rp.off {
 		// The deadline is someone else's now, set after ours: a
-		// timeout may have been ours, so read again under theirs.
+		// timeout may have been ours, so read (and wait) again under
+		// theirs.
 		if timeout {
 			return nil
 		}
 		return err
 	}
-	// Ours: the rest must be read without a deadline.
+	// Ours: what follows must be read without a deadline.
 	l.conn.SetReadDeadline(time.Time{})
 	switch {
 	case !timeout:
